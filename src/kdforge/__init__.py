@@ -1,0 +1,25 @@
+"""kdforge: make deep models small and fast — distillation, pruning, continual learning."""
+
+from kdforge import distill, losses, models  # noqa: F401 - registers methods, losses, models
+from kdforge.config import Recipe
+from kdforge.data import DataBundle, load_data
+from kdforge.distill import Distill, Term
+from kdforge.engine.checkpoint import load_weights, save_weights
+from kdforge.engine.trainer import FitResult, Trainer
+from kdforge.errors import KdforgeError
+from kdforge.evaluate import load_deployable
+from kdforge.losses import DistillLoss, KDLoss, build_loss, kd_loss
+from kdforge.method import DataInfo, Method, Supervised
+from kdforge.models import create_model
+from kdforge.profile import count_flops, count_params, measure_latency, profile
+from kdforge.run import train
+from kdforge.taps import FeatureTaps
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DataBundle", "DataInfo", "Distill", "DistillLoss", "FeatureTaps", "FitResult", "KDLoss", "KdforgeError",
+    "Method", "Recipe", "Supervised", "Term", "Trainer", "build_loss", "count_flops", "count_params",
+    "create_model", "kd_loss", "load_data", "load_deployable", "load_weights", "measure_latency", "profile",
+    "save_weights", "train",
+]

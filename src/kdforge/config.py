@@ -1,0 +1,198 @@
+"""Recipes: pydantic schemas, YAML loading and ``--set key=value`` overrides."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kdforge.errors import KdforgeError, closest
+
+
+class Strict(BaseModel):
+    """A schema that rejects unknown keys."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelSpec(Strict):
+    """A model by registry name, optionally with weights from a checkpoint."""
+
+    model: str
+    checkpoint: str | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class DataConfig(Strict):
+    """Which data set, how it is split, augmented and batched."""
+
+    name: str = "fashion_mnist_subset"
+    root: str | None = None
+    download: bool = False
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    split_seed: int = 0
+    pad_to: int | None = None
+    resize: int | None = None
+    augment: bool = True
+    batch_size: int = Field(128, ge=1)
+    eval_batch_size: int = Field(512, ge=1)
+    num_workers: int = Field(0, ge=0)
+    limit_train: int | None = Field(None, ge=1)
+
+
+class OptimConfig(Strict):
+    """Optimizer: SGD (momentum, Nesterov) or AdamW."""
+
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class SchedConfig(Strict):
+    """Learning-rate schedule per optimizer step, with optional linear warm-up."""
+
+    name: Literal["constant", "step", "multistep", "cosine"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)
+    step_size: int = Field(30, ge=1)
+    milestones: list[int] = Field(default_factory=list)
+    gamma: float = 0.1
+    min_lr: float = 0.0
+
+
+class TrainConfig(Strict):
+    """Loop settings: epochs, device, precision, accumulation, logging, checkpoints."""
+
+    epochs: int = Field(10, ge=1)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_accum: int = Field(1, ge=1)
+    grad_clip: float | None = Field(None, gt=0)
+    log_every: int = Field(20, ge=1)
+    eval_every: int = Field(1, ge=1)
+    save_checkpoints: bool = True
+    progress: Literal["auto", "always", "never"] = "auto"
+    threads: int | None = Field(None, ge=1)
+    find_unused_parameters: bool = False
+
+
+class MethodConfig(BaseModel):
+    """The method by name; its own keys are checked by the method's schema."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+    name: str = "supervised"
+
+
+class Recipe(Strict):
+    """A whole run: data, method, optimizer, schedule and loop."""
+
+    name: str = "run"
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    sched: SchedConfig = Field(default_factory=SchedConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], overrides: list[str] | None = None) -> Recipe:
+        """Validate a dict (after ``key=value`` overrides) into a Recipe, or fail in one line."""
+        data = apply_overrides(copy.deepcopy(data), overrides or [])
+        return validate(cls, data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> Recipe:
+        """Load and validate a YAML recipe."""
+        return cls.from_dict(load_yaml(path), overrides)
+
+    def to_yaml(self) -> str:
+        """The resolved recipe as YAML text."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping with ``safe_load``; a missing or malformed file is a KdforgeError."""
+    p = Path(path)
+    if not p.is_file():
+        raise KdforgeError(f"recipe file not found: {str(p)!r} (give a path to a .yaml recipe)")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise KdforgeError(f"recipe {str(p)!r} is not valid YAML{where}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise KdforgeError(f"recipe {str(p)!r} must be a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` strings (value parsed as YAML) to a nested dict."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise KdforgeError(f"--set expects key=value (e.g. optim.lr=0.1), got {item!r}")
+        parts = key.strip().split(".")
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part) if isinstance(node, dict) else None
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise KdforgeError(f"--set {key}: {'.'.join(parts[: i + 1])!r} is not a section")
+            node = nxt
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            node[parts[-1]] = raw
+    return data
+
+
+def validate(schema: type[BaseModel], data: Any, prefix: str = "") -> Any:
+    """Validate ``data`` against ``schema``; the first error becomes a one-line KdforgeError."""
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        raise KdforgeError(describe_error(schema, e, prefix)) from None
+
+
+def describe_error(schema: type[BaseModel], err: ValidationError, prefix: str = "") -> str:
+    """One line for the first error: the key, what is wrong, and what would be valid."""
+    first = err.errors()[0]
+    loc = [str(x) for x in first["loc"]]
+    key = ".".join([prefix, *loc] if prefix else loc)
+    if first["type"] == "extra_forbidden":
+        valid = sorted(_fields_at(schema, loc[:-1]))
+        return (f"unknown key {key!r}{closest(loc[-1], valid)} "
+                f"(valid keys here: {', '.join(valid)})")
+    if first["type"] == "missing":
+        return f"missing key {key!r}"
+    msg = first["msg"]
+    if first["type"] == "literal_error":
+        return f"bad value for {key!r}: {first.get('input')!r}; {msg[0].lower() + msg[1:]}"
+    return f"bad value for {key!r}: {first.get('input')!r} ({msg})"
+
+
+def _fields_at(schema: type[BaseModel], loc: list[str]) -> list[str]:
+    """Field names of the nested schema at ``loc`` (best effort, for error messages)."""
+    cur: Any = schema
+    for part in loc:
+        if part.isdigit():
+            continue
+        field = getattr(cur, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        cands = [ann, *args, *[a for x in args for a in getattr(x, "__args__", ())]]
+        cur = next((c for c in cands if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if cur is None:
+            return []
+    return list(getattr(cur, "model_fields", {}))

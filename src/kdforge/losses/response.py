@@ -1,0 +1,48 @@
+"""Response-based losses: they compare the student's logits with labels or the teacher's."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from kdforge.losses.base import DistillLoss
+from kdforge.registry import LOSSES
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float = 4.0) -> Tensor:
+    """Hinton KD: T² · KL(softmax(t/T) ‖ softmax(s/T)), summed over classes, mean over the batch."""
+    log_p_s = F.log_softmax(student_logits / T, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits / T, dim=-1)
+    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (T * T)
+
+
+@LOSSES.register("ce")
+class CrossEntropy(DistillLoss):
+    """Cross-entropy with the ground-truth labels, with optional label smoothing."""
+
+    inputs = "labels"
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.label_smoothing = label_smoothing
+
+    def forward(self, student_logits: Tensor, targets: Tensor) -> Tensor:
+        return F.cross_entropy(student_logits, targets, label_smoothing=self.label_smoothing)
+
+
+@LOSSES.register("kd")
+class KDLoss(DistillLoss):
+    """Hinton et al. 2015, 'Distilling the Knowledge in a Neural Network' (T² scaled)."""
+
+    inputs = "logits"
+
+    def __init__(self, T: float = 4.0) -> None:
+        super().__init__()
+        if T <= 0:
+            raise ValueError(f"temperature T must be > 0, got {T}")
+        self.T = T
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        return kd_loss(student_logits, teacher_logits, self.T)

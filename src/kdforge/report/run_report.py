@@ -1,0 +1,62 @@
+"""report.md and a learning-curve PNG for one run folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kdforge.engine.run_dir import read_csv
+from kdforge.errors import KdforgeError
+
+
+def plot_curves(runs: dict[str, list[dict[str, str]]], path: Path, title: str = "") -> Path:
+    """Plot train loss and validation top-1 per epoch for one or more runs into a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for label, rows in runs.items():
+        ep = [int(float(r["epoch"])) + 1 for r in rows]
+        ax1.plot(ep, [float(r["train_loss"]) for r in rows], label=label)
+        pts = [(e, float(r["val_top1"])) for e, r in zip(ep, rows, strict=True) if r.get("val_top1")]
+        if pts:
+            ax2.plot(*zip(*pts, strict=True), marker="o", ms=3, label=label)
+    ax1.set(xlabel="epoch", ylabel="train loss", title="training loss")
+    ax2.set(xlabel="epoch", ylabel="val top-1 (%)", title="validation accuracy")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_run_report(run_dir: str | Path) -> Path:
+    """(Re)write ``report.md`` and ``curves.png`` of a run folder from its files alone."""
+    run_dir = Path(run_dir)
+    metrics = run_dir / "metrics.csv"
+    if not metrics.is_file():
+        raise KdforgeError(f"{str(run_dir)!r} is not a run folder (no metrics.csv)")
+    rows = read_csv(metrics)
+    plot_curves({run_dir.name: rows}, run_dir / "curves.png", title=run_dir.name)
+    res = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").is_file() else {}
+    lines = [f"# Run `{run_dir.name}`", ""]
+    if res:
+        lines += ["| metric | value |", "| --- | --- |",
+                  f"| epochs | {res['epochs']} |",
+                  f"| best val top-1 | {res['best_val_top1']:.2f} % (epoch {res['best_epoch'] + 1}) |",
+                  f"| test top-1, last | {res['test_last']['top1']:.2f} % |",
+                  f"| test top-1, best-by-val | {res['test_best']['top1']:.2f} % |",
+                  f"| test top-5, last | {res['test_last']['top5']:.2f} % |",
+                  f"| training time | {res['train_time_s']:.1f} s |", ""]
+    lines += ["![learning curves](curves.png)", "", "Recipe: [config.yaml](config.yaml); per-epoch metrics: "
+              "[metrics.csv](metrics.csv); weights: `checkpoints/{best,last}.safetensors`.", ""]
+    out = run_dir / "report.md"
+    out.write_text("\n".join(lines))
+    return out
