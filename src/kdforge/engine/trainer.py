@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -55,7 +56,18 @@ class FitResult:
         return d
 
 
+def _check_launch_env() -> None:
+    """Refuse the one launch that silently trains in a single process."""
+    env = os.environ
+    mpi = any(k in env for k in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "WORLD_SIZE"))
+    if env.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in env and not mpi:
+        raise KdforgeError("'accelerate launch --cpu --num_processes N' starts one process unless MPI is set up; "
+                           "for N CPU processes over gloo use 'accelerate launch --multi_gpu --num_processes N' "
+                           "(works without GPUs) or 'torchrun --nproc_per_node N -m kdforge ...'")
+
+
 def _accelerator(recipe: Recipe) -> Accelerator:
+    _check_launch_env()
     t = recipe.train
     if t.device == "cuda" and not torch.cuda.is_available():
         raise KdforgeError("train.device is 'cuda' but no CUDA device is visible (valid here: auto, cpu)")
@@ -233,7 +245,7 @@ class Trainer:
             if self.main and (i + 1) % r.train.log_every == 0:
                 loss = float(sums["loss"]) / n_batches
                 if tb is not None:
-                    tb.add_scalar("train/loss", float(out["loss"]), self.global_step)
+                    tb.add_scalar("train/loss", float(out["loss"].detach()), self.global_step)
                     tb.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.global_step)
                 if bar is not None:
                     bar.update(i + 1, loss, n_samples * acc.num_processes / (time.perf_counter() - t0))
