@@ -31,6 +31,7 @@ def load_deployable(source: str | Path, which: str = "best") -> tuple[nn.Module,
         raise KdforgeError(f"checkpoint {str(p)!r} lacks kdforge metadata (model name); "
                            "load it with kdforge.create_model(..., checkpoint=...) instead")
     model = create_model(meta["kdforge_model"], int(meta["num_classes"]), int(meta["in_chans"]),
+                         image_size=int(meta["image_size"]) if meta.get("image_size") else None,
                          **json.loads(meta.get("kdforge_model_kwargs", "{}")))
     load_weights(model, p)
     return model.eval(), meta
@@ -54,5 +55,9 @@ def evaluate_source(source: str | Path, data: str | None = None, split: str = "t
     if bundle.num_classes != int(meta["num_classes"]) or bundle.in_chans != int(meta["in_chans"]):
         raise KdforgeError(f"model expects {meta['num_classes']} classes and {meta['in_chans']} channels; "
                            f"{cfg.name!r} has {bundle.num_classes} and {bundle.in_chans}")
+    trained = int(meta.get("image_size", bundle.image_size))
+    if bundle.image_size != trained:
+        raise KdforgeError(f"model was trained on {trained}x{trained} inputs; {cfg.name!r} gives "
+                           f"{bundle.image_size}x{bundle.image_size} (set data.resize or data.pad_to)")
     res = evaluate(model, make_loader(ds, cfg.eval_batch_size, train=False))
     return {**res, "model": meta["kdforge_model"], "data": cfg.name, "split": split}  # type: ignore[dict-item]

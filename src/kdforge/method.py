@@ -69,7 +69,7 @@ class Method(nn.Module):
 def build_model(spec: ModelSpec, info: DataInfo) -> nn.Module:
     """Build a model from a recipe's model spec for this data."""
     return create_model(spec.model, num_classes=info.num_classes, in_chans=info.in_chans,
-                        checkpoint=spec.checkpoint, **spec.kwargs)
+                        checkpoint=spec.checkpoint, image_size=info.image_size, **spec.kwargs)
 
 
 class SupervisedConfig(Strict):

@@ -38,7 +38,7 @@ class Term(nn.Module):
         super().__init__()
         self.loss = loss
         self.weight = weight
-        self.name = name or type(loss).__name__.lower()
+        self.name = name or getattr(loss, "registry_name", type(loss).__name__.lower())
         self.student_taps = _as_list(student_tap)
         self.teacher_taps = _as_list(teacher_tap) or self.student_taps
         if loss.inputs == "features":

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs
 from torch import nn
 from torch.utils.data import DataLoader
@@ -78,6 +79,9 @@ def _accelerator(recipe: Recipe) -> Accelerator:
                                and not torch.backends.mps.is_available())
     if cpu and mp == "fp16":
         raise KdforgeError("train.precision fp16 needs a GPU; on the CPU use bf16 or fp32")
+    # Several runs in one process (demo, benchmarks) may ask for different precisions: reset the
+    # per-run part of accelerate's singleton state, keeping the process group.
+    AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(cpu=cpu, mixed_precision=mp, gradient_accumulation_steps=t.grad_accum,
                        kwargs_handlers=[DistributedDataParallelKwargs(
                            find_unused_parameters=t.find_unused_parameters)])

@@ -50,6 +50,8 @@ def build_loss(name: str, **kwargs: Any) -> DistillLoss:
             raise KdforgeError(f"loss {name!r} has no option {key!r} "
                                f"(valid: {', '.join(valid) or 'none'})")
     try:
-        return cls(**kwargs)
+        loss = cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise KdforgeError(f"loss {name!r}: {e}") from None
+    loss.registry_name = name
+    return loss

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ except ImportError:  # pragma: no cover - only while the zoo is being written
 
 
 def create_model(name: str, num_classes: int, in_chans: int = 3, checkpoint: str | Path | None = None,
-                 **kwargs: Any) -> nn.Module:
+                 image_size: int | None = None, **kwargs: Any) -> nn.Module:
     """Build a model by name (``resnet20``, ``timm:resnet18``, ``torchvision:resnet18``), load weights."""
     prefix, sep, rest = name.partition(":")
     if sep and prefix == "timm":
@@ -30,8 +31,11 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, checkpoint: str
         raise KdforgeError(f"unknown model source {prefix!r} in {name!r} (valid: timm:, torchvision:, "
                            "or a name from 'kdforge list models')")
     else:
+        factory = MODELS.get(name)
+        if image_size is not None and "image_size" in inspect.signature(factory).parameters:
+            kwargs.setdefault("image_size", image_size)  # models with a fixed input size (MLP) need it
         try:
-            model = MODELS.get(name)(num_classes=num_classes, in_chans=in_chans, **kwargs)
+            model = factory(num_classes=num_classes, in_chans=in_chans, **kwargs)
         except TypeError as e:
             raise KdforgeError(f"model {name!r}: {e}") from None
     if checkpoint is not None:
