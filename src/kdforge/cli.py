@@ -93,10 +93,11 @@ def report(run_dir: Annotated[Path, typer.Argument(help="run folder")]) -> None:
 def list_(what: Annotated[str, typer.Argument(help="models, datasets, methods, losses or benches")]) -> None:
     """List registered names."""
     import kdforge  # noqa: F401 - registers everything
-    from kdforge.benchmarks import BENCHES
+    from kdforge.bench import load_benches
     from kdforge.registry import DATASETS, LOSSES, METHODS, MODELS
 
-    tables = {"models": MODELS, "datasets": DATASETS, "methods": METHODS, "losses": LOSSES, "benches": BENCHES}
+    tables = {"models": MODELS, "datasets": DATASETS, "methods": METHODS, "losses": LOSSES,
+              "benches": load_benches()}
     if what not in tables:
         from kdforge.errors import closest
 
@@ -114,9 +115,9 @@ def bench(
     quick: Annotated[bool, typer.Option(help="tiny budget, for smoke tests")] = False,
 ) -> None:
     """Run a named benchmark and write its table."""
-    from kdforge.benchmarks import BENCHES
+    from kdforge.bench import load_benches
 
-    BENCHES.get(name)(out=out, quick=quick)
+    load_benches().get(name)(out=out, quick=quick)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,3 +57,13 @@ MODELS: Registry[Callable[..., Any]] = Registry("model")
 DATASETS: Registry[Callable[..., Any]] = Registry("dataset")
 METHODS: Registry[Callable[..., Any]] = Registry("method")
 LOSSES: Registry[Callable[..., Any]] = Registry("loss")
+
+
+def import_submodules(package: str) -> None:
+    """Import every module of a package, so that their ``@REGISTRY.register`` lines run."""
+    import importlib
+    import pkgutil
+
+    pkg = importlib.import_module(package)
+    for info in pkgutil.iter_modules(pkg.__path__, f"{package}."):
+        importlib.import_module(info.name)
