@@ -1,0 +1,511 @@
+"""Feature-based losses: FitNets, AT, NST, FT, AB, FSP, VID, OFD and ReviewKD on tapped feature maps.
+
+Each loss takes lists of tapped tensors (student, teacher) in the order of the term's taps. Trainable
+connectors are built in :meth:`setup` from one example of those lists and are never deployed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdforge.errors import KdforgeError
+from kdforge.losses.base import DistillLoss
+from kdforge.registry import LOSSES
+
+
+class FeatureLoss(DistillLoss):
+    """Shared checks and set-up of feature losses: pair counts, ranks, batch sizes, connector shapes."""
+
+    inputs = "features"
+    #: ranks accepted for each tapped tensor (4: maps B×C×H×W, 2: vectors B×D)
+    ndims: ClassVar[tuple[int, ...]] = (4,)
+    #: whether forward needs :meth:`setup` first (trainable connectors)
+    has_connectors: ClassVar[bool] = False
+    min_pairs: ClassVar[int] = 1
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._shapes: list[tuple[tuple[int, ...], tuple[int, ...]]] | None = None
+
+    @property
+    def label(self) -> str:
+        """The loss's registry name for messages."""
+        return getattr(self, "registry_name", type(self).__name__)
+
+    def check(self, student: Sequence[Tensor], teacher: Sequence[Tensor], built: bool = True) -> None:
+        """One-line KdforgeError on mismatched lists, wrong ranks, batches or (if ``built``) connector shapes."""
+        if len(student) != len(teacher):
+            raise KdforgeError(f"{self.label}: got {len(student)} student and {len(teacher)} teacher features")
+        if len(student) < self.min_pairs:
+            raise KdforgeError(f"{self.label}: needs at least {self.min_pairs} tapped feature(s), got {len(student)}")
+        ranks = " or ".join({4: "(B, C, H, W) maps", 2: "(B, D) vectors", 3: "(B, N, D) tokens"}[n]
+                            for n in self.ndims)
+        for i, (s, t) in enumerate(zip(student, teacher, strict=True)):
+            if not isinstance(s, Tensor) or not isinstance(t, Tensor):
+                raise KdforgeError(f"{self.label}: feature {i} is not a tensor (check the tap names)")
+            if s.ndim not in self.ndims or t.ndim not in self.ndims:
+                raise KdforgeError(f"{self.label}: feature {i} must be {ranks}, got student "
+                                   f"{tuple(s.shape)} and teacher {tuple(t.shape)}")
+            if s.shape[0] != t.shape[0]:
+                raise KdforgeError(f"{self.label}: feature {i} has batch {s.shape[0]} (student) vs {t.shape[0]}")
+        if self.has_connectors and built:
+            if self._shapes is None:
+                raise KdforgeError(f"{self.label}: connectors are not built; call setup(student_feats, "
+                                   "teacher_feats) on one example first (Distill.setup does)")
+            got = [(tuple(s.shape[1:]), tuple(t.shape[1:])) for s, t in zip(student, teacher, strict=True)]
+            if got != self._shapes:
+                raise KdforgeError(f"{self.label}: features {got} do not fit the connectors built for {self._shapes}")
+
+    def setup(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> None:
+        """Check one example and build the connectors (on the example's device)."""
+        self.check(student, teacher, built=False)
+        self._shapes = [(tuple(s.shape[1:]), tuple(t.shape[1:])) for s, t in zip(student, teacher, strict=True)]
+        self.build(student, teacher)
+        self.to(student[0].device)
+
+    def build(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> None:
+        """Create connectors from example tensors (default: none)."""
+
+
+def match_spatial(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Adaptive-average-pool the spatially larger of two maps to the other's size."""
+    if a.shape[-2:] == b.shape[-2:]:
+        return a, b
+    if a.shape[-2] * a.shape[-1] > b.shape[-2] * b.shape[-1]:
+        return F.adaptive_avg_pool2d(a, b.shape[-2:]), b
+    return a, F.adaptive_avg_pool2d(b, a.shape[-2:])
+
+
+def resize_to(x: Tensor, size: Sequence[int]) -> Tensor:
+    """Bring a map to ``size``: average-pool down, nearest-upsample up."""
+    size = tuple(size)
+    if tuple(x.shape[-2:]) == size:
+        return x
+    if x.shape[-2] >= size[0] and x.shape[-1] >= size[1]:
+        return F.adaptive_avg_pool2d(x, size)
+    return F.interpolate(x, size=size, mode="nearest")
+
+
+def regressor(s_shape: Sequence[int], t_shape: Sequence[int], relu: bool = True) -> nn.Module:
+    """RepDistiller-style ConvReg: map a student map (C,H,W) or vector (D,) to the teacher's shape."""
+    if len(s_shape) == 1:
+        return nn.Linear(s_shape[0], t_shape[0])
+    (cs, hs, ws), (ct, ht, wt) = s_shape, t_shape
+    if hs == 2 * ht and ws == 2 * wt:
+        conv: nn.Module = nn.Conv2d(cs, ct, 3, 2, 1)
+    elif 2 * hs == ht and 2 * ws == wt:
+        conv = nn.ConvTranspose2d(cs, ct, 4, 2, 1)
+    elif hs >= ht and ws >= wt:
+        conv = nn.Conv2d(cs, ct, (1 + hs - ht, 1 + ws - wt))
+    else:
+        conv = nn.Sequential(nn.Upsample(size=(ht, wt), mode="nearest"), nn.Conv2d(cs, ct, 3, 1, 1))
+    layers = [conv, nn.BatchNorm2d(ct)]
+    if relu:
+        layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+# -- FitNets -----------------------------------------------------------------------------------------
+def fitnet_loss(student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
+    """Σ_pairs MSE(student_hint, teacher_hint), averaged over elements (hints already regressed)."""
+    return sum(F.mse_loss(s, t.detach()) for s, t in zip(student, teacher, strict=True))  # type: ignore[return-value]
+
+
+@LOSSES.register("fitnet")
+class FitNetLoss(FeatureLoss):
+    """FitNets (Romero et al., ICLR 2015): MSE between a regressed student hint and the teacher's."""
+
+    ndims = (4, 2)
+    has_connectors = True
+
+    def __init__(self, two_stage: bool = False, hint_epochs: int = 0) -> None:
+        super().__init__()
+        if two_stage and hint_epochs < 1:
+            raise ValueError("two_stage needs hint_epochs >= 1 (epochs of the hint stage)")
+        self.two_stage, self.hint_epochs = two_stage, hint_epochs
+        self.epoch = 0
+        self.regressors = nn.ModuleList()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Remember the epoch (the hint term switches off after the hint stage when two_stage)."""
+        self.epoch = epoch
+
+    def build(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> None:
+        self.regressors = nn.ModuleList(regressor(s.shape[1:], t.shape[1:]) for s, t in zip(student, teacher,
+                                                                                            strict=True))
+
+    def forward(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
+        self.check(student, teacher)
+        loss = fitnet_loss([r(s) for r, s in zip(self.regressors, student, strict=True)], teacher)
+        if self.two_stage and self.epoch >= self.hint_epochs:
+            return loss * 0.0
+        return loss
+
+
+# -- AT ----------------------------------------------------------------------------------------------
+def at_map(f: Tensor, p: float = 2.0) -> Tensor:
+    """Spatial attention: L2-normalised vec(mean_c |F_c|^p), shape (B, H·W)."""
+    return F.normalize(f.abs().pow(p).mean(1).flatten(1), dim=1)
+
+
+def at_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], p: float = 2.0) -> Tensor:
+    """Attention transfer (RepDistiller form): Σ_pairs mean_{b,hw} (A_s − A_t)²."""
+    total = student[0].new_zeros(())
+    for s, t in zip(student, teacher, strict=True):
+        s, t = match_spatial(s, t.detach())
+        total = total + (at_map(s, p) - at_map(t, p)).pow(2).mean()
+    return total
+
+
+@LOSSES.register("at")
+class ATLoss(FeatureLoss):
+    """Attention transfer (Zagoruyko & Komodakis, ICLR 2017) on spatial attention maps."""
+
+    def __init__(self, p: float = 2.0) -> None:
+        super().__init__()
+        if p <= 0:
+            raise ValueError(f"p must be > 0, got {p}")
+        self.p = p
+
+    def forward(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
+        self.check(student, teacher)
+        return at_loss(student, teacher, self.p)
+
+
+# -- NST ---------------------------------------------------------------------------------------------
+def nst_loss(student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
+    """Neuron selectivity transfer: squared MMD with kernel (xᵀy)² between L2-normalised channel maps."""
+    total = student[0].new_zeros(())
+    for s, t in zip(student, teacher, strict=True):
+        s, t = match_spatial(s, t.detach())
+        s = F.normalize(s.flatten(2), dim=2)
+        t = F.normalize(t.flatten(2), dim=2)
+        k_ss = (s @ s.transpose(1, 2)).pow(2).mean()
+        k_tt = (t @ t.transpose(1, 2)).pow(2).mean()
+        k_st = (s @ t.transpose(1, 2)).pow(2).mean()
+        total = total + k_ss + k_tt - 2 * k_st
+    return total
+
+
+@LOSSES.register("nst")
+class NSTLoss(FeatureLoss):
+    """NST (Huang & Wang, 2017): match the distributions of channel activations by polynomial MMD."""
+
+    def forward(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
+        self.check(student, teacher)
+        return nst_loss(student, teacher)
+
+
+# -- FT ----------------------------------------------------------------------------------------------
+def _conv_bn_act(cin: int, cout: int, act: bool = True) -> list[nn.Module]:
+    layers: list[nn.Module] = [nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)]
+    if act:
+        layers.append(nn.LeakyReLU(0.1))
+    return layers
+
+
+def ft_factor_loss(student_factor: Tensor, teacher_factor: Tensor, p: int = 1) -> Tensor:
+    """FT: mean |F_s/‖F_s‖ − F_t/‖F_t‖|^p of per-sample flattened, L2-normalised factors."""
+    fs = F.normalize(student_factor.flatten(1), dim=1)
+    ft = F.normalize(teacher_factor.detach().flatten(1), dim=1)
+    return (fs - ft).abs().pow(p).mean()
+
+
+class Paraphraser(nn.Module):
+    """FT's teacher-side autoencoder: the encoder output is the teacher factor."""
+
+    def __init__(self, channels: int, factor_channels: int) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(*_conv_bn_act(channels, channels), *_conv_bn_act(channels, factor_channels))
+        self.decoder = nn.Sequential(*_conv_bn_act(factor_channels, channels), nn.Conv2d(channels, channels, 3, 1, 1))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        factor = self.encoder(x)
+        return factor, self.decoder(factor)
+
+
+@LOSSES.register("ft")
+class FTLoss(FeatureLoss):
+    """Factor transfer (Kim et al., NeurIPS 2018): a student translator matches a teacher paraphraser's factor.
+
+    One-stage: the paraphraser learns its reconstruction online (``recon_weight``) instead of being
+    pre-trained; the factor target is detached, so the student side never moves it.
+    """
+
+    has_connectors = True
+
+    def __init__(self, rate: float = 0.5, p: int = 1, recon_weight: float = 1.0) -> None:
+        super().__init__()
+        if not 0 < rate <= 4:
+            raise ValueError(f"rate must be in (0, 4], got {rate}")
+        self.rate, self.p, self.recon_weight = rate, p, recon_weight
+        self.paraphrasers = nn.ModuleList()
+        self.translators = nn.ModuleList()
+
+    def build(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> None:
+        for s, t in zip(student, teacher, strict=True):
+            cs, ct = s.shape[1], t.shape[1]
+            k = max(1, round(ct * self.rate))
+            self.paraphrasers.append(Paraphraser(ct, k))
+            self.translators.append(nn.Sequential(*_conv_bn_act(cs, cs), *_conv_bn_act(cs, k)))
+
+    def forward(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
+        self.check(student, teacher)
+        total = student[0].new_zeros(())
+        for para, trans, s, t in zip(self.paraphrasers, self.translators, student, teacher, strict=True):
+            t = t.detach()
+            factor_t, recon = para(t)
+            factor_s = trans(s)
+            factor_s, factor_t = match_spatial(factor_s, factor_t)
+            total = total + ft_factor_loss(factor_s, factor_t, self.p) + self.recon_weight * F.mse_loss(recon, t)
+        return total
+
+
+# -- AB ----------------------------------------------------------------------------------------------
+def ab_loss(student: Tensor, teacher: Tensor, margin: float = 1.0) -> Tensor:
+    """Activation-boundary loss: hinge-squared penalty where the student's sign (with margin) differs."""
+    t_on = teacher.detach() > 0
+    s = student
+    off_pen = (s + margin).pow(2) * ((s > -margin) & ~t_on)
+    on_pen = (s - margin).pow(2) * ((s <= margin) & t_on)
+    return (off_pen + on_pen).mean()
+
+
+@LOSSES.register("ab")
+class ABLoss(FeatureLoss):
+    """Activation boundaries (Heo et al., AAAI 2019): a connector's output must switch where the teacher does.
+
+    The teacher's neuron is "on" where its tapped value is > 0; tap pre-activation maps where the model
+    allows (a post-ReLU map gives the same on/off pattern).
+    """
+
+    has_connectors = True
+
+    def __init__(self, margin: float = 1.0) -> None:
+        super().__init__()
+        if margin <= 0:
+            raise ValueError(f"margin must be > 0, got {margin}")
+        self.margin = margin
+        self.connectors = nn.ModuleList()
+
+    def build(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> None:
+        self.connectors = nn.ModuleList(regressor(s.shape[1:], t.shape[1:], relu=False)
+                                        for s, t in zip(student, teacher, strict=True))
+
+    def forward(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
+        self.check(student, teacher)
+        return sum(ab_loss(c(s), t, self.margin)  # type: ignore[return-value]
+                   for c, s, t in zip(self.connectors, student, teacher, strict=True))
+
+
+# -- FSP ---------------------------------------------------------------------------------------------
+def fsp_matrix(a: Tensor, b: Tensor) -> Tensor:
+    """Flow of solution procedure: (B, C_a, C_b) Gram matrix of two maps over positions."""
+    a, b = match_spatial(a, b)
+    return a.flatten(2) @ b.flatten(2).transpose(1, 2) / (a.shape[-2] * a.shape[-1])
+
+
+def fsp_loss(student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
+    """FSP: Σ over consecutive tap pairs of mean (G_s − G_t)²."""
+    total = student[0].new_zeros(())
+    for i in range(len(student) - 1):
+        g_s = fsp_matrix(student[i], student[i + 1])
+        g_t = fsp_matrix(teacher[i].detach(), teacher[i + 1].detach())
+        if g_s.shape != g_t.shape:
+            raise KdforgeError(f"fsp: FSP matrices differ in shape {tuple(g_s.shape)} vs {tuple(g_t.shape)}")
+        total = total + (g_s - g_t).pow(2).mean()
+    return total
+
+
+@LOSSES.register("fsp")
+class FSPLoss(FeatureLoss):
+    """FSP (Yim et al., CVPR 2017): match Gram matrices between consecutive layers.
+
+    Where student and teacher channel counts differ, a trainable 1×1 conv maps the student's
+    channels to the teacher's first.
+    """
+
+    has_connectors = True
+    min_pairs = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.connectors = nn.ModuleList()
+
+    def build(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> None:
+        self.connectors = nn.ModuleList(
+            nn.Identity() if s.shape[1] == t.shape[1] else nn.Conv2d(s.shape[1], t.shape[1], 1, bias=False)
+            for s, t in zip(student, teacher, strict=True))
+
+    def forward(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
+        self.check(student, teacher)
+        return fsp_loss([c(s) for c, s in zip(self.connectors, student, strict=True)], teacher)
+
+
+# -- VID ---------------------------------------------------------------------------------------------
+def vid_loss(mu: Tensor, target: Tensor, var: Tensor) -> Tensor:
+    """Gaussian NLL (constants dropped): mean ½[(t − μ)²/σ² + log σ²], σ² per channel."""
+    var = var.view(1, -1, *([1] * (mu.ndim - 2)))
+    return 0.5 * ((target.detach() - mu).pow(2) / var + var.log()).mean()
+
+
+@LOSSES.register("vid")
+class VIDLoss(FeatureLoss):
+    """Variational information distillation (Ahn et al., CVPR 2019): a Gaussian q(t | s) per pair."""
+
+    ndims = (4, 2)
+    has_connectors = True
+
+    def __init__(self, init_var: float = 5.0, eps: float = 1e-5) -> None:
+        super().__init__()
+        if init_var <= eps:
+            raise ValueError(f"init_var must be > eps, got {init_var}")
+        self.init_var, self.eps = init_var, eps
+        self.regressors = nn.ModuleList()
+        self.log_scales = nn.ParameterList()
+
+    def build(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> None:
+        a0 = math.log(math.expm1(self.init_var - self.eps))
+        for s, t in zip(student, teacher, strict=True):
+            cs, ct = s.shape[1], t.shape[1]
+            if s.ndim == 2:
+                mu: nn.Module = nn.Sequential(nn.Linear(cs, ct), nn.ReLU(), nn.Linear(ct, ct), nn.ReLU(),
+                                              nn.Linear(ct, ct))
+            else:
+                mu = nn.Sequential(nn.Conv2d(cs, ct, 1), nn.ReLU(), nn.Conv2d(ct, ct, 1), nn.ReLU(),
+                                   nn.Conv2d(ct, ct, 1))
+            self.regressors.append(mu)
+            self.log_scales.append(nn.Parameter(torch.full((ct,), a0)))
+
+    def variances(self) -> list[Tensor]:
+        """σ_c² = softplus(a_c) + eps for each pair."""
+        return [F.softplus(a) + self.eps for a in self.log_scales]
+
+    def forward(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
+        self.check(student, teacher)
+        total = student[0].new_zeros(())
+        for mu, var, s, t in zip(self.regressors, self.variances(), student, teacher, strict=True):
+            if s.ndim == 4:
+                s, t = match_spatial(s, t)
+            total = total + vid_loss(mu(s), t, var)
+        return total
+
+
+# -- OFD ---------------------------------------------------------------------------------------------
+def ofd_loss(student: Tensor, teacher: Tensor, margin: Tensor) -> Tensor:
+    """Overhaul distillation: partial L2 to the margin-ReLU teacher, skipping where both are 'off'."""
+    t = torch.maximum(teacher.detach(), margin.view(1, -1, 1, 1))
+    mask = (student > t) | (t > 0)
+    return ((student - t).pow(2) * mask).mean()
+
+
+@LOSSES.register("ofd")
+class OFDLoss(FeatureLoss):
+    """Overhaul of feature distillation (Heo et al., ICCV 2019): margin ReLU + partial L2 + connector.
+
+    The per-channel margin E[x | x < 0] is estimated from the teacher maps seen at set-up and kept as a
+    buffer; with post-ReLU taps it is 0 (tap pre-activation maps to use the paper's negative margin).
+    """
+
+    has_connectors = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.connectors = nn.ModuleList()
+
+    def build(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> None:
+        self.connectors = nn.ModuleList(regressor(s.shape[1:], t.shape[1:], relu=False)
+                                        for s, t in zip(student, teacher, strict=True))
+        for i, t in enumerate(teacher):
+            neg = t.detach().clamp(max=0).transpose(0, 1).flatten(1)
+            count = (neg < 0).sum(1).clamp(min=1)
+            self.register_buffer(f"margin{i}", (neg.sum(1) / count).float())
+
+    def margins(self) -> list[Tensor]:
+        """The per-channel margins, one tensor per pair."""
+        return [getattr(self, f"margin{i}") for i in range(len(self.connectors))]
+
+    def forward(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
+        self.check(student, teacher)
+        return sum(ofd_loss(c(s), t, m)  # type: ignore[return-value]
+                   for c, s, t, m in zip(self.connectors, student, teacher, self.margins(), strict=True))
+
+
+# -- ReviewKD ----------------------------------------------------------------------------------------
+def hcl_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], levels: Sequence[int] = (4, 2, 1)) -> Tensor:
+    """Hierarchical context loss: MSE plus pyramid-pooled MSEs with halving weights, normalised per pair."""
+    total = student[0].new_zeros(())
+    for s, t in zip(student, teacher, strict=True):
+        t = t.detach()
+        loss, w, w_sum = F.mse_loss(s, t), 1.0, 1.0
+        for level in levels:
+            if level >= s.shape[-2]:
+                continue
+            w /= 2
+            loss = loss + w * F.mse_loss(F.adaptive_avg_pool2d(s, level), F.adaptive_avg_pool2d(t, level))
+            w_sum += w
+        total = total + loss / w_sum
+    return total
+
+
+class ABF(nn.Module):
+    """ReviewKD's attention-based fusion: mix a stage's map with the fused map of the deeper stage."""
+
+    def __init__(self, cin: int, mid: int, cout: int, fuse: bool) -> None:
+        super().__init__()
+        self.reduce = nn.Sequential(nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid))
+        self.out = nn.Sequential(nn.Conv2d(mid, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
+        self.att = nn.Sequential(nn.Conv2d(2 * mid, 2, 1), nn.Sigmoid()) if fuse else None
+
+    def forward(self, x: Tensor, residual: Tensor | None, out_size: Sequence[int]) -> tuple[Tensor, Tensor]:
+        x = self.reduce(x)
+        if self.att is not None and residual is not None:
+            r = F.interpolate(residual, size=x.shape[-2:], mode="nearest")
+            w = self.att(torch.cat([x, r], 1))
+            x = x * w[:, :1] + r * w[:, 1:]
+        return resize_to(self.out(x), out_size), x
+
+
+@LOSSES.register("reviewkd")
+class ReviewKDLoss(FeatureLoss):
+    """ReviewKD (Chen et al., CVPR 2021): deep-to-shallow fused student maps vs teacher maps, HCL loss.
+
+    Give taps shallow to deep; (B, D) vectors such as ``pool`` are treated as 1×1 maps.
+    """
+
+    ndims = (4, 2)
+    has_connectors = True
+
+    def __init__(self, mid_channels: int | None = None, levels: tuple[int, ...] = (4, 2, 1),
+                 warmup: int = 0) -> None:
+        super().__init__()
+        self.mid_channels, self.levels, self.warmup = mid_channels, tuple(levels), warmup
+        self.epoch = 0
+        self.abfs = nn.ModuleList()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Remember the epoch for the linear warm-up."""
+        self.epoch = epoch
+
+    def build(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> None:
+        mid = self.mid_channels or min(64, max(t.shape[1] for t in teacher))
+        n = len(student)
+        self.abfs = nn.ModuleList(ABF(s.shape[1], mid, t.shape[1], fuse=i < n - 1)
+                                  for i, (s, t) in enumerate(zip(student, teacher, strict=True)))
+
+    def forward(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
+        self.check(student, teacher)
+        s_maps = [s.view(*s.shape, 1, 1) if s.ndim == 2 else s for s in student]
+        t_maps = [t.view(*t.shape, 1, 1) if t.ndim == 2 else t for t in teacher]
+        fused: list[Tensor] = [s_maps[0]] * len(s_maps)
+        residual = None
+        for i in reversed(range(len(s_maps))):
+            fused[i], residual = self.abfs[i](s_maps[i], residual, t_maps[i].shape[-2:])
+        factor = 1.0 if self.warmup == 0 else min((self.epoch + 1) / self.warmup, 1.0)
+        return factor * hcl_loss(fused, t_maps, self.levels)
