@@ -142,7 +142,7 @@ def token_blocks(tokenizer: Any, text: str, seq_len: int, max_tokens: int | None
 
 def split_blocks(blocks: Tensor, eval_fraction: float = 0.2) -> tuple[Tensor, Tensor]:
     """(calibration/heal rows, held-out evaluation rows): the evaluation rows are the text's last part."""
-    n_eval = max(1, int(round(len(blocks) * eval_fraction)))
+    n_eval = max(1, round(len(blocks) * eval_fraction))
     if n_eval >= len(blocks):
         raise KdforgeError(f"need at least 2 sequences to split calibration from evaluation, got {len(blocks)}")
     return blocks[:-n_eval], blocks[-n_eval:]
