@@ -1,0 +1,129 @@
+"""Contrastive representation distillation (CRD) with a memory bank of negatives held in buffers.
+
+The engine's batches are ``(x, y)`` without sample indices, so by default the bank is a FIFO queue
+(MoCo-style): each step writes the batch's student and teacher embeddings (and labels) into the next
+``B`` slots, the positive of sample i is the other network's current embedding of i (detached, as
+RepDistiller's memory positive is), and negatives are drawn from bank slots of other classes
+("exact" mode). When a caller does have indices (a custom loop over an index-returning data set),
+``forward(..., indices=idx)`` switches to RepDistiller's keyed bank: the positive is ``M[i]`` and
+rows are momentum-updated, ``M[i] ← normalise(m·M[i] + (1 − m)·v_i)``. The momentum only applies
+in keyed mode, because a queue slot's old content belongs to a different sample. Bank, labels,
+write pointer and the normalising constants Z are registered buffers, so a resumed run continues
+with the same bank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kdforge.errors import KdforgeError
+from kdforge.losses.feature import FeatureLoss
+from kdforge.losses.relation import LinearEmbed
+from kdforge.registry import LOSSES
+
+
+def nce_loss(scores: Tensor, num_data: int) -> Tensor:
+    """CRD's NCE on normalised scores (B, 1+K), positive first, noise P_n = 1/N."""
+    k = scores.shape[1] - 1
+    kpn = k / num_data
+    pos = scores[:, 0]
+    neg = scores[:, 1:]
+    log_pos = torch.log(pos / (pos + kpn))
+    log_neg = torch.log(kpn / (neg + kpn))
+    return -(log_pos.sum() + log_neg.sum()) / scores.shape[0]
+
+
+@LOSSES.register("crd")
+class CRDLoss(FeatureLoss):
+    """CRD (Tian et al., ICLR 2020): NCE between student and teacher embeddings, negatives from a memory bank."""
+
+    ndims = (2, 4)
+    has_connectors = True
+    needs_targets = True
+
+    def __init__(self, feat_dim: int = 128, bank_size: int = 16384, num_negatives: int = 16384,
+                 T: float = 0.07, momentum: float = 0.5, exact: bool = True) -> None:
+        super().__init__()
+        if bank_size < 2 or num_negatives < 1:
+            raise ValueError(f"need bank_size >= 2 and num_negatives >= 1, got {bank_size} and {num_negatives}")
+        if T <= 0 or not 0.0 <= momentum < 1.0:
+            raise ValueError(f"need T > 0 and momentum in [0, 1), got {T} and {momentum}")
+        self.feat_dim, self.bank_size, self.num_negatives = feat_dim, bank_size, num_negatives
+        self.T, self.momentum, self.exact = T, momentum, exact
+        stdv = 1.0 / (feat_dim / 3) ** 0.5
+        self.register_buffer("mem_s", torch.rand(bank_size, feat_dim).mul_(2 * stdv).add_(-stdv))
+        self.register_buffer("mem_t", torch.rand(bank_size, feat_dim).mul_(2 * stdv).add_(-stdv))
+        self.register_buffer("mem_y", torch.full((bank_size,), -1, dtype=torch.long))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("z_s", torch.tensor(-1.0))
+        self.register_buffer("z_t", torch.tensor(-1.0))
+        self.embed_s: LinearEmbed | None = None
+        self.embed_t: LinearEmbed | None = None
+
+    def build(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> None:
+        if len(student) != 1:
+            raise KdforgeError(f"crd: takes one student and one teacher tap (the embedding), got {len(student)}")
+        self.embed_s = LinearEmbed(student[0][0].numel(), self.feat_dim)
+        self.embed_t = LinearEmbed(teacher[0][0].numel(), self.feat_dim)
+
+    def sample_negatives(self, targets: Tensor | None, batch: int, exclude: Tensor | None = None) -> Tensor:
+        """(B, K) bank slots per anchor; in exact mode only slots of other classes (unlabelled slots allowed)."""
+        weights = torch.ones(batch, self.bank_size, device=self.mem_y.device)
+        if self.exact and targets is not None:
+            weights = (self.mem_y[None, :] != targets[:, None]).float()
+        if exclude is not None:
+            weights[torch.arange(batch, device=weights.device), exclude] = 0.0
+        empty = weights.sum(1) == 0
+        if empty.any():
+            weights[empty] = 1.0
+        return torch.multinomial(weights, self.num_negatives, replacement=True)
+
+    def _scores(self, anchor: Tensor, positive: Tensor, bank: Tensor, neg: Tensor, z: Tensor) -> Tensor:
+        # a snapshot: the bank is written in place after the loss, before backward needs it
+        all_scores = anchor @ bank.clone().t() / self.T
+        pos = (anchor * positive).sum(1, keepdim=True) / self.T
+        out = torch.cat([pos, all_scores.gather(1, neg)], 1).exp()
+        if z < 0:
+            z.fill_(float(out.detach().mean() * self.bank_size))
+        return out / z
+
+    def forward(self, student: Sequence[Tensor], teacher: Sequence[Tensor], targets: Tensor | None = None,
+                indices: Tensor | None = None) -> Tensor:
+        self.check(student, teacher)
+        assert self.embed_s is not None and self.embed_t is not None
+        vs = F.normalize(self.embed_s(student[0]), dim=1)
+        vt = F.normalize(self.embed_t(teacher[0].detach()), dim=1)
+        b = vs.shape[0]
+        if indices is not None:
+            if int(indices.max()) >= self.bank_size:
+                raise KdforgeError(f"crd: sample index {int(indices.max())} >= bank_size {self.bank_size}")
+            pos_t, pos_s = self.mem_t[indices], self.mem_s[indices]
+        else:
+            pos_t, pos_s = vt.detach(), vs.detach()
+        neg = self.sample_negatives(targets, b, exclude=indices)
+        loss_s = nce_loss(self._scores(vs, pos_t, self.mem_t, neg, self.z_s), self.bank_size)
+        loss_t = nce_loss(self._scores(vt, pos_s, self.mem_s, neg, self.z_t), self.bank_size)
+        if self.training:
+            self.update_bank(vs.detach(), vt.detach(), targets, indices)
+        return loss_s + loss_t
+
+    @torch.no_grad()
+    def update_bank(self, vs: Tensor, vt: Tensor, targets: Tensor | None, indices: Tensor | None = None) -> None:
+        """Write embeddings into the bank: momentum rows at ``indices``, or the next FIFO slots."""
+        labels = targets if targets is not None else torch.full((len(vs),), -1, device=vs.device)
+        if indices is not None:
+            m = self.momentum
+            self.mem_s[indices] = F.normalize(m * self.mem_s[indices] + (1 - m) * vs, dim=1)
+            self.mem_t[indices] = F.normalize(m * self.mem_t[indices] + (1 - m) * vt, dim=1)
+            self.mem_y[indices] = labels
+            return
+        vs, vt, labels = vs[-self.bank_size:], vt[-self.bank_size:], labels[-self.bank_size:]
+        slots = (self.ptr + torch.arange(len(vs), device=vs.device)) % self.bank_size
+        self.mem_s[slots] = vs
+        self.mem_t[slots] = vt
+        self.mem_y[slots] = labels
+        self.ptr.fill_(int((self.ptr + len(vs)) % self.bank_size))

@@ -1,0 +1,190 @@
+"""Relation-based losses: RKD, SP, CC and PKT compare how samples relate to each other in a batch."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdforge.errors import KdforgeError
+from kdforge.losses.feature import FeatureLoss
+from kdforge.registry import LOSSES
+
+
+# -- RKD ---------------------------------------------------------------------------------------------
+def pairwise_distances(e: Tensor, eps: float = 1e-12) -> Tensor:
+    """Euclidean distance matrix (B, B), squared distances clamped at eps before the root, zero diagonal."""
+    sq = e.pow(2).sum(1)
+    d2 = (sq[:, None] + sq[None, :] - 2 * e @ e.t()).clamp(min=eps)
+    d = d2.sqrt()
+    return d * (1 - torch.eye(len(e), device=e.device, dtype=e.dtype))
+
+
+def _normalised_distances(e: Tensor) -> Tensor:
+    d = pairwise_distances(e)
+    return d / d[d > 0].mean()
+
+
+def angle_tensor(e: Tensor) -> Tensor:
+    """A[a, b, c] = ⟨e_ab, e_ac⟩ with e_ab the unit vector from a to b, shape (B, B, B)."""
+    diff = F.normalize(e[None, :, :] - e[:, None, :], p=2, dim=2)
+    return diff @ diff.transpose(1, 2)
+
+
+def rkd_loss(student: Tensor, teacher: Tensor, dist_weight: float = 25.0, angle_weight: float = 50.0) -> Tensor:
+    """RKD: w_d·Huber(ψ_D(s), ψ_D(t)) + w_a·Huber(ψ_A(s), ψ_A(t)) on flattened embeddings."""
+    s = student.flatten(1)
+    with torch.no_grad():
+        t = teacher.detach().flatten(1)
+        t_d = _normalised_distances(t) if dist_weight else None
+        t_a = angle_tensor(t) if angle_weight else None
+    loss = s.new_zeros(())
+    if dist_weight:
+        loss = loss + dist_weight * F.smooth_l1_loss(_normalised_distances(s), t_d)
+    if angle_weight:
+        loss = loss + angle_weight * F.smooth_l1_loss(angle_tensor(s), t_a)
+    return loss
+
+
+@LOSSES.register("rkd")
+class RKDLoss(FeatureLoss):
+    """Relational KD (Park et al., CVPR 2019): distance- and angle-wise relations of embeddings."""
+
+    ndims = (2, 4)
+
+    def __init__(self, dist_weight: float = 25.0, angle_weight: float = 50.0) -> None:
+        super().__init__()
+        self.dist_weight, self.angle_weight = dist_weight, angle_weight
+
+    def forward(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
+        self.check(student, teacher)
+        return sum(rkd_loss(s, t, self.dist_weight, self.angle_weight)  # type: ignore[return-value]
+                   for s, t in zip(student, teacher, strict=True))
+
+
+# -- SP ----------------------------------------------------------------------------------------------
+def sp_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """Similarity-preserving KD: ‖G̃_t − G̃_s‖_F² / B² with row-normalised batch Gram matrices."""
+    b = student.shape[0]
+    qs, qt = student.flatten(1), teacher.detach().flatten(1)
+    gs = F.normalize(qs @ qs.t(), dim=1)
+    gt = F.normalize(qt @ qt.t(), dim=1)
+    return (gt - gs).pow(2).sum() / (b * b)
+
+
+@LOSSES.register("sp")
+class SPLoss(FeatureLoss):
+    """Similarity-preserving KD (Tung & Mori, ICCV 2019); student and teacher sizes may differ."""
+
+    ndims = (2, 3, 4)
+
+    def forward(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
+        self.check(student, teacher)
+        return sum(sp_loss(s, t) for s, t in zip(student, teacher, strict=True))  # type: ignore[return-value]
+
+
+# -- CC ----------------------------------------------------------------------------------------------
+def taylor_rbf(x: Tensor, gamma: float = 0.4, order: int = 2) -> Tensor:
+    """Correlation matrix k(x_i, x_j) ≈ Σ_{p≤P} e^{−2γ}(2γ)^p/p!·(x_iᵀx_j)^p for L2-normalised rows."""
+    x = F.normalize(x, dim=1)
+    sim = x @ x.t()
+    out = torch.zeros_like(sim)
+    for p in range(order + 1):
+        out = out + math.exp(-2 * gamma) * (2 * gamma) ** p / math.factorial(p) * sim.pow(p)
+    return out
+
+
+def cc_loss(student: Tensor, teacher: Tensor, variant: str = "paper", gamma: float = 0.4, order: int = 2) -> Tensor:
+    """CC on embeddings: paper ‖C_s − C_t‖²/B², or RepDistiller's mean_i Σ_d Δ_i,d·Δ_{i+1},d with Δ=|f_s−f_t|."""
+    if variant == "repdistiller":
+        delta = (student - teacher).abs()
+        return (delta[:-1] * delta[1:]).sum(1).mean()
+    b = student.shape[0]
+    return (taylor_rbf(student, gamma, order) - taylor_rbf(teacher, gamma, order)).pow(2).sum() / (b * b)
+
+
+class LinearEmbed(nn.Module):
+    """Flatten and project to ``dim`` (the CC / CRD embedding head)."""
+
+    def __init__(self, cin: int, dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(cin, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(x.flatten(1))
+
+
+@LOSSES.register("cc")
+class CCLoss(FeatureLoss):
+    """Correlation congruence (Peng et al., ICCV 2019) on linear embeddings of student and teacher.
+
+    ``variant="repdistiller"`` reproduces RepDistiller's table; ``embed_dim=0`` compares the raw
+    features (they must then have the same size).
+    """
+
+    ndims = (2, 4)
+    has_connectors = True
+
+    def __init__(self, variant: str = "repdistiller", embed_dim: int = 128, gamma: float = 0.4,
+                 order: int = 2) -> None:
+        super().__init__()
+        if variant not in ("paper", "repdistiller"):
+            raise ValueError(f"variant must be 'paper' or 'repdistiller', got {variant!r}")
+        self.variant, self.embed_dim, self.gamma, self.order = variant, embed_dim, gamma, order
+        self.embed_s = nn.ModuleList()
+        self.embed_t = nn.ModuleList()
+
+    def build(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> None:
+        for s, t in zip(student, teacher, strict=True):
+            ds, dt = s[0].numel(), t[0].numel()
+            if self.embed_dim:
+                self.embed_s.append(LinearEmbed(ds, self.embed_dim))
+                self.embed_t.append(LinearEmbed(dt, self.embed_dim))
+            elif ds != dt:
+                raise KdforgeError(f"cc: embed_dim=0 needs features of one size, got {ds} and {dt}")
+            else:
+                self.embed_s.append(nn.Flatten())
+                self.embed_t.append(nn.Flatten())
+
+    def forward(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
+        self.check(student, teacher)
+        total = student[0].new_zeros(())
+        for es, et, s, t in zip(self.embed_s, self.embed_t, student, teacher, strict=True):
+            # the teacher-side embedding is a connector: it trains, only the teacher network is frozen
+            total = total + cc_loss(es(s), et(t.detach()), self.variant, self.gamma, self.order)
+        return total
+
+
+# -- PKT ---------------------------------------------------------------------------------------------
+def _cosine_probs(x: Tensor, eps: float) -> Tensor:
+    x = F.normalize(x.flatten(1), dim=1, eps=eps)
+    k = torch.nan_to_num(x @ x.t())
+    k = (k + 1) / 2
+    return k / k.sum(1, keepdim=True)
+
+
+def pkt_loss(student: Tensor, teacher: Tensor, eps: float = 1e-7) -> Tensor:
+    """PKT: mean_ij P^t_ij·log((P^t_ij + ε)/(P^s_ij + ε)) over cosine-kernel conditional probabilities."""
+    ps = _cosine_probs(student, eps)
+    with torch.no_grad():
+        pt = _cosine_probs(teacher.detach(), eps)
+    return (pt * torch.log((pt + eps) / (ps + eps))).mean()
+
+
+@LOSSES.register("pkt")
+class PKTLoss(FeatureLoss):
+    """Probabilistic knowledge transfer (Passalis & Tefas, ECCV 2018) on embeddings."""
+
+    ndims = (2, 4)
+
+    def __init__(self, eps: float = 1e-7) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
+        self.check(student, teacher)
+        return sum(pkt_loss(s, t, self.eps) for s, t in zip(student, teacher, strict=True))  # type: ignore[return-value]
+
