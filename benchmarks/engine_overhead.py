@@ -94,6 +94,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    import kdforge.bench.common  # noqa: F401 - machine_note
+    import kdforge.bench.common
 
     main()

@@ -72,7 +72,7 @@ def test_unknown_loss_and_loss_option() -> None:
         build_method(Recipe.from_dict({"method": method}).method.model_dump(), INFO)
 
 
-def test_yaml_errors(tmp_path) -> None:  # noqa: ANN001
+def test_yaml_errors(tmp_path) -> None:
     with pytest.raises(KdforgeError, match="recipe file not found"):
         Recipe.from_yaml(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ def test_warmup_then_cosine() -> None:
     f = [lr_factor(s, cfg, steps_per_epoch=10, epochs=5, base_lr=0.1) for s in range(50)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert f[10] == pytest.approx(1.0) and f[30] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
-    assert all(a >= b for a, b in zip(f[10:], f[11:], strict=False))
+    assert all(a >= b for a, b in pairwise(f[10:]))
 
 
 def test_step_and_multistep() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -19,13 +19,13 @@ from kdforge.errors import KdforgeError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="kdforge: make deep models small and fast (distillation, pruning, continual).")
 
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe key: --set optim.lr=0.1")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a recipe key: --set optim.lr=0.1")]
 
 
 @app.command()
 def train(
     recipe: Annotated[Path, typer.Argument(help="YAML recipe, or a run folder with --resume")],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="run folder (default runs/<name>)")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="run folder (default runs/<name>)")] = None,
     set_: SetOpt = None,
     resume: Annotated[bool, typer.Option(help="continue the run in the run folder")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing run folder")] = False,
@@ -53,7 +53,7 @@ def train(
 @app.command("eval")
 def eval_(
     source: Annotated[Path, typer.Argument(help="run folder or .safetensors checkpoint")],
-    data: Annotated[Optional[str], typer.Option(help="data set name (default: the one it was trained on)")] = None,
+    data: Annotated[str | None, typer.Option(help="data set name (default: the one it was trained on)")] = None,
     split: Annotated[str, typer.Option(help="test, val or train")] = "test",
     which: Annotated[str, typer.Option(help="best or last (run folders)")] = "best",
     set_: SetOpt = None,
@@ -111,7 +111,7 @@ def list_(what: Annotated[str, typer.Argument(help="models, datasets, methods, l
 @app.command()
 def bench(
     name: Annotated[str, typer.Argument(help="benchmark name ('kdforge list benches')")],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="where to write tables/plots")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="where to write tables/plots")] = None,
     quick: Annotated[bool, typer.Option(help="tiny budget, for smoke tests")] = False,
 ) -> None:
     """Run a named benchmark and write its table."""

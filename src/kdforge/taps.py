@@ -40,7 +40,7 @@ class FeatureTaps:
                                    f"{closest(name, [n for n in modules if n])}")
             self._handles.append(modules[name].register_forward_hook(self._hook(name)))
 
-    def _hook(self, name: str):  # noqa: ANN202 - a hook closure
+    def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             value = _first_tensor(args if self.mode == "input" else output)
             if self.detach and isinstance(value, Tensor):

@@ -21,7 +21,7 @@ def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim
 
 def lr_factor(step: int, cfg: SchedConfig, steps_per_epoch: int, epochs: int, base_lr: float) -> float:
     """Multiplier of the base lr after ``step`` optimizer steps: linear warm-up, then the schedule."""
-    warm = int(round(cfg.warmup_epochs * steps_per_epoch))
+    warm = round(cfg.warmup_epochs * steps_per_epoch)
     if step < warm:
         return (step + 1) / warm
     epoch = step / steps_per_epoch

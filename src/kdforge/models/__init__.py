@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from kdforge.errors import KdforgeError
-from kdforge.models import small
+from kdforge.models import small  # noqa: F401 - registers the small models
 from kdforge.models.adapters import timm_model, torchvision_model
 from kdforge.registry import MODELS
 

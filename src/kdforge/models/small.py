@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 from torch import Tensor, nn
 
 from kdforge.registry import MODELS
@@ -15,7 +17,7 @@ class MLP(nn.Module):
         super().__init__()
         dims = [in_chans * image_size * image_size, *hidden]
         self.flatten = nn.Flatten()
-        self.body = nn.Sequential(*[m for a, b in zip(dims[:-1], dims[1:], strict=True)
+        self.body = nn.Sequential(*[m for a, b in pairwise(dims)
                                     for m in (nn.Linear(a, b), nn.ReLU(inplace=True))])
         self.pool = nn.Identity()
         self.fc = nn.Linear(dims[-1], num_classes)

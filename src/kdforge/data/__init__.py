@@ -1,0 +1,210 @@
+"""Data sets by name, seeded train/val/test splits, and loaders."""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from kdforge.config import DataConfig
+from kdforge.data.tensor_dataset import TensorImages
+from kdforge.errors import KdforgeError
+from kdforge.registry import DATASETS
+
+FASHION_CLASSES = ["t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
+                   "sneaker", "bag", "ankle boot"]
+FASHION_MEAN, FASHION_STD = (0.2860,), (0.3530,)
+DEBIAN_FASHION = "/usr/share/datasets/fashion-mnist"
+
+
+@dataclass
+class DataBundle:
+    """Train / val / test sets of one data set and what models need to know about it."""
+
+    train: Dataset
+    val: Dataset | None
+    test: Dataset
+    num_classes: int
+    in_chans: int
+    image_size: int
+    class_names: list[str]
+
+
+def load_data(cfg: DataConfig | None = None, **overrides: object) -> DataBundle:
+    """Load a data set by name with a seeded validation split: ``load_data(name="digits")``."""
+    cfg = (cfg or DataConfig()).model_copy(update=overrides)
+    bundle: DataBundle = DATASETS.get(cfg.name)(cfg)
+    if cfg.val_fraction > 0 and bundle.val is None:
+        bundle.train, bundle.val = split_train_val(bundle.train, cfg.val_fraction, cfg.split_seed)
+    if cfg.limit_train is not None and cfg.limit_train < len(bundle.train):
+        bundle.train = Subset(bundle.train, range(cfg.limit_train))
+    return bundle
+
+
+class _NoAugment(Dataset):
+    """A view of a TensorImages set with augmentation off (for validation)."""
+
+    def __init__(self, base: TensorImages, indices: np.ndarray) -> None:
+        self.base, self.indices = base, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        j = int(self.indices[i])
+        return self.base.x[j], self.base.y[j]
+
+
+def split_train_val(train: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """A seeded, stratified-by-shuffle split; the validation view is never augmented."""
+    n = len(train)
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, round(n * fraction))
+    val_idx, tr_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    val = _NoAugment(train, val_idx) if isinstance(train, TensorImages) else Subset(train, val_idx.tolist())
+    return Subset(train, tr_idx.tolist()), val
+
+
+def make_loader(ds: Dataset, batch_size: int, train: bool, seed: int = 0, rank: int = 0, world: int = 1,
+                num_workers: int = 0, drop_last: bool = False) -> DataLoader:
+    """A loader whose shuffle order comes from (seed, epoch); shards by rank like DistributedSampler."""
+    if train:
+        sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed,
+                                     drop_last=drop_last)
+    else:
+        sampler = list(range(rank, len(ds), world))  # type: ignore[assignment]
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      drop_last=drop_last and train, persistent_workers=num_workers > 0)
+
+
+def _bundle(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray, cfg: DataConfig,
+            mean: tuple[float, ...], std: tuple[float, ...], names: list[str], flip: bool = True,
+            crop_pad: int = 2) -> DataBundle:
+    def to_t(x: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(x))
+        return t.unsqueeze(1) if t.ndim == 3 else t.permute(0, 3, 1, 2)
+
+    common = dict(mean=mean, std=std, pad_to=cfg.pad_to, resize=cfg.resize)
+    train = TensorImages(to_t(xtr), torch.from_numpy(ytr.astype(np.int64)), augment=cfg.augment,
+                         flip=flip, crop_pad=crop_pad, **common)
+    test = TensorImages(to_t(xte), torch.from_numpy(yte.astype(np.int64)), **common)
+    c, h, _ = train.image_shape
+    return DataBundle(train, None, test, len(names), c, h, names)
+
+
+@DATASETS.register("fashion_mnist_subset")
+def fashion_mnist_subset(cfg: DataConfig) -> DataBundle:
+    """Embedded stratified Fashion-MNIST subset: 6,000 train / 1,000 test, 28×28 (MIT licence)."""
+    with resources.as_file(resources.files("kdforge.data") / "assets" / "fashion_mnist_subset.npz") as p:
+        if not p.is_file():
+            raise KdforgeError(f"embedded data missing: {str(p)!r}; rebuild it with "
+                               "scripts/make_fashion_subset.py (needs apt-get install dataset-fashion-mnist)")
+        d = np.load(p)
+        arrays = d["x_train"], d["y_train"], d["x_test"], d["y_test"]
+    return _bundle(*arrays, cfg, FASHION_MEAN, FASHION_STD, FASHION_CLASSES)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read a (gzipped) IDX file; a corrupt file is a KdforgeError naming it."""
+    try:
+        raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+        ndim = raw[3]
+        dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+        return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    except (OSError, EOFError, ValueError, IndexError) as e:
+        raise KdforgeError(f"corrupt IDX file {str(path)!r} ({type(e).__name__}); "
+                           "re-download it or reinstall dataset-fashion-mnist") from None
+
+
+@DATASETS.register("fashion_mnist")
+def fashion_mnist(cfg: DataConfig) -> DataBundle:
+    """Full Fashion-MNIST (60k/10k): IDX files in ``root`` (default Debian's), or torchvision's download."""
+    root = Path(cfg.root or DEBIAN_FASHION)
+    names = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+             "t10k-labels-idx1-ubyte"]
+    found = [next((root / f"{n}{ext}" for ext in (".gz", "") if (root / f"{n}{ext}").is_file()), None)
+             for n in names]
+    if all(found):
+        arrays = [read_idx(p) for p in found]  # type: ignore[arg-type]
+        return _bundle(*arrays, cfg, FASHION_MEAN, FASHION_STD, FASHION_CLASSES)
+    if cfg.download:
+        from torchvision.datasets import FashionMNIST
+
+        tr = FashionMNIST(str(root), train=True, download=True)
+        te = FashionMNIST(str(root), train=False, download=True)
+        return _bundle(tr.data.numpy(), tr.targets.numpy(), te.data.numpy(), te.targets.numpy(), cfg,
+                       FASHION_MEAN, FASHION_STD, FASHION_CLASSES)
+    raise KdforgeError(f"Fashion-MNIST IDX files not found in {str(root)!r}; run 'apt-get install -y "
+                       "dataset-fashion-mnist', or set data.root to a folder with them, or data.download=true")
+
+
+@DATASETS.register("digits")
+def digits(cfg: DataConfig) -> DataBundle:
+    """scikit-learn's 8×8 handwritten digits (1,797 images), a seeded 80/20 train/test split."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images * (255.0 / 16.0)).round().astype(np.uint8)
+    perm = np.random.default_rng(1234).permutation(len(x))
+    n_test = len(x) // 5
+    te, tr = perm[:n_test], perm[n_test:]
+    cfg = cfg.model_copy(update={"augment": cfg.augment})
+    return _bundle(x[tr], d.target[tr], x[te], d.target[te], cfg, (0.305,), (0.376,),
+                   [str(i) for i in range(10)], flip=False, crop_pad=1)
+
+
+def _torchvision_cifar(cfg: DataConfig, cls_name: str) -> DataBundle:
+    from torchvision import datasets
+
+    cls = getattr(datasets, cls_name)
+    root = Path(cfg.root or "data")
+    try:
+        tr = cls(str(root), train=True, download=cfg.download)
+        te = cls(str(root), train=False, download=cfg.download)
+    except RuntimeError:
+        raise KdforgeError(f"{cls_name} not found or corrupt in {str(root)!r}; set data.download=true "
+                           "(needs network) or data.root to a folder holding it") from None
+    mean, std = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)) if cls_name == "CIFAR10" else \
+        ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+    return _bundle(tr.data, np.array(tr.targets), te.data, np.array(te.targets), cfg, mean, std,
+                   list(tr.classes), crop_pad=4)
+
+
+@DATASETS.register("cifar10")
+def cifar10(cfg: DataConfig) -> DataBundle:
+    """CIFAR-10 via torchvision (``root``, ``download``); crop-4 + flip augmentation."""
+    return _torchvision_cifar(cfg, "CIFAR10")
+
+
+@DATASETS.register("cifar100")
+def cifar100(cfg: DataConfig) -> DataBundle:
+    """CIFAR-100 via torchvision (``root``, ``download``); crop-4 + flip augmentation."""
+    return _torchvision_cifar(cfg, "CIFAR100")
+
+
+@DATASETS.register("imagefolder")
+def imagefolder(cfg: DataConfig) -> DataBundle:
+    """An ImageNet-style tree: ``root/train/<class>/*`` and ``root/val/<class>/*``."""
+    from torchvision import datasets
+    from torchvision import transforms as T
+
+    root = Path(cfg.root or "")
+    if not (root / "train").is_dir() or not (root / "val").is_dir():
+        raise KdforgeError(f"imagefolder needs {str(root / 'train')!r} and {str(root / 'val')!r} "
+                           "with one sub-folder per class")
+    size = cfg.resize or 224
+    norm = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), norm]) \
+        if cfg.augment else T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), norm])
+    eval_tf = T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), norm])
+    tr = datasets.ImageFolder(str(root / "train"), train_tf)
+    te = datasets.ImageFolder(str(root / "val"), eval_tf)
+    return DataBundle(tr, None, te, len(tr.classes), 3, size, list(tr.classes))
+
+
+__all__ = ["DATASETS", "DataBundle", "TensorImages", "load_data", "make_loader", "split_train_val"]
