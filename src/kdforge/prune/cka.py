@@ -32,8 +32,9 @@ def gram(x: Tensor, kernel: Kernel = "linear", sigma_frac: float = 0.5) -> Tenso
     sq = k.diagonal()
     d2 = (sq[:, None] + sq[None, :] - 2 * k).clamp_min(0)
     n = d2.shape[0]
-    off = d2[~torch.eye(n, dtype=torch.bool, device=d2.device)].sqrt()
-    med = off.median() if off.numel() else d2.new_tensor(0.0)
+    off = d2[~torch.eye(n, dtype=torch.bool, device=d2.device)].sqrt().sort().values
+    m = off.numel()
+    med = (off[(m - 1) // 2] + off[m // 2]) / 2 if m else d2.new_tensor(0.0)
     sigma = sigma_frac * med
     if float(sigma) <= 0:
         sigma = d2.new_tensor(1.0)

@@ -126,20 +126,20 @@ def grad_norm(model: nn.Module, batches: Sequence[Any], loss_fn: Callable[[nn.Mo
 # -- budgets and candidates -----------------------------------------------------------------------
 def allocate_keep(sizes: Sequence[int], keep_ratio: float, pinned_per_segment: Sequence[int] | None = None,
                   total: int | None = None) -> list[int]:
-    """r_s = max(1, round(ρ·n_s)), then adjusted by largest remainder so Σ r_s hits round(ρ·N) (or ``total``)."""
+    """r_s = max(1, round-half-up(ρ·n_s)), adjusted by largest remainder so Σ r_s = round(ρ·N) (or ``total``)."""
     if not 0 < keep_ratio <= 1:
         raise KdforgeError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
     pins = list(pinned_per_segment or [0] * len(sizes))
     lo = [min(n, max(1, p)) for n, p in zip(sizes, pins, strict=True)]
     quota = [keep_ratio * n for n in sizes]
-    r = [min(n, max(lo_s, round(q))) for n, lo_s, q in zip(sizes, lo, quota, strict=True)]
+    r = [min(n, max(lo_s, math.floor(q + 0.5))) for n, lo_s, q in zip(sizes, lo, quota, strict=True)]
     target = round(keep_ratio * sum(sizes)) if total is None else int(total)
     target = min(sum(sizes), max(sum(lo), target))
     while sum(r) < target:
-        s = max((i for i in range(len(r)) if r[i] < sizes[i]), key=lambda i: quota[i] - r[i])
+        s = max((i for i in range(len(r)) if r[i] < sizes[i]), key=lambda i: (quota[i] - r[i], sizes[i]))
         r[s] += 1
     while sum(r) > target:
-        s = min((i for i in range(len(r)) if r[i] > lo[i]), key=lambda i: quota[i] - r[i])
+        s = min((i for i in range(len(r)) if r[i] > lo[i]), key=lambda i: (quota[i] - r[i], -sizes[i]))
         r[s] -= 1
     return r
 

@@ -39,6 +39,8 @@ class SegmentCost:
 
     def __call__(self, i: int, j: int) -> float:
         m = j - i + 1
+        if m == 1:
+            return 0.0
         s = self.s1[j + 1] - self.s1[i]
         return max(0.0, float(self.s2[j + 1] - self.s2[i] - (s @ s) / m))
 
