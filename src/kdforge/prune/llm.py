@@ -233,7 +233,7 @@ def heal_kd(student: nn.Module, teacher: nn.Module, blocks: Tensor, steps: int =
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if log is not None:
             log(step, float(loss))
     student.eval()

@@ -32,7 +32,7 @@ class UnitSpec:
 
 def _container_of(model: nn.Module, name: str) -> tuple[str | None, int]:
     parent, _, last = name.rpartition(".")
-    if not last.isdigit():
+    if not last.isdigit() or not parent:  # children of the root module cannot be swapped out
         return None, -1
     mod = model.get_submodule(parent) if parent else model
     if isinstance(mod, (nn.Sequential, nn.ModuleList)):
