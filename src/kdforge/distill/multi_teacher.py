@@ -114,7 +114,7 @@ class MultiTeacher(_Teachers):
                 "acc": (s.argmax(-1) == y).float().mean().detach()}
 
 
-def project_capped_simplex(v: Sequence[float], cap: float, iters: int = 60) -> list[float]:
+def project_capped_simplex(v: Sequence[float], cap: float, iters: int = 50) -> list[float]:
     """Euclidean projection onto {w : 0 ≤ w ≤ cap, Σw = 1} (bisection on the shift; plain floats, M is small)."""
     if cap * len(v) < 1 - 1e-9:
         raise KdforgeError(f"aekd: C = {cap} is too small for {len(v)} teachers (need C >= 1/{len(v)})")
@@ -132,7 +132,7 @@ def project_capped_simplex(v: Sequence[float], cap: float, iters: int = 60) -> l
 def min_norm_weights(grads: Tensor, cap: float = 1.0, iters: int = 100) -> Tensor:
     """argmin_w ‖Σ_m w_m g_m‖² over the capped simplex, by projected gradient from uniform weights."""
     g = grads.flatten(1).double()
-    gram_t = g @ g.t()
+    gram_t = (g[:, None, :] * g[None, :, :]).sum(-1)  # M is tiny: a broadcast beats a BLAS call here
     m = len(gram_t)
     lmax = float(torch.linalg.eigvalsh(gram_t).max())
     gram = gram_t.tolist()
@@ -140,7 +140,11 @@ def min_norm_weights(grads: Tensor, cap: float = 1.0, iters: int = 100) -> Tenso
     if lmax > 1e-30:
         for _ in range(iters):
             grad = [sum(gram[i][j] * w[j] for j in range(m)) for i in range(m)]
-            w = project_capped_simplex([w[i] - grad[i] / lmax for i in range(m)], cap)
+            new = project_capped_simplex([w[i] - grad[i] / lmax for i in range(m)], cap)
+            done = max(abs(a - b) for a, b in zip(new, w, strict=True)) < 1e-7
+            w = new
+            if done:
+                break
     return torch.tensor(w, dtype=grads.dtype, device=grads.device)
 
 
