@@ -76,6 +76,8 @@ class StagePlan:
     stages: list[str]
     chain: list[str]
     channels: int
+    head_pool: str | None = None  # the backbone's pooling module right after the last stage, if any
+    map_size: tuple[int, int] = (4, 4)  # H×W of the last stage's map for the example input
 
     def tail(self, stage: str) -> list[str]:
         """Module names that follow ``stage`` up to and including the last stage."""
@@ -144,7 +146,9 @@ def plan_stages(model: nn.Module, example: Tensor, stages: list[str] | None = No
     for n in names:
         if outputs[n].ndim != 4:
             raise KdforgeError(f"stage {n!r} gives a {outputs[n].ndim}-D output; exits need B×C×H×W maps")
-    return StagePlan(names, chain, int(last.shape[1]))
+    after = order[pos[-1] + 1:pos[-1] + 2]
+    head_pool = after[0] if after and _is_pool(modules[after[0]]) else None
+    return StagePlan(names, chain, int(last.shape[1]), head_pool, (int(last.shape[2]), int(last.shape[3])))
 
 
 def fresh_copy(module: nn.Module) -> nn.Module:
@@ -162,8 +166,15 @@ def fresh_copy(module: nn.Module) -> nn.Module:
     return new
 
 
+def pool_like(model: nn.Module, plan: StagePlan) -> nn.Module:
+    """The backbone's own pooling after the last stage (a copy), else global average pooling."""
+    if plan.head_pool is not None:
+        return copy.deepcopy(model.get_submodule(plan.head_pool))
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
 class Exits(nn.Module):
-    """Auxiliary exits (HSAKD style): for stage k < S, fresh copies of stages k+1..S, then GAP and a classifier.
+    """Auxiliary exits (HSAKD style): for stage k < S, fresh copies of stages k+1..S, the pool, a classifier.
 
     Every exit's final map therefore has the shape of the last stage's map; the backbone's own
     classifier is the last exit.
@@ -174,7 +185,9 @@ class Exits(nn.Module):
         self.stages = list(plan.stages)
         self.branches = nn.ModuleList(
             nn.Sequential(*[fresh_copy(model.get_submodule(u)) for u in plan.tail(s)]) for s in plan.stages[:-1])
-        self.heads = nn.ModuleList(nn.Linear(plan.channels, num_classes) for _ in plan.stages[:-1])
+        self.pool = pool_like(model, plan)
+        dim = self.pool(torch.zeros(1, plan.channels, *plan.map_size)).flatten(1).shape[1]
+        self.heads = nn.ModuleList(nn.Linear(dim, num_classes) for _ in plan.stages[:-1])
 
     @property
     def num_exits(self) -> int:
@@ -190,20 +203,22 @@ class Exits(nn.Module):
         for branch, head, f in zip(self.branches, self.heads, feats[:-1], strict=True):
             a = branch(f)
             maps.append(a)
-            logits.append(head(gap(a)))
+            logits.append(head(self.pool(a).flatten(1)))
         return [*logits, z_last], [*maps, feats[-1]]
 
 
 class SelfTeacher(nn.Module):
-    """MixSKD's self-teacher: concat of the exits' maps → 1×1 conv (no bias) → GAP → linear classifier."""
+    """MixSKD's self-teacher: concat of the exits' maps → 1×1 conv (no bias) → pool (GAP) → linear classifier."""
 
-    def __init__(self, num_exits: int, channels: int, num_classes: int) -> None:
+    def __init__(self, num_exits: int, channels: int, num_classes: int, pool: nn.Module | None = None,
+                 map_size: tuple[int, int] = (4, 4)) -> None:
         super().__init__()
         self.fuse = nn.Conv2d(num_exits * channels, channels, 1, bias=False)
-        self.fc = nn.Linear(channels, num_classes)
+        self.pool = pool if pool is not None else nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(self.pool(torch.zeros(1, channels, *map_size)).flatten(1).shape[1], num_classes)
 
     def forward(self, maps: list[Tensor]) -> Tensor:
-        return self.fc(gap(self.fuse(torch.cat(maps, 1))))
+        return self.fc(self.pool(self.fuse(torch.cat(maps, 1))).flatten(1))
 
 
 def discriminator(channels: int, hidden: int = 128) -> nn.Sequential:
@@ -350,7 +365,8 @@ class MixSKD(Method):
         plan = plan_stages(self.model, x, self.stage_names)
         self.exits = Exits(self.model, plan, self.num_classes).to(x.device)
         k, c = self.exits.num_exits, plan.channels
-        self.self_teacher = SelfTeacher(k, c, self.num_classes).to(x.device)
+        self.self_teacher = SelfTeacher(k, c, self.num_classes, pool_like(self.model, plan), plan.map_size)
+        self.self_teacher.to(x.device)
         if self.adv_mode != "off":
             self.discriminators = nn.ModuleList(discriminator(c, self.disc_hidden) for _ in range(k)).to(x.device)
             # outside the engine's optimizer: trained only in their own step ("minimax") or never ("code")

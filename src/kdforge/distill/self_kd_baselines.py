@@ -347,8 +347,8 @@ class PSKD(Method):
         loss = soft_ce(logits, target)
         if self.past_probs is not None and idx is not None:
             self.past_probs[idx] = F.softmax(logits.detach().float(), -1)
-        return {"loss": loss, "alpha_t": torch.tensor(self.alpha_t() if self.epoch else 0.0),
-                "acc": _acc(logits, y)}
+        return {"loss": loss, "loss_ce": F.cross_entropy(logits.detach(), y),
+                "alpha_t": logits.new_tensor(self.alpha_t() if self.epoch else 0.0), "acc": _acc(logits, y)}
 
     def deployable(self) -> nn.Module:
         return self.model

@@ -1,0 +1,177 @@
+"""``kdforge bench self-kd``: MixSKD and the self-KD baselines on the embedded Fashion-MNIST subset."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from kdforge.bench import BENCHES
+from kdforge.bench.common import (
+    bar_chart,
+    fmt_mean_std,
+    machine_note,
+    markdown_table,
+    mean_std,
+    result_summary,
+    write_json,
+)
+
+BACKBONE: dict[str, Any] = {"model": "cnn_small", "kwargs": {"width": 16}}
+EPOCHS = 15
+SEEDS = (0, 1, 2)
+COMMAND = "kdforge bench self-kd"
+
+
+def methods(epochs: int) -> list[tuple[str, dict[str, Any]]]:
+    """(label, recipe method section) of every compared method, CE first."""
+    m = BACKBONE
+    return [
+        ("CE", {"name": "supervised", "model": m}),
+        ("label smoothing", {"name": "label_smoothing", "model": m, "epsilon": 0.1}),
+        ("mixup", {"name": "mixup", "model": m, "alpha": 0.4}),
+        ("Tf-KD (reg)", {"name": "tfkd", "model": m}),
+        ("CS-KD", {"name": "cskd", "model": m}),
+        ("PS-KD", {"name": "pskd", "model": m, "epochs": epochs}),
+        ("BYOT", {"name": "byot", "model": m}),
+        ("MixSKD", {"name": "mixskd", "model": m}),
+    ]
+
+
+def recipe(method: dict[str, Any], seed: int, epochs: int, quick: bool) -> dict[str, Any]:
+    """The shared training recipe (SGD + cosine) around one method section."""
+    return {
+        "name": f"self-kd-{method['name']}-s{seed}", "seed": seed,
+        "data": {"name": "fashion_mnist_subset", "batch_size": 128, "val_fraction": 0.1,
+                 **({"limit_train": 128} if quick else {})},
+        "method": method,
+        "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
+        "sched": {"name": "cosine", "warmup_epochs": 0 if quick else 1},
+        "train": {"epochs": epochs, "progress": "never", "threads": 2},
+    }
+
+
+def _params(recipe_dict: dict[str, Any]) -> tuple[int, int]:
+    """Parameters of the deployable model and of everything the method holds in training."""
+    import torch
+
+    from kdforge.config import Recipe
+    from kdforge.data import load_data
+    from kdforge.method import DataInfo, build_method
+    from kdforge.profile import count_params
+
+    r = Recipe.from_dict(recipe_dict)
+    data = load_data(r.data)
+    method = build_method(r.method.model_dump(), DataInfo(data.num_classes, data.in_chans, data.image_size))
+    x = torch.stack([data.train[i][0] for i in range(4)])
+    method.setup((x, torch.zeros(4, dtype=torch.long)))
+    return count_params(method.deployable()), count_params(method)
+
+
+@BENCHES.register("self-kd")
+def run(out: Path | None = None, quick: bool = False) -> Path:
+    """Train every method on Fashion-MNIST (3 seeds) and write the table and plot; returns the table path."""
+    from kdforge.config import Recipe
+    from kdforge.distill.self_kd_baselines import train_with_data_hook
+
+    epochs, seeds = (1, (0,)) if quick else (EPOCHS, SEEDS)
+    dest = Path(out) if out is not None else Path("docs/benchmarks")
+    t0 = time.perf_counter()
+    raw: dict[str, Any] = {"epochs": epochs, "seeds": list(seeds), "backbone": BACKBONE, "runs": {}}
+    rows, labels, means, stds = [], [], [], []
+    ce_last, ce_time = None, None
+    with tempfile.TemporaryDirectory(prefix="self-kd-") as tmp:
+        for label, method in methods(epochs):
+            summaries = []
+            for seed in seeds:
+                r = Recipe.from_dict(recipe(method, seed, epochs, quick))
+                # quick: no run folder (no checkpoints or per-run report), so "best" is the last epoch
+                run_dir = None if quick else Path(tmp) / f"{method['name']}-{seed}"
+                res = train_with_data_hook(r, run_dir, overwrite=True)
+                s = result_summary(res)
+                summaries.append(s)
+                print(f"[self-kd] {label} seed {seed}: best {s['best']:.2f} last {s['last']:.2f} "
+                      f"({s['epoch_s']:.1f} s/epoch)", file=sys.stderr, flush=True)
+            deploy_p, train_p = _params(recipe(method, seeds[0], epochs, quick))
+            best, last = [s["best"] for s in summaries], [s["last"] for s in summaries]
+            epoch_s = mean_std([s["epoch_s"] for s in summaries])[0]
+            m_last = mean_std(last)[0]
+            if ce_last is None:
+                ce_last, ce_time = m_last, epoch_s
+            raw["runs"][label] = {"method": method, "results": summaries, "deploy_params": deploy_p,
+                                  "train_params": train_p}
+            rows.append({"method": label, "best top-1 (%)": fmt_mean_std(best), "last top-1 (%)": fmt_mean_std(last),
+                         "Δ last vs CE": f"{m_last - ce_last:+.2f}", "deployed params": f"{deploy_p:,}",
+                         "params in training": f"{train_p:,}", "epoch time (s)": f"{epoch_s:.1f}",
+                         "× CE time": f"{epoch_s / max(ce_time or epoch_s, 1e-9):.1f}"})
+            labels.append(label)
+            means.append(m_last)
+            stds.append(mean_std(last)[1])
+    wall = time.perf_counter() - t0
+    raw["wall_s"] = wall
+    dest.mkdir(parents=True, exist_ok=True)
+    png = bar_chart(labels, means, stds, dest / "self-kd.png", ylabel="test top-1, last epoch (%)",
+                    title=f"Self-KD on Fashion-MNIST subset, cnn_small-16, {epochs} epochs, {len(seeds)} seeds",
+                    baseline=ce_last)
+    write_json(dest / "self-kd.json", raw)
+    md = dest / "self-kd.md"
+    md.write_text(_report(rows, raw, epochs, seeds, wall, quick, png.name))
+    print(markdown_table(rows), file=sys.stderr)
+    print(f"[self-kd] wrote {md} and {png} in {wall / 60:.1f} min", file=sys.stderr)
+    return md
+
+
+def _verdict(raw: dict[str, Any]) -> str:
+    """One honest sentence on MixSKD against CE and against the best other method."""
+    runs = raw["runs"]
+    last = {k: mean_std([s["last"] for s in v["results"]]) for k, v in runs.items()}
+    best = {k: mean_std([s["best"] for s in v["results"]])[0] for k, v in runs.items()}
+    mix, ce = last["MixSKD"], last["CE"]
+    gap = mix[0] - ce[0]
+    spread = max(mix[1], ce[1])
+    if gap > spread:
+        verdict = f"MixSKD beats CE on the mean by {gap:+.2f} points (last epoch), more than one std ({spread:.2f})."
+    elif gap > 0:
+        verdict = (f"MixSKD is above CE on the mean by only {gap:+.2f} points (last epoch), within one std "
+                   f"({spread:.2f}): not a clear win at this budget.")
+    else:
+        verdict = f"MixSKD does NOT beat CE here: {gap:+.2f} points on the mean (last epoch, std up to {spread:.2f})."
+    verdict += f" By best-epoch accuracy the gap is {best['MixSKD'] - best['CE']:+.2f}."
+    top = max((k for k in last if k != "MixSKD"), key=lambda k: last[k][0])
+    verdict += f" The best other method (last epoch) is {top} at {last[top][0]:.2f}."
+    return verdict
+
+
+def _report(rows: list[dict[str, Any]], raw: dict[str, Any], epochs: int, seeds: tuple[int, ...], wall: float,
+            quick: bool, png: str) -> str:
+    r = recipe({"name": "…"}, 0, epochs, quick)
+    cmd = COMMAND + (" --quick" if quick else "")
+    return f"""# Self-distillation on the embedded Fashion-MNIST subset
+
+{"**Quick smoke run (1 epoch, 128 images, 1 seed): not a result.**" if quick else ""}
+
+Command: `{cmd}` ({wall / 60:.1f} min in total). Machine: {machine_note()}.
+
+- Data: `fashion_mnist_subset` (28×28, 1 channel), 5,400 train / 600 val / 1,000 test images
+  {"(limited to 128 train images)" if quick else ""}, crop-2 + flip augmentation, batch {r["data"]["batch_size"]}.
+- Backbone: `cnn_small` width 16 (stem, three conv stages 16/32/64, pool, fc), the same for every method.
+- Training: SGD lr {r["optim"]["lr"]}, momentum 0.9, Nesterov, weight decay 5e-4, cosine schedule
+  with {r["sched"]["warmup_epochs"]} warm-up epoch, {epochs} epochs; seeds {", ".join(map(str, seeds))}.
+- Accuracy: test top-1 of the deployable model (the plain backbone) at the last epoch, and at the
+  epoch with the best validation accuracy ("best"); mean ± sample std over the seeds.
+- Every method uses its spec defaults: label smoothing ε = 0.1; mixup α = 0.4; Tf-KD_reg paper
+  form (a = 0.9, T = 20, α = 0.1); CS-KD T = 4, λ = 1, partners drawn within the batch; PS-KD
+  α_T = 0.8 with per-sample past predictions (IndexedDataset); BYOT α = 0.3, λ = 0.03, T = 3;
+  MixSKD α = 0.4, T = 3, all weights 1, `adv_mode: minimax` (trained discriminators).
+- "params in training" counts exits, self-teacher and discriminators; they are dropped for deployment.
+
+{markdown_table(rows)}
+
+![self-kd]({png})
+
+{_verdict(raw)}
+
+Raw per-seed numbers: `self-kd.json`.
+"""
