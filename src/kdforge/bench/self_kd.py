@@ -49,7 +49,8 @@ def recipe(method: dict[str, Any], seed: int, epochs: int, quick: bool) -> dict[
         "method": method,
         "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
         "sched": {"name": "cosine", "warmup_epochs": 0 if quick else 1},
-        "train": {"epochs": epochs, "progress": "never", "threads": 2},
+        # quick: one thread, as a one-step smoke run on a busy machine is far slower with two
+        "train": {"epochs": epochs, "progress": "never", "threads": 1 if quick else 2},
     }
 
 
@@ -73,6 +74,16 @@ def _params(recipe_dict: dict[str, Any]) -> tuple[int, int]:
 @BENCHES.register("self-kd")
 def run(out: Path | None = None, quick: bool = False) -> Path:
     """Train every method on Fashion-MNIST (3 seeds) and write the table and plot; returns the table path."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return _run(out, quick)
+    finally:
+        torch.set_num_threads(threads)  # the recipes set the thread count of the whole process
+
+
+def _run(out: Path | None, quick: bool) -> Path:
     from kdforge.config import Recipe
     from kdforge.distill.self_kd_baselines import train_with_data_hook
 
