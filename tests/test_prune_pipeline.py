@@ -121,6 +121,7 @@ def test_llm_pipeline_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     prune_command(RECIPES / "sglp-tiny-llama.yaml", out, ["heal.mode=none", "selection.method=block_influence"], True)
 
 
+@pytest.mark.slow
 def test_quick_llm_bench(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     from kdforge.bench import load_benches

@@ -206,6 +206,8 @@ def heal_kd(student: nn.Module, teacher: nn.Module, blocks: Tensor, steps: int =
 
     g = torch.Generator().manual_seed(seed)
     teacher.eval()
+    t_flags = [p.requires_grad for p in teacher.parameters()]
+    s_flags = [p.requires_grad for p in student.parameters()]
     for p in teacher.parameters():
         p.requires_grad_(False)
     emb = {id(p) for m in student.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
@@ -237,8 +239,10 @@ def heal_kd(student: nn.Module, teacher: nn.Module, blocks: Tensor, steps: int =
         if log is not None:
             log(step, float(loss))
     student.eval()
-    for p in student.parameters():
-        p.requires_grad_(True)
+    for p, f in zip(student.parameters(), s_flags, strict=True):
+        p.requires_grad_(f)
+    for p, f in zip(teacher.parameters(), t_flags, strict=True):
+        p.requires_grad_(f)
     return losses
 
 
