@@ -29,8 +29,8 @@ def _cnn_settings(quick: bool) -> dict[str, Any]:
     return {"model": "resnet56", "data": {"name": "fashion_mnist_subset", "pad_to": 32, "batch_size": 128,
                                           "val_fraction": 0.1},
             "teacher_epochs": 8, "teacher_lr": 0.1, "n_calib": 2500, "calib_bs": 500, "score_bs": 64,
-            "random_seeds": 5, "heal_epochs": 2, "heal_limit": None, "ratios": [0.35, 0.5, 0.75], "lat_repeats": 10,
-            "max_candidates": 64, "cache": "runs/cache", "k_max": 6}
+            "random_seeds": 5, "heal_epochs": 1, "heal_limit": None, "ratios": [0.35, 0.5, 0.75], "lat_repeats": 10,
+            "max_candidates": 32, "cache": "runs/cache", "k_max": 6}
 
 
 def _teacher(s: dict[str, Any], cache: Path) -> Path:
