@@ -120,6 +120,19 @@ def bench(
     load_benches().get(name)(out=out, quick=quick)
 
 
+@app.command()
+def prune(
+    recipe: Annotated[Path, typer.Argument(help="prune recipe (YAML)")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="run folder (default runs/prune/<name>)")] = None,
+    set_: SetOpt = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing run folder")] = False,
+) -> None:
+    """Prune layers by a recipe (SGLP or a baseline), optionally heal by KD, report before/after."""
+    from kdforge.prune.cli import prune_command
+
+    prune_command(recipe, out, set_, overwrite)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: every user error is one line on stderr and exit code 2."""
     try:

@@ -27,6 +27,13 @@ def load_deployable(source: str | Path, which: str = "best") -> tuple[nn.Module,
     elif not p.is_file():
         raise KdforgeError(f"no run folder or checkpoint at {str(p)!r}")
     meta = read_metadata(p)
+    if "kdforge_pruned" in meta:  # a layer-pruned model: rebuild its kept structure first
+        from kdforge.prune.surgery import load_pruned
+
+        base = json.loads(meta["kdforge_pruned"])["base"]
+        meta = {**meta, "kdforge_model": base["model"], "num_classes": str(base["num_classes"]),
+                "in_chans": str(base.get("in_chans", 3)), "image_size": str(base.get("image_size") or "")}
+        return load_pruned(p), meta
     if not meta.get("kdforge_model"):
         raise KdforgeError(f"checkpoint {str(p)!r} lacks kdforge metadata (model name); "
                            "load it with kdforge.create_model(..., checkpoint=...) instead")
@@ -55,7 +62,7 @@ def evaluate_source(source: str | Path, data: str | None = None, split: str = "t
     if bundle.num_classes != int(meta["num_classes"]) or bundle.in_chans != int(meta["in_chans"]):
         raise KdforgeError(f"model expects {meta['num_classes']} classes and {meta['in_chans']} channels; "
                            f"{cfg.name!r} has {bundle.num_classes} and {bundle.in_chans}")
-    trained = int(meta.get("image_size", bundle.image_size))
+    trained = int(meta["image_size"]) if meta.get("image_size") else bundle.image_size
     if bundle.image_size != trained:
         raise KdforgeError(f"model was trained on {trained}x{trained} inputs; {cfg.name!r} gives "
                            f"{bundle.image_size}x{bundle.image_size} (set data.resize or data.pad_to)")
