@@ -123,7 +123,7 @@ def bench(
 @app.command()
 def prune(
     recipe: Annotated[Path, typer.Argument(help="prune recipe (YAML)")],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="run folder (default runs/prune/<name>)")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="run folder (default runs/prune/<name>)")] = None,
     set_: SetOpt = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing run folder")] = False,
 ) -> None:
