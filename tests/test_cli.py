@@ -83,3 +83,8 @@ def test_corrupt_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     bad = tmp_path / "x.safetensors"
     bad.write_bytes(b"not a safetensors file")
     _one_line_error(capsys, main(["eval", str(bad)]), "cannot read checkpoint")
+
+
+def test_prune_and_bench_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _one_line_error(capsys, main(["prune", str(tmp_path / "none.yaml")]), str(tmp_path / "none.yaml"))
+    _one_line_error(capsys, main(["bench", "kd-zooo"]), "did you mean 'kd-zoo'")
