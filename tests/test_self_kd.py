@@ -297,6 +297,22 @@ def test_discriminator_optimizer_state_survives_a_state_dict_round_trip() -> Non
                                                  strict=True))
 
 
+def test_mixskd_resume_continues_the_minimax_game_exactly(tmp_path: Path) -> None:
+    def recipe(epochs: int) -> kd.Recipe:
+        return kd.Recipe.from_dict(digits_recipe({"name": "mixskd", "model": SMALL}, epochs=epochs,
+                                                 sched={"name": "constant"}),
+                                   ["data.limit_train=192"])
+
+    kd.train(recipe(3), tmp_path / "full")
+    kd.train(recipe(2), tmp_path / "cut")
+    kd.train(recipe(3), tmp_path / "cut", resume=True)
+    sa = load_file(str(tmp_path / "full" / "checkpoints" / "state" / "method.safetensors"))
+    sb = load_file(str(tmp_path / "cut" / "checkpoints" / "state" / "method.safetensors"))
+    assert "disc_opt._extra_state" in sa and any(k.startswith("discriminators.") for k in sa)
+    assert float(sa["disc_opt._extra_state"][0]) == 3 * 3  # Adam steps: 3 epochs of 3 batches
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 # -- deployment ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["mixskd", "byot"])
 def test_deployable_is_the_plain_backbone(name: str) -> None:

@@ -304,9 +304,9 @@ class PSKD(Method):
         return IndexedDataset(dataset)
 
     def alpha_t(self, epoch: int | None = None) -> float:
-        """α_t = α_T·(epoch + 1)/E (the target is one-hot in epoch 0 regardless)."""
+        """α_t = α_T·(epoch + 1)/E, held at α_T past epoch E (the target is one-hot in epoch 0 regardless)."""
         e = self.epoch if epoch is None else epoch
-        return self.alpha_T * (e + 1) / self.epochs
+        return self.alpha_T * min(1.0, (e + 1) / self.epochs)
 
     def train(self, mode: bool = True) -> PSKD:
         super().train(mode)
