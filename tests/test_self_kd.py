@@ -430,3 +430,19 @@ def test_mixskd_recipe_reports_per_exit_accuracy() -> None:
                 "train_loss_disc", "train_acc_exit1", "train_acc_exit2", "train_acc_self_teacher"):
         assert key in row, key
     assert isinstance(build_method({"name": "byot", "model": SMALL}, INFO), BYOT)
+
+
+def test_cifar100_mixskd_recipe_has_the_spec_defaults_and_runs_one_step() -> None:
+    r = kd.Recipe.from_yaml(Path(__file__).resolve().parent.parent / "recipes" / "cifar100" / "mixskd_resnet18.yaml")
+    assert (r.data.name, r.data.batch_size, r.train.epochs) == ("cifar100", 64, 205)
+    assert (r.sched.name, r.sched.warmup_epochs, r.sched.milestones) == ("multistep", 5, [105, 155])
+    assert (r.optim.lr, r.optim.nesterov, r.optim.weight_decay) == (0.1, True, 5e-4)
+    torch.manual_seed(0)
+    m = build_method(r.method.model_dump(), DataInfo(100, 3, 32))
+    assert isinstance(m, MixSKD) and (m.alpha, m.T, m.adv_mode) == (0.4, 3.0, "minimax")
+    batch = (torch.randn(4, 3, 32, 32), torch.randint(0, 100, (4,)))
+    m.setup(batch)
+    m.train()
+    out = m.training_step(batch, 0)
+    out["loss"].backward()
+    assert math.isfinite(float(out["loss"].detach())) and m.exits is not None and m.exits.num_exits == 4
