@@ -32,7 +32,6 @@ from kdforge.distill.self_kd_baselines import (
     same_class_partners,
     soft_ce,
     tfkd_loss,
-    train_with_data_hook,
     virtual_teacher,
 )
 from kdforge.errors import KdforgeError
@@ -366,7 +365,7 @@ def _pskd_recipe(epochs: int, source: str) -> kd.Recipe:
 
 @pytest.mark.parametrize("source", ["indexed", "snapshot"])
 def test_pskd_resume_matches_an_uninterrupted_run(tmp_path: Path, source: str) -> None:
-    train = train_with_data_hook if source == "indexed" else kd.train
+    train = kd.train
     full = train(_pskd_recipe(3, source), tmp_path / "full")
     train(_pskd_recipe(2, source), tmp_path / "cut")
     resumed = train(_pskd_recipe(3, source), tmp_path / "cut", resume=True)
@@ -382,8 +381,10 @@ def test_pskd_resume_matches_an_uninterrupted_run(tmp_path: Path, source: str) -
 
 
 def test_pskd_indexed_source_needs_the_data_hook() -> None:
-    with pytest.raises(KdforgeError, match="train_with_data_hook"):
-        kd.train(_pskd_recipe(1, "indexed"))
+    recipe = _pskd_recipe(1, "indexed")
+    method = build_method(recipe.method.model_dump(), DataInfo(10, 1, 8))
+    with pytest.raises(KdforgeError, match="wrap_train_data"):
+        method.on_epoch_start(0)
 
 
 # -- short runs --------------------------------------------------------------------------------------
@@ -395,7 +396,7 @@ METHODS = {
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_short_digits_run_lowers_the_loss(name: str, tmp_path: Path) -> None:
     method = {"name": name, "model": SMALL, **METHODS[name]}
-    res = train_with_data_hook(kd.Recipe.from_dict(digits_recipe(method, epochs=4)), tmp_path / name)
+    res = kd.train(kd.Recipe.from_dict(digits_recipe(method, epochs=4)), tmp_path / name)
     # PS-KD's soft-target CE grows with α_t; its hard-label CE is the comparable curve
     losses = [h["train_loss_ce" if name == "pskd" else "train_loss"] for h in res.history]
     assert all(math.isfinite(v) for v in losses)

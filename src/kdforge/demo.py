@@ -27,7 +27,7 @@ def run_demo(out: Path, seeds: int = 3, overwrite: bool = False, quick: bool = F
     """Train the three kinds of model, print the comparison table, write report.md and curves.png."""
     prepare_run_dir(out, overwrite=overwrite)
     quick_set = ["train.epochs=1", "data.limit_train=512"] if quick else []
-    common = [*quick_set, "train.progress=never"]
+    common = quick_set
     t0 = time.perf_counter()
     _say(f"[1/3] teacher -> {out / 'teacher'}")
     teacher_res = train(demo_recipe("teacher", common), out / "teacher")

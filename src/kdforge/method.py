@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import torch.nn.functional as F
 from pydantic import BaseModel
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from kdforge.config import ModelSpec, Strict, validate
 from kdforge.models import create_model
@@ -42,6 +43,10 @@ class Method(nn.Module):
     def from_config(cls, cfg: dict[str, Any], info: DataInfo) -> Method:
         """Build from the recipe's ``method`` section (validated by ``cls.Config``)."""
         raise NotImplementedError(f"{cls.__name__} cannot be built from a recipe")
+
+    def wrap_train_data(self, dataset: Dataset) -> Dataset:
+        """Let a method wrap the training set (e.g. to add sample indices); the Trainer calls it once."""
+        return dataset
 
     def setup(self, batch: tuple[Tensor, Tensor]) -> None:
         """Create shape-dependent modules from one example batch, before the optimizer exists."""

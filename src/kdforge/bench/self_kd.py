@@ -75,9 +75,9 @@ def _params(recipe_dict: dict[str, Any]) -> tuple[int, int]:
 def train_one(method: dict[str, Any], seed: int, epochs: int, quick: bool, run_dir: str | None) -> dict[str, float]:
     """Train one (method, seed) run on one thread and summarise it (a process-pool task)."""
     from kdforge.config import Recipe
-    from kdforge.distill.self_kd_baselines import train_with_data_hook
+    from kdforge.run import train
 
-    res = train_with_data_hook(Recipe.from_dict(recipe(method, seed, epochs, quick)), run_dir, overwrite=True)
+    res = train(Recipe.from_dict(recipe(method, seed, epochs, quick)), run_dir, overwrite=True)
     return result_summary(res)
 
 

@@ -1,15 +1,13 @@
 """Self-KD baselines beside MixSKD: BYOT, CS-KD, Tf-KD (virtual teacher), PS-KD, plain mixup, label smoothing.
 
 PS-KD keys its previous-epoch predictions by sample index. The engine yields ``(x, y)`` only, so
-:class:`IndexedDataset` packs ``[label, index]`` into ``y`` and a Method that defines
-``wrap_train_data(dataset)`` gets to wrap the training set: :func:`train_with_data_hook` is
-``kdforge.train`` plus that hook (see docs/methods/self-kd.md).
+:class:`IndexedDataset` packs ``[label, index]`` into ``y``; PS-KD's ``wrap_train_data(dataset)``
+wraps the training set, and :class:`kdforge.Trainer` calls that hook (see docs/methods/self-kd.md).
 """
 
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -18,9 +16,8 @@ from pydantic import Field
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from kdforge.config import ModelSpec, Recipe, Strict, validate
+from kdforge.config import ModelSpec, Strict, validate
 from kdforge.distill.self_kd import Exits, interpolate, kl_t, mixup_ce, plan_stages, sample_mixup, split_labels
-from kdforge.engine.trainer import FitResult
 from kdforge.errors import KdforgeError
 from kdforge.method import DataInfo, Method, Supervised, build_model
 from kdforge.registry import METHODS
@@ -48,22 +45,6 @@ class IndexedDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         x, y = self.base[i]
         return x, torch.tensor([int(y), i])
-
-
-def train_with_data_hook(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = False,
-                         overwrite: bool = False) -> FitResult:
-    """``kdforge.train``, except that a Method with ``wrap_train_data`` wraps the training set first."""
-    from kdforge.data import load_data
-    from kdforge.engine.trainer import Trainer, seed_everything
-    from kdforge.method import build_method
-
-    seed_everything(recipe.seed)
-    data = load_data(recipe.data)
-    method = build_method(recipe.method.model_dump(), DataInfo(data.num_classes, data.in_chans, data.image_size))
-    hook = getattr(method, "wrap_train_data", None)
-    if hook is not None:
-        data.train = hook(data.train)
-    return Trainer(method, data, recipe, run_dir, resume=resume, overwrite=overwrite).fit()
 
 
 # -- BYOT ------------------------------------------------------------------------------------------
@@ -267,7 +248,7 @@ class PSKD(Method):
 
     ``indexed``: P_prev[idx] are the softmax outputs recorded for each sample in the previous
     epoch, kept in the buffer ``past_probs`` (N×C, resumable); needs :class:`IndexedDataset`
-    through ``wrap_train_data`` (``train_with_data_hook``). ``snapshot``: P_prev is the softmax of
+    through ``wrap_train_data`` (the Trainer calls it). ``snapshot``: P_prev is the softmax of
     a frozen copy of the model taken at the start of the epoch (needs no indices; one extra
     forward). ``auto`` uses ``indexed`` when the training set was wrapped.
     """
@@ -317,8 +298,8 @@ class PSKD(Method):
     def on_epoch_start(self, epoch: int) -> None:
         super().on_epoch_start(epoch)
         if self.source == "indexed" and not self.indexed:
-            raise KdforgeError("pskd source 'indexed' needs sample indices: train through "
-                               "kdforge.distill.self_kd_baselines.train_with_data_hook, or use source 'snapshot'")
+            raise KdforgeError("pskd source 'indexed' needs sample indices: pass the training set through "
+                               "wrap_train_data (kdforge's Trainer does), or use source 'snapshot'")
         if not self.indexed and epoch > 0:
             self.prev = copy.deepcopy(self.model).eval().requires_grad_(False)
 
@@ -414,4 +395,4 @@ class LabelSmoothing(Supervised):
 
 
 __all__ = ["BYOT", "CSKD", "PSKD", "TFKD", "IndexedDataset", "LabelSmoothing", "Mixup", "byot_loss", "cskd_loss",
-           "same_class_partners", "soft_ce", "tfkd_loss", "train_with_data_hook", "virtual_teacher"]
+           "same_class_partners", "soft_ce", "tfkd_loss", "virtual_teacher"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -93,7 +94,8 @@ class Trainer:
     def __init__(self, method: Method, data: DataBundle, recipe: Recipe, run_dir: str | Path | None = None,
                  resume: bool = False, overwrite: bool = False, zero_grad_before_backward: bool = True) -> None:
         self.recipe = recipe
-        self.data = data
+        self.data = dataclasses.replace(data, train=method.wrap_train_data(data.train))
+        self._threads_before = torch.get_num_threads()
         if recipe.train.threads:
             torch.set_num_threads(recipe.train.threads)
         self.acc = _accelerator(recipe)
@@ -106,7 +108,7 @@ class Trainer:
         self.zero_first = zero_grad_before_backward
         rank, world = self.acc.process_index, self.acc.num_processes
         d = recipe.data
-        self.train_loader = make_loader(data.train, d.batch_size, True, recipe.seed, rank, world, d.num_workers)
+        self.train_loader = make_loader(self.data.train, d.batch_size, True, recipe.seed, rank, world, d.num_workers)
         eval_set = data.val if data.val is not None else data.test
         self.val_loader = make_loader(eval_set, d.eval_batch_size, False, rank=rank, world=world)
         self.test_loader = make_loader(data.test, d.eval_batch_size, False, rank=rank, world=world)
@@ -211,6 +213,7 @@ class Trainer:
         result = self._finish(train_time)
         if tb is not None:
             tb.close()
+        torch.set_num_threads(self._threads_before)  # train.threads applies to this run only
         return result
 
     def _train_epoch(self, epoch: int, tb: Any) -> dict[str, float]:
