@@ -36,5 +36,5 @@ def dry_run(recipe: Recipe, steps: int = 1) -> dict[str, float]:
         res = t.model((x.to(t.acc.device), y.to(t.acc.device)), i)
         t.acc.backward(res["loss"])
         t.optimizer.step()
-        out = {k: float(v) for k, v in res.items()}
+        out = {k: float(v.detach()) for k, v in res.items()}
     return out
