@@ -10,7 +10,7 @@ import torch
 
 import kdforge as kd
 from kdforge.bench import load_benches
-from kdforge.bench.kd_zoo import methods
+from kdforge.bench.kd_zoo import STUDENT, methods
 from kdforge.method import DataInfo, build_method
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,13 +22,13 @@ PAIRS = [("resnet56", "resnet20"), ("resnet110", "resnet32"), ("resnet32x4", "re
 
 def test_bench_covers_every_zoo_loss_and_scheme() -> None:
     rows = methods("t.safetensors", "t2.safetensors")
-    names = {m["name"] for _, _, m in rows}
-    losses = {t["loss"] for _, _, m in rows for t in m.get("terms", [])}
+    names = {m["name"] for _, _, m, _ in rows}
+    losses = {t["loss"] for _, _, m, _ in rows for t in m.get("terms", [])}
     assert {"supervised", "distill", "at", "dml", "kdcl", "multi_teacher", "aekd", "cross_modal", "adversarial",
             "dafl", "deepinversion"} <= names
     assert {"kd", "dkd", "dist", "fitnet", "nst", "ft", "ab", "fsp", "vid", "ofd", "reviewkd", "rkd", "sp", "cc",
             "pkt", "crd"} <= losses
-    assert all(_deployed(m) == {"model": "cnn_tiny"} for _, _, m in rows)  # one fixed student
+    assert all(_deployed(m) == STUDENT for _, _, m, _ in rows)  # one fixed student
 
 
 def _deployed(m: dict) -> dict:
@@ -42,7 +42,7 @@ def test_quick_bench_writes_table_and_chart(tmp_path: Path, monkeypatch: pytest.
     path = load_benches().get("kd-zoo")(out=out, quick=True)
     assert path == out / "kd-zoo.md"
     md = path.read_text()
-    for label, _, _ in methods("a", "b"):
+    for label, _, _, _ in methods("a", "b"):
         assert f"| {label} |" in md
     assert "kdforge bench kd-zoo --quick" in md and "±" in md and "CPU cores" in md
     assert (out / "kd-zoo.png").stat().st_size > 1000

@@ -43,7 +43,7 @@ def _schemes(ck: Path) -> dict[str, dict[str, Any]]:
         "cross_modal": {"name": "cross_modal", "teacher": t, "student": STUDENT,
                         "student_view": {"kind": "lowres", "factor": 2},
                         "terms": [{"loss": "ce", "weight": 0.1}, {"loss": "kd", "weight": 0.9}]},
-        "at": {"name": "at", "teacher": t, "student": STUDENT, "beta": 1},  # 8×8 maps: β ∝ H·W
+        "at": {"name": "at", "teacher": t, "student": STUDENT, "beta": 1},  # 8×8 maps, 4-channel student: small β
         "adversarial": {"name": "adversarial", "teacher": t, "student": STUDENT, "adv_weight": 0.1},
         "adversarial_features": {"name": "adversarial", "teacher": t, "student": STUDENT, "input": "features",
                                  "adv_weight": 0.1},
