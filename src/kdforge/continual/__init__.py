@@ -1,0 +1,5 @@
+"""Exemplar-free class-incremental learning: the task protocol, its metrics, baselines, IR and eTag."""
+
+from kdforge.registry import import_submodules
+
+import_submodules("kdforge.continual")  # every learner module registers itself
