@@ -1,0 +1,217 @@
+"""What every class-incremental learner shares: the Learner base, per-task Methods, the backbone, rotations."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from kdforge.continual.protocol import CILSplit, batches
+from kdforge.errors import KdforgeError
+from kdforge.method import Method
+from kdforge.registry import Registry
+
+LEARNERS: Registry[Any] = Registry("learner")
+
+
+@dataclass(frozen=True)
+class TrainCfg:
+    """Optimisation of every stage: Adam, a fixed number of epochs (more on the base task)."""
+
+    epochs: int = 10
+    base_epochs: int | None = None
+    lr: float = 1e-3
+    weight_decay: float = 2e-4
+    batch_size: int = 64
+
+    def epochs_for(self, t: int) -> int:
+        return self.base_epochs if t == 0 and self.base_epochs is not None else self.epochs
+
+
+@dataclass
+class Stage:
+    """One training pass of a task: a Method trained for ``epochs`` with Adam at ``lr`` on ``data``."""
+
+    method: Method
+    epochs: int
+    lr: float
+    data: Dataset | None = None  # None: the task's training data
+
+
+@dataclass
+class TaskInfo:
+    """What a learner is told about task t."""
+
+    t: int
+    split: CILSplit
+    train: Dataset  # the task's classes (all seen classes for a cumulative learner)
+    lo: int = field(init=False)
+    hi: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.lo, self.hi = self.split.bounds(self.t)
+
+    @property
+    def n_new(self) -> int:
+        return self.hi - self.lo
+
+    @property
+    def old_units(self) -> float:
+        """eTag's f = B₀/n + t − 1: the number of old 'task units' (0 at the base task)."""
+        return 0.0 if self.t == 0 else self.split.base / self.split.increment + self.t - 1
+
+
+def make_backbone(model: str, in_chans: int, image_size: int, **kwargs: Any) -> tuple[nn.Module, int]:
+    """A zoo model with its classifier removed: (embedding network, embedding size)."""
+    from kdforge.models import create_model
+
+    net = create_model(model, num_classes=2, in_chans=in_chans, image_size=image_size, **kwargs)
+    if not isinstance(getattr(net, "fc", None), nn.Linear) or not hasattr(net, "num_features"):
+        raise KdforgeError(f"model {model!r} has no 'fc' classifier and 'num_features'; "
+                           "continual learners need an own-zoo model such as cnn_small, mlp or resnet20")
+    net.fc = nn.Identity()
+    return net, int(net.num_features)
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A deep copy in eval mode with no gradients (the previous model)."""
+    old = copy.deepcopy(module).eval()
+    for p in old.parameters():
+        p.requires_grad_(False)
+    return old
+
+
+def rotate_batch(x: Tensor, y: Tensor, rotations: Sequence[int] = (0, 1, 2, 3)) -> tuple[Tensor, Tensor]:
+    """Rotation label augmentation: each image as rot90(x, k), label R·y + i; sample-major, rotation-minor."""
+    r = len(rotations)
+    xs = torch.stack([torch.rot90(x, k, dims=(-2, -1)) for k in rotations], dim=1)
+    ys = r * y.unsqueeze(1) + torch.arange(r, device=y.device)
+    return xs.flatten(0, 1), ys.flatten()
+
+
+class TaskMethod(Method):
+    """A per-task objective; ``frozen`` modules stay in eval mode, ``bn_frozen`` modules keep BN statistics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._frozen: list[nn.Module] = []
+        self._bn_frozen: list[nn.Module] = []
+
+    def freeze(self, *modules: nn.Module) -> None:
+        for m in modules:
+            m.eval()
+            for p in m.parameters():
+                p.requires_grad_(False)
+        self._frozen += modules
+
+    def freeze_bn(self, *modules: nn.Module) -> None:
+        self._bn_frozen += modules
+
+    def train(self, mode: bool = True) -> TaskMethod:
+        super().train(mode)
+        for m in self._frozen:
+            m.eval()
+        for m in self._bn_frozen:
+            for b in m.modules():
+                if isinstance(b, nn.modules.batchnorm._BatchNorm):
+                    b.eval()
+        return self
+
+
+class Learner(nn.Module):
+    """A class-incremental learner: its state_dict is everything it carries between tasks.
+
+    Per task it yields Stages (a Method each) that the driver trains, then ``end_task`` runs; all
+    modules and buffers have fixed shapes from the start, so the state can be saved and reloaded
+    at any task boundary. No input sample of an old class may ever be stored in it.
+    """
+
+    cumulative = False  # Joint trains on all seen classes
+
+    def __init__(self, backbone: nn.Module, dim: int, split: CILSplit, cfg: TrainCfg) -> None:
+        super().__init__()
+        self.net, self.dim, self.split, self.cfg = backbone, dim, split, cfg
+        self.num_classes = split.used_classes
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+
+    def stages(self, task: TaskInfo) -> Iterator[Stage]:
+        """The training stages of task t (lazily: a later stage may depend on an earlier one)."""
+        raise NotImplementedError
+
+    def end_task(self, task: TaskInfo) -> None:
+        """After training task t (e.g. compute prototypes)."""
+        self.seen.fill_(task.hi)
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        """Predicted labels (in the split's order) over the classes seen so far."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def features(self, data: Dataset, batch_size: int = 256) -> tuple[Tensor, Tensor]:
+        """Eval-mode embeddings and labels of a data set (test transforms)."""
+        was = self.net.training
+        self.net.eval()
+        fs, ys = [], []
+        for x, y in batches(data, batch_size, shuffle=False):
+            fs.append(self.net(x))
+            ys.append(y)
+        self.net.train(was)
+        return torch.cat(fs), torch.cat(ys)
+
+
+class HeadMixin:
+    """A unified linear head over all classes of the split, masked to the seen ones."""
+
+    def masked_logits(self, x: Tensor, upto: int) -> Tensor:
+        return self.head(self.net(x))[:, :upto]  # type: ignore[attr-defined]
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        self.eval()  # type: ignore[attr-defined]
+        return self.masked_logits(x, int(self.seen)).argmax(-1)  # type: ignore[attr-defined]
+
+
+class Prototypes(nn.Module):
+    """One mean embedding per class (the efCIL allowance), with 1-NN / nearest-class-mean prediction."""
+
+    def __init__(self, num_classes: int, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("means", torch.zeros(num_classes, dim))
+
+    @torch.no_grad()
+    def update(self, feats: Tensor, labels: Tensor, classes: range) -> None:
+        for c in classes:
+            sel = labels == c
+            if not sel.any():
+                raise KdforgeError(f"no training sample of class {c} to build its prototype")
+            self.means[c] = feats[sel].mean(0)
+
+    def nearest(self, feats: Tensor, upto: int, dist: str = "l2") -> Tensor:
+        """Index of the nearest of the first ``upto`` prototypes."""
+        mu = self.means[:upto]
+        if dist == "cosine":
+            return (F.normalize(feats, dim=-1) @ F.normalize(mu, dim=-1).T).argmax(-1)
+        return torch.cdist(feats, mu).argmin(-1)
+
+
+def kd_loss(student: Tensor, teacher: Tensor, tau: float) -> Tensor:
+    """τ²·KL(softmax(teacher/τ) ‖ softmax(student/τ)), batch mean."""
+    return F.kl_div(F.log_softmax(student / tau, -1), F.log_softmax(teacher / tau, -1), reduction="batchmean",
+                    log_target=True) * tau * tau
+
+
+def check_fit(module: nn.Module, batch_x: Tensor) -> None:
+    """Run one forward pass to catch shape errors early with the model's name."""
+    try:
+        with torch.no_grad():
+            module.eval()(batch_x)
+    except RuntimeError as e:
+        raise KdforgeError(f"{type(module).__name__} does not accept inputs of shape {tuple(batch_x.shape)}: "
+                           f"{str(e).splitlines()[0]}") from None
