@@ -99,7 +99,9 @@ def run_cil(learner: str = "ir", data: Any = "digits", base: int = 2, increment:
     lrn = build_learner(learner, split, bundle.in_chans, bundle.image_size, cfg, model, model_kwargs,
                         **learner_kwargs)
     tests = [task_view(bundle.test, split, [t]) for t in range(split.num_tasks)]
-    check_fit(lrn.net, next(batches(tests[0], 2, shuffle=False))[0])
+    example = next(batches(tests[0], 2, shuffle=False))[0]
+    check_fit(lrn.net, example)
+    lrn.setup(example)
     n = split.num_tasks
     matrix = [[float("nan")] * n for _ in range(n)]
     times: list[float] = []

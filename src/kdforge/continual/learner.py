@@ -140,6 +140,9 @@ class Learner(nn.Module):
         self.num_classes = split.used_classes
         self.register_buffer("seen", torch.zeros((), dtype=torch.long))
 
+    def setup(self, x: Tensor) -> None:
+        """Build shape-dependent modules from one example batch (before any state is loaded)."""
+
     def stages(self, task: TaskInfo) -> Iterator[Stage]:
         """The training stages of task t (lazily: a later stage may depend on an earlier one)."""
         raise NotImplementedError
