@@ -72,8 +72,13 @@ def retrieval_recall(img: Tensor, txt: Tensor, positives: Tensor, ks: Sequence[i
     return out
 
 
-def pair_positives(captions: Sequence[str]) -> Tensor:
-    """Positives of paired (image k, caption k) lists where identical caption strings are interchangeable."""
-    ids = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+def unique_captions(captions: Sequence[str]) -> tuple[list[str], Tensor]:
+    """The distinct caption strings of paired (image k, caption k) lists, and positives (n_img, n_unique).
+
+    Identical strings have identical embeddings, so a gallery with repeats would rank them in
+    arbitrary order; retrieval over templated captions therefore ranks each distinct string once.
+    """
+    unique = list(dict.fromkeys(captions))
+    ids = {c: i for i, c in enumerate(unique)}
     t = torch.tensor([ids[c] for c in captions])
-    return t.unsqueeze(1) == t.unsqueeze(0)
+    return unique, t.unsqueeze(1) == torch.arange(len(unique)).unsqueeze(0)

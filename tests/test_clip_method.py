@@ -1,0 +1,127 @@
+"""The clip / clip_kd Methods (teacher frozen, scales clamped, MFD masking) and the pair data sets."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import kdforge as kd
+from kdforge.clip.data import clip_csv, clip_folder
+from kdforge.clip.method import ClipKD
+from kdforge.clip.model import build_clip
+from kdforge.config import DataConfig
+from kdforge.data import load_data
+from kdforge.errors import KdforgeError
+
+TINY_TEXT = {"model": "small", "kwargs": {"width": 16, "depth": 1, "heads": 2}}
+TEACHER = {"embed_dim": 16, "image": {"model": "cnn_small", "kwargs": {"width": 4}}, "text": TINY_TEXT}
+STUDENT = {"embed_dim": 8, "image": {"model": "vit", "kwargs": {"patch": 7, "width": 16, "depth": 1, "heads": 2}},
+           "text": TINY_TEXT}
+CAPTIONS = ["a red circle", "a blue square", "a green cross", "a white triangle"]
+
+
+def _kd(weights: dict[str, float], **kw: object) -> ClipKD:
+    torch.manual_seed(0)
+    m = ClipKD(build_clip(STUDENT), build_clip(TEACHER), weights, **kw)
+    m.set_text_data(CAPTIONS, [[c] for c in CAPTIONS])
+    return m
+
+
+def _step(m: ClipKD, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    x, ids = torch.randn(8, 1, 28, 28), torch.arange(8) % 4
+    out = m.training_step((x, ids), 0)
+    opt.zero_grad()
+    out["loss"].backward()
+    opt.step()
+    return out
+
+
+def test_clip_kd_teacher_frozen_scales_clamped_projection_trained() -> None:
+    m = _kd({"task": 1, "crd": 1, "fd": 2000, "icl": 1}).train()
+    assert not m.teacher.training
+    before = {k: v.clone() for k, v in m.teacher.state_dict().items()}
+    params = [p for p in m.parameters() if p.requires_grad]
+    assert all(not p.requires_grad for p in m.teacher.parameters())
+    assert any(p is m.kd.proj_v.weight for p in params) and any(p is m.kd.cross_scale.theta for p in params)
+    with torch.no_grad():
+        m.student.logit_scale.theta.fill_(7.0)
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    w0 = m.kd.proj_v.weight.clone()
+    out = _step(m, opt)
+    assert set(out) == {"task", "crd", "fd", "icl", "loss"}
+    assert m.student.logit_scale.theta.item() <= math.log(100) + 1e-2  # clamped before use, one step of drift
+    _step(m, opt)
+    assert not torch.equal(w0, m.kd.proj_v.weight)
+    assert all(torch.equal(before[k], v) for k, v in m.teacher.state_dict().items())
+    assert not m.teacher.training and m.student.training
+    assert all(not k.startswith("teacher.") for k in m.resumable_state())
+
+
+def test_mfd_masks_for_real_compat_is_fd_and_cnn_refuses() -> None:
+    assert _kd({"mfd": 2000}).mask_ratio == 0.75 and _kd({"mfd": 2000}).kd.w["fd"] == 2000
+    assert _kd({"mfd": 2000}, mfd_compat=True).mask_ratio == 0.0
+    with pytest.raises(KdforgeError, match="valid: task, crd, fd, gd, icl, afd, mfd"):
+        _kd({"kl": 1.0})
+    cnn = ClipKD(build_clip({**STUDENT, "image": {"model": "cnn_small", "kwargs": {"width": 4}}}), build_clip(TEACHER),
+                 {"mfd": 1.0})
+    cnn.set_text_data(CAPTIONS, None)
+    with pytest.raises(KdforgeError, match="needs a ViT"):
+        cnn.training_step((torch.randn(4, 1, 28, 28), torch.arange(4)), 0)
+
+
+def test_train_teacher_then_distil_through_the_engine(tmp_path: Path) -> None:
+    base = {"seed": 0, "data": {"name": "clip_fashion", "batch_size": 64, "limit_train": 128, "augment": False},
+            "optim": {"name": "adamw", "lr": 1e-3}, "train": {"epochs": 1, "progress": "never", "threads": 1}}
+    res = kd.train(kd.Recipe.from_dict({**base, "name": "t", "method": {"name": "clip", "model": TEACHER}}),
+                   tmp_path / "teacher")
+    assert 0 <= res.test_last["top1"] <= 100 and "val_top1" in res.history[0]
+    ckpt = tmp_path / "teacher" / "checkpoints" / "last.safetensors"
+    method = {"name": "clip_kd", "teacher": {**TEACHER, "checkpoint": str(ckpt)}, "student": STUDENT,
+              "weights": {"task": 1, "fd": 2000}}
+    res = kd.train(kd.Recipe.from_dict({**base, "name": "s", "method": method}), None)
+    assert {"train_fd", "train_task"} <= set(res.history[0])
+    with pytest.raises(KdforgeError, match="needs a 'checkpoint'"):
+        kd.train(kd.Recipe.from_dict({**base, "method": {**method, "teacher": TEACHER}}), None)
+    with pytest.raises(KdforgeError, match="needs an image–text pair data set"):
+        kd.train(kd.Recipe.from_dict({**base, "data": {"name": "fashion_mnist_subset", "limit_train": 64},
+                                           "method": method}), None)
+
+
+def test_fashion_pairs_captions_held_out_prompts() -> None:
+    b = load_data(name="clip_fashion")
+    tr = b.train.dataset if hasattr(b.train, "dataset") else b.train
+    assert len(tr.captions) == 80 and b.num_classes == 10
+    x, cid = tr[0]
+    assert x.shape == (1, 28, 28) and tr.captions[int(cid)] in [tr.captions[i] for i in tr.options[0]]
+    prompts = {p for ps in b.test.prompts for p in ps}
+    assert not prompts & set(tr.captions)  # zero-shot prompts are held out of the training captions
+    assert b.test.pair_captions[0] in b.test.prompts[int(b.test[0][1])]
+
+
+def _png(path: Path, v: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((8, 8, 3), v, np.uint8)).save(path)
+
+
+def test_csv_and_folder_pairs_and_bad_csv(tmp_path: Path) -> None:
+    for i in range(4):
+        _png(tmp_path / "img" / f"{i}.png", 60 * i)
+        (tmp_path / "img" / f"{i}.txt").write_text(f"caption {i}\n")
+    (tmp_path / "pairs.tsv").write_text("filepath\ttitle\n" + "".join(f"img/{i}.png\tcaption {i}\n" for i in range(4)))
+    cfg = DataConfig(root=str(tmp_path / "pairs.tsv"), resize=8, val_fraction=0.25, augment=False)
+    b = clip_csv(cfg)
+    assert len(b.train) == 3 and len(b.test) == 1 and b.train[0][0].shape == (3, 8, 8)
+    assert b.test.prompts == [[b.test.pair_captions[0]]]
+    f = clip_folder(cfg.model_copy(update={"root": str(tmp_path / "img")}))
+    assert len(f.train) + len(f.test) == 4
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad.csv").write_text("filepath,label\nimg/0.png,3\n")
+    with pytest.raises(KdforgeError, match=r"no caption column \(columns: filepath, label; valid caption columns"):
+        clip_csv(cfg.model_copy(update={"root": str(tmp_path / "bad.csv")}))
+    with pytest.raises(KdforgeError, match="no image/caption pairs"):
+        clip_folder(cfg.model_copy(update={"root": str(tmp_path / "empty")}))
