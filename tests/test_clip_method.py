@@ -125,3 +125,12 @@ def test_csv_and_folder_pairs_and_bad_csv(tmp_path: Path) -> None:
         clip_csv(cfg.model_copy(update={"root": str(tmp_path / "bad.csv")}))
     with pytest.raises(KdforgeError, match="no image/caption pairs"):
         clip_folder(cfg.model_copy(update={"root": str(tmp_path / "empty")}))
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].glob("recipes/clip/*.yaml")), ids=lambda p: p.stem)
+def test_clip_recipes_validate(path: Path) -> None:
+    r = kd.Recipe.from_yaml(path)
+    cls = {"clip": "ClipConfig", "clip_kd": "ClipKDConfig"}[r.method.name]
+    import kdforge.clip.method as m
+
+    getattr(m, cls).model_validate(r.method.model_dump())
