@@ -195,7 +195,9 @@ Method page: [docs/methods/clip-kd.md](../methods/clip-kd.md).
 - Data: `clip_fashion` — the embedded Fashion-MNIST subset (28×28) with captions from 8 training
   templates ("a photo of a sneaker.", …); zero-shot prompts are 2 held-out templates; retrieval uses
   one held-out-template caption per test image, each distinct caption string ranked once
-  (I→T: 1,000 image queries over the distinct captions; T→I: each distinct caption over 1,000 images).
+  (I→T: 1,000 image queries over the 20 distinct captions; T→I: each distinct caption over 1,000
+  images). A class has 2 held-out wordings and the image's own is drawn at random, so even a perfect
+  classifier scores only ≈ 50 % R@1 there: read R@1 as "class and wording", R@5/10 as "class".
 - Teacher: `cnn_small` width 32 image tower + frozen all-MiniLM-L6-v2 text tower (LiT-style, cached
   features, trained projection), d = 64, {t_ep} epochs on all 5,400 pairs.
 - Students: ViT (patch 7, 16 tokens, width 64, 2 layers) + small word-level text transformer (width
