@@ -20,18 +20,18 @@ from kdforge.errors import KdforgeError
 
 @dataclass
 class CILResult:
-    """The accuracy matrix (%, row t = after task t, NaN above the diagonal), its metrics and timings."""
+    """The accuracy matrix (%, row t = after task t, None above the diagonal), its metrics and timings."""
 
     learner: str
     split: dict[str, int]
-    matrix: list[list[float]]
+    matrix: list[list[float | None]]
     test_sizes: list[int]
     metrics: dict[str, float] = field(default_factory=dict)
     task_time_s: list[float] = field(default_factory=list)
 
     def lower(self) -> np.ndarray:
         """The matrix with zeros above the diagonal (what the metric functions take)."""
-        return np.nan_to_num(np.asarray(self.matrix, dtype=float))
+        return np.array([[0.0 if v is None else v for v in row] for row in self.matrix])
 
 
 def fit_stage(stage: Stage, data: Dataset, batch_size: int, gen: torch.Generator, weight_decay: float) -> None:
@@ -103,7 +103,7 @@ def run_cil(learner: str = "ir", data: Any = "digits", base: int = 2, increment:
     check_fit(lrn.net, example)
     lrn.setup(example)
     n = split.num_tasks
-    matrix = [[float("nan")] * n for _ in range(n)]
+    matrix: list[list[float | None]] = [[None] * n for _ in range(n)]
     times: list[float] = []
     config = {"learner": learner, "data": data if isinstance(data, str) else "bundle", "split": asdict(split),
               "model": model, "model_kwargs": model_kwargs or {}, "train": asdict(cfg),
@@ -138,7 +138,7 @@ def _train_task(lrn: Learner, train: Dataset, split: CILSplit, t: int, seed: int
     lrn.end_task(task)
 
 
-def _save(run: Path, lrn: Learner, config: dict[str, Any], t: int, matrix: list[list[float]],
+def _save(run: Path, lrn: Learner, config: dict[str, Any], t: int, matrix: list[list[float | None]],
           times: list[float]) -> None:
     from kdforge.engine.checkpoint import atomic_write_text, save_weights
 
@@ -152,7 +152,7 @@ def _save(run: Path, lrn: Learner, config: dict[str, Any], t: int, matrix: list[
             old.unlink()
 
 
-def _restore(run: Path, lrn: Learner, config: dict[str, Any]) -> tuple[int, list[list[float]], list[float]]:
+def _restore(run: Path, lrn: Learner, config: dict[str, Any]) -> tuple[int, list[list[float | None]], list[float]]:
     from kdforge.engine.checkpoint import load_weights, read_metadata
 
     prog = json.loads((run / "progress.json").read_text())

@@ -99,8 +99,8 @@ class SolverStep(TaskMethod):
         self.f, self.lo, self.tradeoff, self.distill_heads = task.old_units, task.lo, tradeoff, distill_heads
         if old is not None:
             self.freeze(old)
-            if freeze_bn:
-                self.freeze_bn(solver.net)
+            if freeze_bn:  # eTag trains with the whole solver in eval mode: heads' BN too
+                self.freeze_bn(solver)
         if gen is not None:
             self.freeze(gen)
 
