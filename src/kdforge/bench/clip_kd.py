@@ -160,7 +160,8 @@ def _write(dest: Path, results: dict[tuple[str, int], dict[str, float]], teacher
         rs = [results[(label, s)] for s in seeds]
         row = {"model": label}
         for k, h in METRICS:
-            row[h] = fmt_mean_std([r[k] for r in rs])
+            vals = [r[k] for r in rs if r.get(k) == r.get(k)]  # no T–S cos without a projection
+            row[h] = fmt_mean_std(vals) if len(vals) == len(rs) else "–"
         m, sd = mean_std([r["top1"] for r in rs])
         row["Δ top-1 vs task"] = f"{m - base:+.2f}"
         rows.append(row)
