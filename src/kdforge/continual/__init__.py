@@ -3,3 +3,7 @@
 from kdforge.registry import import_submodules
 
 import_submodules("kdforge.continual")  # every learner module registers itself
+
+from kdforge.continual.driver import CILResult, run_cil  # noqa: E402
+
+__all__ = ["CILResult", "run_cil"]
