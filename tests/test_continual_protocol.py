@@ -129,3 +129,25 @@ def test_forgetting_uses_max_over_earlier_rows_not_just_diagonal() -> None:
     assert average_forgetting([[77.0]]) == 0.0 and backward_transfer([[77.0]]) == 0.0
     with pytest.raises(ValueError, match="square"):
         average_forgetting([[1.0, 2.0]])
+
+
+def test_recipes_are_valid_and_build() -> None:
+    from pathlib import Path
+
+    import yaml
+
+    from kdforge.continual.driver import RECIPE_KEYS, build_learner
+    from kdforge.continual.learner import TrainCfg
+
+    paths = sorted(Path(__file__).parents[1].glob("recipes/continual/*.yaml"))
+    assert len(paths) >= 8
+    for p in paths:
+        r = yaml.safe_load(p.read_text())
+        assert set(r) <= set(RECIPE_KEYS), p.name
+        classes = 100 if r["data"] == "cifar100" else 10
+        split = CILSplit(classes, r["base"], r["increment"], r["tasks"])
+        assert split.used_classes == classes, p.name  # every recipe covers all classes
+        if r["data"] == "cifar100":
+            lrn = build_learner(r["learner"], split, 3, 32, TrainCfg(), r["model"], **r["learner_kwargs"])
+            lrn.setup(torch.rand(2, 3, 32, 32))
+            assert lrn.num_classes == 100

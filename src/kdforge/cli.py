@@ -121,6 +121,20 @@ def bench(
 
 
 @app.command()
+def cil(
+    recipe: Annotated[Path, typer.Argument(help="class-incremental recipe (recipes/continual/*.yaml)")],
+    run_dir: Annotated[Path | None, typer.Option("--run-dir", "-r", help="save per task here; resumes")] = None,
+) -> None:
+    """Run an exemplar-free class-incremental recipe and print its accuracy matrix and metrics."""
+    from kdforge.continual import run_recipe
+
+    res = run_recipe(recipe, run_dir)
+    for row in res.matrix:
+        typer.echo(" ".join("   -  " if v is None else f"{v:6.2f}" for v in row))
+    typer.echo(" ".join(f"{k}={v:.2f}" for k, v in res.metrics.items()))
+
+
+@app.command()
 def prune(
     recipe: Annotated[Path, typer.Argument(help="prune recipe (YAML)")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="run folder (default runs/prune/<name>)")] = None,

@@ -34,11 +34,13 @@ class CILResult:
         return np.array([[0.0 if v is None else v for v in row] for row in self.matrix])
 
 
-def fit_stage(stage: Stage, data: Dataset, batch_size: int, gen: torch.Generator, weight_decay: float) -> None:
+def fit_stage(stage: Stage, data: Dataset, batch_size: int, gen: torch.Generator, weight_decay: float,
+              lr_step_epochs: int | None = None) -> None:
     """Train one stage's Method with Adam for its epochs (a small loop: one pass per epoch, no logging)."""
     method = stage.method
     params = [p for p in method.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=stage.lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.StepLR(opt, lr_step_epochs, 0.1) if lr_step_epochs else None
     step = 0
     for epoch in range(stage.epochs):
         method.on_epoch_start(epoch)
@@ -49,6 +51,8 @@ def fit_stage(stage: Stage, data: Dataset, batch_size: int, gen: torch.Generator
             loss.backward()
             opt.step()
             step += 1
+        if sched is not None:
+            sched.step()
     method.eval()
 
 
@@ -73,28 +77,30 @@ def build_learner(name: str, split: CILSplit, in_chans: int, image_size: int, cf
         raise KdforgeError(f"learner {name!r}: {e}") from None
 
 
-def _load_bundle(data: Any):
-    from kdforge.config import DataConfig
+def _load_bundle(data: Any, data_kwargs: dict[str, Any] | None):
+    from kdforge.config import DataConfig, validate
     from kdforge.data import DataBundle, load_data
 
     if isinstance(data, DataBundle):
         return data
-    # no validation split and no augmentation: every stored image of a task is trained on as is
-    return load_data(DataConfig(name=data, val_fraction=0.0, augment=False))
+    # default: no validation split and no augmentation (the prototypes are then taken on test transforms)
+    cfg = validate(DataConfig, {"name": data, "val_fraction": 0.0, "augment": False, **(data_kwargs or {})},
+                   prefix="data")
+    return load_data(cfg)
 
 
 def run_cil(learner: str = "ir", data: Any = "digits", base: int = 2, increment: int = 2, tasks: int = 4,
             seed: int = 0, model: str = "cnn_small", model_kwargs: dict[str, Any] | None = None,
             epochs: int = 10, base_epochs: int | None = None, lr: float = 1e-3, weight_decay: float = 2e-4,
-            batch_size: int = 64, run_dir: str | Path | None = None, resume: bool = True,
-            **learner_kwargs: Any) -> CILResult:
+            batch_size: int = 64, lr_step_epochs: int | None = None, data_kwargs: dict[str, Any] | None = None,
+            run_dir: str | Path | None = None, resume: bool = True, **learner_kwargs: Any) -> CILResult:
     """Run one learner over a seeded class-incremental split; with ``run_dir`` it saves and resumes per task.
 
     ``data`` is a data-set name (``digits``, ``fashion_mnist_subset``, ``cifar100``, ...) or a DataBundle.
     """
-    bundle = _load_bundle(data)
+    bundle = _load_bundle(data, data_kwargs)
     split = CILSplit(bundle.num_classes, base, increment, tasks, seed)
-    cfg = TrainCfg(epochs, base_epochs, lr, weight_decay, batch_size)
+    cfg = TrainCfg(epochs, base_epochs, lr, weight_decay, batch_size, lr_step_epochs)
     torch.manual_seed(seed)
     lrn = build_learner(learner, split, bundle.in_chans, bundle.image_size, cfg, model, model_kwargs,
                         **learner_kwargs)
@@ -106,6 +112,7 @@ def run_cil(learner: str = "ir", data: Any = "digits", base: int = 2, increment:
     matrix: list[list[float | None]] = [[None] * n for _ in range(n)]
     times: list[float] = []
     config = {"learner": learner, "data": data if isinstance(data, str) else "bundle", "split": asdict(split),
+              "data_kwargs": data_kwargs or {},
               "model": model, "model_kwargs": model_kwargs or {}, "train": asdict(cfg),
               "learner_kwargs": learner_kwargs}
     start = 0
@@ -133,7 +140,7 @@ def _train_task(lrn: Learner, train: Dataset, split: CILSplit, t: int, seed: int
     gen = torch.Generator().manual_seed(seed * 100_003 + t)
     task = TaskInfo(t, split, task_view(train, split, range(t + 1) if lrn.cumulative else [t]))
     for stage in lrn.stages(task):
-        fit_stage(stage, stage.data or task.train, cfg.batch_size, gen, cfg.weight_decay)
+        fit_stage(stage, stage.data or task.train, cfg.batch_size, gen, cfg.weight_decay, cfg.lr_step_epochs)
     lrn.eval()
     lrn.end_task(task)
 
@@ -166,3 +173,22 @@ def _restore(run: Path, lrn: Learner, config: dict[str, Any]) -> tuple[int, list
                            "use resume=False to start over")
     load_weights(lrn, path)
     return t + 1, prog["matrix"], prog["task_time_s"]
+
+
+RECIPE_KEYS = ("learner", "data", "data_kwargs", "base", "increment", "tasks", "seed", "model", "model_kwargs",
+               "epochs", "base_epochs", "lr", "weight_decay", "batch_size", "lr_step_epochs", "learner_kwargs")
+
+
+def run_recipe(path: str | Path, run_dir: str | Path | None = None, **overrides: Any) -> CILResult:
+    """Run a class-incremental YAML recipe (``recipes/continual/*.yaml``); keys are run_cil's arguments."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise KdforgeError(f"recipe {str(p)!r} not found")
+    r = {**(yaml.safe_load(p.read_text()) or {}), **overrides}
+    bad = sorted(set(r) - set(RECIPE_KEYS))
+    if bad:
+        raise KdforgeError(f"unknown key {bad[0]!r} in {str(p)!r}; valid: {', '.join(RECIPE_KEYS)}")
+    kwargs = r.pop("learner_kwargs", None) or {}
+    return run_cil(**r, **kwargs, run_dir=run_dir)

@@ -29,6 +29,7 @@ class TrainCfg:
     lr: float = 1e-3
     weight_decay: float = 2e-4
     batch_size: int = 64
+    lr_step_epochs: int | None = None  # StepLR ×0.1 every this many epochs (eTag/IR: 30)
 
     def epochs_for(self, t: int) -> int:
         return self.base_epochs if t == 0 and self.base_epochs is not None else self.epochs
