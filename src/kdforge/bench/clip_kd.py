@@ -21,7 +21,7 @@ SEEDS = (0, 1, 2)
 WORKERS = 2
 # The spec's weights, with FD/MFD rescaled by d_T/512 (spec pitfall 5): the paper's 2000 on 512-d
 # embeddings is ≈3.9× the per-sample squared distance, and 250 keeps that strength at d_T = 64 (2000
-# here measured 75.0 vs 77.0 task-only, seed 0: FD swamped the task loss). GD uses the corrected
+# here measured 75.0 vs 77.0 task-only, seed 0: FD swamped the task loss; 250 gave 79.0). GD uses the corrected
 # logits, so its weight is retuned.
 FD = 2000.0 * TEACHER["embed_dim"] / 512
 VARIANTS: list[tuple[str, dict[str, float]]] = [
