@@ -147,7 +147,7 @@ def test_recipes_are_valid_and_build() -> None:
         classes = 100 if r["data"] == "cifar100" else 10
         split = CILSplit(classes, r["base"], r["increment"], r["tasks"])
         assert split.used_classes == classes, p.name  # every recipe covers all classes
-        if r["data"] == "cifar100":
+        if r["data"] == "cifar100" and "50-5x10" in p.name:  # one build per learner keeps this fast
             lrn = build_learner(r["learner"], split, 3, 32, TrainCfg(), r["model"], **r["learner_kwargs"])
             lrn.setup(torch.rand(2, 3, 32, 32))
             assert lrn.num_classes == 100
