@@ -387,6 +387,21 @@ def test_pskd_indexed_source_needs_the_data_hook() -> None:
         method.on_epoch_start(0)
 
 
+def test_pskd_horizon_defaults_to_the_runs_epochs(tmp_path: Path) -> None:
+    method = PSKD(kd.create_model("cnn_small", 10, 1), 10)
+    with pytest.raises(KdforgeError, match="method.epochs"):
+        method.alpha_t(0)
+    recipe = kd.Recipe.from_dict(digits_recipe({"name": "pskd", "model": SMALL}, epochs=5))
+    info = DataInfo(10, 1, 8)
+    built = build_method(recipe.method.model_dump(), info)
+    kd.Trainer(built, kd.load_data(recipe.data), recipe)
+    assert built.total_epochs == 5
+    assert built.alpha_t(0) == pytest.approx(0.8 / 5) and built.alpha_t(4) == pytest.approx(0.8)
+    pinned = build_method({"name": "pskd", "model": SMALL, "epochs": 10}, info)
+    pinned.total_epochs = 5
+    assert pinned.alpha_t(4) == pytest.approx(0.8 * 5 / 10)  # an explicit horizon wins
+
+
 # -- short runs --------------------------------------------------------------------------------------
 METHODS = {
     "mixskd": {}, "byot": {}, "cskd": {}, "tfkd": {}, "pskd": {"epochs": 4}, "mixup": {}, "label_smoothing": {},

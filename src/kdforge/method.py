@@ -38,6 +38,8 @@ class Method(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.epoch = 0
+        #: the run's ``train.epochs``, set by the Trainer before training (for schedules inside a method)
+        self.total_epochs: int | None = None
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], info: DataInfo) -> Method:

@@ -233,11 +233,11 @@ class TFKD(Method):
 
 # -- PS-KD -----------------------------------------------------------------------------------------
 class PSKDConfig(Strict):
-    """Recipe schema of ``method: {name: pskd}``; ``epochs`` must equal ``train.epochs`` (α_t's schedule)."""
+    """Recipe schema of ``method: {name: pskd}``; ``epochs`` (α_t's horizon) defaults to ``train.epochs``."""
 
     name: str = "pskd"
     model: ModelSpec
-    epochs: int = Field(ge=1)
+    epochs: int | None = Field(None, ge=1)
     alpha_T: float = Field(0.8, ge=0, le=1)
     source: Literal["auto", "indexed", "snapshot"] = "auto"
 
@@ -256,7 +256,7 @@ class PSKD(Method):
     Config = PSKDConfig
     frozen_prefixes = ("prev.",)  # the snapshot is re-taken from the resumed model at the epoch start
 
-    def __init__(self, model: nn.Module, num_classes: int, epochs: int, alpha_T: float = 0.8,
+    def __init__(self, model: nn.Module, num_classes: int, epochs: int | None = None, alpha_T: float = 0.8,
                  source: Literal["auto", "indexed", "snapshot"] = "auto") -> None:
         super().__init__()
         self.model = model
@@ -287,7 +287,11 @@ class PSKD(Method):
     def alpha_t(self, epoch: int | None = None) -> float:
         """α_t = α_T·(epoch + 1)/E, held at α_T past epoch E (the target is one-hot in epoch 0 regardless)."""
         e = self.epoch if epoch is None else epoch
-        return self.alpha_T * min(1.0, (e + 1) / self.epochs)
+        horizon = self.epochs or self.total_epochs
+        if horizon is None:
+            raise KdforgeError("pskd: method.epochs is not set and no Trainer has set total_epochs; "
+                               "give method.epochs (e.g. equal to train.epochs)")
+        return self.alpha_T * min(1.0, (e + 1) / horizon)
 
     def train(self, mode: bool = True) -> PSKD:
         super().train(mode)

@@ -94,6 +94,7 @@ class Trainer:
     def __init__(self, method: Method, data: DataBundle, recipe: Recipe, run_dir: str | Path | None = None,
                  resume: bool = False, overwrite: bool = False, zero_grad_before_backward: bool = True) -> None:
         self.recipe = recipe
+        method.total_epochs = recipe.train.epochs
         self.data = dataclasses.replace(data, train=method.wrap_train_data(data.train))
         self._threads_before = torch.get_num_threads()
         if recipe.train.threads:
