@@ -389,7 +389,7 @@ def test_pskd_indexed_source_needs_the_data_hook() -> None:
 
 def test_pskd_horizon_defaults_to_the_runs_epochs(tmp_path: Path) -> None:
     method = PSKD(kd.create_model("cnn_small", 10, 1), 10)
-    with pytest.raises(KdforgeError, match="method.epochs"):
+    with pytest.raises(KdforgeError, match=r"method\.epochs"):
         method.alpha_t(0)
     recipe = kd.Recipe.from_dict(digits_recipe({"name": "pskd", "model": SMALL}, epochs=5))
     info = DataInfo(10, 1, 8)
