@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kdforge.bench import BENCHES
-from kdforge.bench.common import fmt_mean_std, machine_note, markdown_table, mean_std, write_json
+from kdforge.bench.common import fmt_mean_std, machine_note, markdown_table, mean_std, restores_threads, write_json
 
 COMMAND = "kdforge bench cil"
 SEEDS = (0, 1, 2)  # class orders
@@ -61,18 +61,9 @@ def run_one(dataset: str, learner: str, kwargs: dict[str, Any], seed: int, quick
 
 
 @BENCHES.register("cil")
+@restores_threads
 def run(out: Path | None = None, quick: bool = False) -> Path:
     """Every learner on two data sets and 3 class orders; writes cil.md, heatmaps and raw JSON."""
-    import torch
-
-    threads = torch.get_num_threads()
-    try:
-        return _run(out, quick)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _run(out: Path | None, quick: bool) -> Path:
     seeds = SEEDS[:1] if quick else SEEDS
     dest = Path(out) if out is not None else Path("docs/benchmarks")
     t0 = time.perf_counter()

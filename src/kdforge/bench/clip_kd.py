@@ -9,7 +9,15 @@ from pathlib import Path
 from typing import Any
 
 from kdforge.bench import BENCHES
-from kdforge.bench.common import bar_chart, fmt_mean_std, machine_note, markdown_table, mean_std, write_json
+from kdforge.bench.common import (
+    bar_chart,
+    fmt_mean_std,
+    machine_note,
+    markdown_table,
+    mean_std,
+    restores_threads,
+    write_json,
+)
 
 TEACHER: dict[str, Any] = {"embed_dim": 64, "image": {"model": "cnn_small", "kwargs": {"width": 32}},
                            "text": {"model": "minilm"}}
@@ -105,18 +113,9 @@ def train_teacher(dest: Path, epochs: int, limit: int | None) -> tuple[str, dict
 
 
 @BENCHES.register("clip-kd")
+@restores_threads
 def run(out: Path | None = None, quick: bool = False) -> Path:
     """Teacher, then every student variant over 3 seeds; writes the table and plot, returns the table path."""
-    import torch
-
-    threads = torch.get_num_threads()
-    try:
-        return _run(out, quick)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _run(out: Path | None, quick: bool) -> Path:
     t_ep, s_ep, pairs, seeds = (1, 1, 256, (0,)) if quick else (TEACHER_EPOCHS, STUDENT_EPOCHS, STUDENT_PAIRS, SEEDS)
     dest = Path(out) if out is not None else Path("docs/benchmarks")
     t0 = time.perf_counter()

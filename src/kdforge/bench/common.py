@@ -2,15 +2,34 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from kdforge.config import Recipe
 from kdforge.engine.trainer import FitResult
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def restores_threads(fn: F) -> F:
+    """Decorate a bench: torch's thread count is put back afterwards (runs inside may set it per process)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        threads = torch.get_num_threads()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def recipe_hash(recipe: Recipe) -> str:
@@ -99,7 +118,10 @@ def machine_note() -> str:
 
     import torch
 
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+    cores = os.cpu_count()
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    pinned = f" ({usable} usable by this process)" if usable != cores else ""
+    return (f"{platform.processor() or platform.machine()}, {cores} CPU cores{pinned}, "
             f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
 

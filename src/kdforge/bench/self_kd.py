@@ -15,6 +15,7 @@ from kdforge.bench.common import (
     machine_note,
     markdown_table,
     mean_std,
+    restores_threads,
     result_summary,
     write_json,
 )
@@ -82,18 +83,9 @@ def train_one(method: dict[str, Any], seed: int, epochs: int, quick: bool, run_d
 
 
 @BENCHES.register("self-kd")
+@restores_threads
 def run(out: Path | None = None, quick: bool = False) -> Path:
     """Train every method on Fashion-MNIST (3 seeds) and write the table and plot; returns the table path."""
-    import torch
-
-    threads = torch.get_num_threads()
-    try:
-        return _run(out, quick)
-    finally:
-        torch.set_num_threads(threads)  # the recipes set the thread count of the whole process
-
-
-def _run(out: Path | None, quick: bool) -> Path:
     epochs, seeds = (1, (0,)) if quick else (EPOCHS, SEEDS)
     dest = Path(out) if out is not None else Path("docs/benchmarks")
     t0 = time.perf_counter()

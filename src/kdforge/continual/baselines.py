@@ -12,6 +12,7 @@ from kdforge.continual.learner import (
     LEARNERS,
     HeadMixin,
     Learner,
+    PrototypeMixin,
     Prototypes,
     Stage,
     TaskInfo,
@@ -86,7 +87,7 @@ class LwF(_HeadLearner):
 
 
 @LEARNERS.register("ncm")
-class FrozenNCM(_HeadLearner):
+class FrozenNCM(PrototypeMixin, _HeadLearner):
     """Train on the base task only, then freeze the backbone and classify by the nearest class mean."""
 
     def __init__(self, backbone: nn.Module, dim: int, split: CILSplit, cfg: TrainCfg, dist: str = "l2") -> None:
@@ -98,14 +99,6 @@ class FrozenNCM(_HeadLearner):
         if task.t == 0:
             yield Stage(CEStep(self.net, self.head, task.hi), self.cfg.epochs_for(0), self.cfg.lr)
 
-    def end_task(self, task: TaskInfo) -> None:
-        self.protos.update(*self.features(task.train), range(task.lo, task.hi))
-        super().end_task(task)
-
-    @torch.no_grad()
-    def predict(self, x: Tensor) -> Tensor:
-        self.eval()
-        return self.protos.nearest(self.net(x), int(self.seen), self.dist)
 
 
 class FeTrILStep(TaskMethod):

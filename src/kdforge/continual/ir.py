@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from kdforge.continual.learner import (
     LEARNERS,
     Learner,
+    PrototypeMixin,
     Prototypes,
     Stage,
     TaskInfo,
@@ -103,7 +104,7 @@ class IRStep(TaskMethod):
 
 
 @LEARNERS.register("ir")
-class IR(Learner):
+class IR(PrototypeMixin, Learner):
     """IR: augmentation widens the feature space, L_sm keeps it, prototypes classify (no stored samples)."""
 
     def __init__(self, backbone: nn.Module, dim: int, split: CILSplit, cfg: TrainCfg, aug: str = "rotation",
@@ -137,12 +138,3 @@ class IR(Learner):
                       self.freeze_bn_after_base, *self.mix)
         yield Stage(step, self.cfg.epochs_for(task.t), self.cfg.lr)
 
-    def end_task(self, task: TaskInfo) -> None:
-        # eval mode, un-augmented rotation-0 views: prototypes of the new classes only; old ones stay as they are
-        self.protos.update(*self.features(task.train), range(task.lo, task.hi))
-        super().end_task(task)
-
-    @torch.no_grad()
-    def predict(self, x: Tensor) -> Tensor:
-        self.eval()
-        return self.protos.nearest(self.net(x), int(self.seen), self.dist)

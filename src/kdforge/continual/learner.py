@@ -182,6 +182,23 @@ class HeadMixin:
         return self.masked_logits(x, int(self.seen)).argmax(-1)  # type: ignore[attr-defined]
 
 
+class PrototypeMixin:
+    """Classify by the nearest class prototype; each task adds the prototypes of its new classes only."""
+
+    protos: Prototypes
+    dist: str
+
+    def end_task(self, task: TaskInfo) -> None:
+        # eval mode, un-augmented views: prototypes of the new classes only; old ones stay as they are
+        self.protos.update(*self.features(task.train), range(task.lo, task.hi))  # type: ignore[attr-defined]
+        super().end_task(task)  # type: ignore[misc]
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        self.eval()  # type: ignore[attr-defined]
+        return self.protos.nearest(self.net(x), int(self.seen), self.dist)  # type: ignore[attr-defined]
+
+
 class Prototypes(nn.Module):
     """One mean embedding per class (the efCIL allowance), with 1-NN / nearest-class-mean prediction."""
 
