@@ -10,8 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from kdforge.clip.gather import gather, gather_no_grad, world
 from kdforge.clip.losses import ClipKDLoss
+from kdforge.engine.gather import gather, gather_no_grad, world
 
 N, D_IN, D_S, D_T = 8, 6, 4, 5
 WEIGHTS = {"task": 1.0, "crd": 1.0, "fd": 2000.0, "gd": 1e3, "icl": 1.0, "afd": 1.0}

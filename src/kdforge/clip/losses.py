@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdforge.clip.gather import gather, gather_no_grad
+from kdforge.engine.gather import gather, gather_no_grad
 from kdforge.errors import KdforgeError
 from kdforge.registry import LOSSES
 

@@ -11,10 +11,10 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from kdforge.clip.data import find_attr
-from kdforge.clip.gather import gather
 from kdforge.clip.losses import TERMS, ClipKDLoss, clip_loss
 from kdforge.clip.model import build_clip
 from kdforge.config import Strict, validate
+from kdforge.engine.gather import gather
 from kdforge.errors import KdforgeError
 from kdforge.method import DataInfo, Method
 from kdforge.registry import METHODS

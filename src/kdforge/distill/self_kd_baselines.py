@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from kdforge.config import ModelSpec, Strict, validate
 from kdforge.distill.self_kd import Exits, interpolate, kl_t, mixup_ce, plan_stages, sample_mixup, split_labels
+from kdforge.engine.gather import gather_no_grad
 from kdforge.errors import KdforgeError
 from kdforge.method import DataInfo, Method, Supervised, build_model
 from kdforge.registry import METHODS
@@ -331,7 +332,8 @@ class PSKD(Method):
         logits = self.model(x)
         loss = soft_ce(logits, target)
         if self.past_probs is not None and idx is not None:
-            self.past_probs[idx] = F.softmax(logits.detach().float(), -1)
+            # under DDP each rank sees a shard: gather so every rank's buffer holds every sample's row
+            self.past_probs[gather_no_grad(idx)] = gather_no_grad(F.softmax(logits.detach().float(), -1))
         return {"loss": loss, "loss_ce": F.cross_entropy(logits.detach(), y),
                 "alpha_t": logits.new_tensor(self.alpha_t() if self.epoch else 0.0), "acc": _acc(logits, y)}
 

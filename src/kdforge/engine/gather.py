@@ -1,4 +1,4 @@
-"""All-gather with gradients, so contrastive and relational losses see the global batch."""
+"""All-gather with gradients across processes, so batch-level losses (contrastive, relational) see the global batch."""
 
 from __future__ import annotations
 
