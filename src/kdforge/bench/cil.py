@@ -194,7 +194,8 @@ Runs: {"one after another" if quick else f"{WORKERS} at a time in separate proce
 
 ## CIFAR-100 (half base): published Ā, kdforge not yet run
 
-Recipes: `recipes/continual/cifar100-*.yaml` (ResNet-18 CIFAR stem, 100 epochs per task, spec defaults).
+Recipes: `recipes/continual/{{ir,etag}}-cifar100-*.yaml` (the zoo's `resnet32x4`, 256-d: the papers'
+ResNet-18 is not in the zoo; 100 epochs per task, spec defaults).
 The kdforge column is left empty until these are run on a GPU.
 
 {pub}
