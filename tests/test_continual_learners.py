@@ -190,7 +190,7 @@ def test_etag_generator_step_self_distillation_and_frozen_solver() -> None:
     step = GeneratorStep(lrn.gen, net_old, cls_old, task, frozen_copy(lrn.gen), 1.0, 1e-3, True)
     step.train()
     out = step.training_step((torch.rand(4, 1, 8, 8), torch.tensor([4, 5, 4, 5])), 0)
-    assert float(out["gd"]) == 0.0  # G_t = copy of G_{t−1}
+    assert float(out["gd"].detach()) == 0.0  # G_t = copy of G_{t−1}
     assert {"rec", "kl", "tc", "to", "gd"} <= set(out)
     out["loss"].backward()
     assert all(p.grad is None for p in net_old.parameters()) and all(p.grad is None for p in cls_old.parameters())
