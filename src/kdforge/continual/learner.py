@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from abc import ABCMeta, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -125,7 +126,7 @@ class TaskMethod(Method):
         return self
 
 
-class Learner(nn.Module):
+class Learner(nn.Module, metaclass=ABCMeta):
     """A class-incremental learner: its state_dict is everything it carries between tasks.
 
     Per task it yields Stages (a Method each) that the driver trains, then ``end_task`` runs; all
@@ -144,18 +145,17 @@ class Learner(nn.Module):
     def setup(self, x: Tensor) -> None:
         """Build shape-dependent modules from one example batch (before any state is loaded)."""
 
+    @abstractmethod
     def stages(self, task: TaskInfo) -> Iterator[Stage]:
         """The training stages of task t (lazily: a later stage may depend on an earlier one)."""
-        raise NotImplementedError
 
     def end_task(self, task: TaskInfo) -> None:
         """After training task t (e.g. compute prototypes)."""
         self.seen.fill_(task.hi)
 
-    @torch.no_grad()
+    @abstractmethod
     def predict(self, x: Tensor) -> Tensor:
-        """Predicted labels (in the split's order) over the classes seen so far."""
-        raise NotImplementedError
+        """Predicted labels (in the split's order) over the classes seen so far (under ``torch.no_grad``)."""
 
     @torch.no_grad()
     def features(self, data: Dataset, batch_size: int = 256) -> tuple[Tensor, Tensor]:
