@@ -3,19 +3,65 @@
 from __future__ import annotations
 
 import copy
+import types
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from kdforge.errors import KdforgeError, closest
 
 
 class Strict(BaseModel):
-    """A schema that rejects unknown keys."""
+    """A schema that rejects unknown keys, booleans where numbers belong and text where integers or booleans do.
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    Floats stay lax on purpose: YAML reads ``1e-3`` as the string "1e-3", which pydantic parses.
+    """
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _strict_scalars(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        for name, f in cls.model_fields.items():
+            key = f.alias or name
+            if key in data:
+                bad = _scalar_mismatch(f.annotation, data[key])
+                if bad:
+                    raise PydanticCustomError("strict_scalar", "{want}", {"field": key, "want": bad,
+                                                                          "value": repr(data[key])[:60]})
+        return data
+
+
+def _scalar_mismatch(ann: Any, value: Any) -> str:
+    """Why ``value`` must not be coerced to the field type ``ann`` ('' if it may be validated as usual)."""
+    if value is None:
+        return ""
+    origin, args = get_origin(ann), get_args(ann)
+    if origin in (Union, types.UnionType):
+        opts = [a for a in args if a is not type(None)]
+        if len(opts) == 1:
+            return _scalar_mismatch(opts[0], value)
+        return ""
+    if origin in (list, tuple) and isinstance(value, (list, tuple)):
+        elems = [a for a in args if a is not Ellipsis]
+        for i, v in enumerate(value):
+            elem = elems[min(i, len(elems) - 1)] if elems else Any
+            bad = _scalar_mismatch(elem, v)
+            if bad:
+                return f"item {i}: {bad}"
+        return ""
+    if ann is bool and not isinstance(value, bool):
+        return "should be true or false"
+    if ann is int and (isinstance(value, (bool, str)) or (isinstance(value, float) and not value.is_integer())):
+        return "should be a whole number"
+    if ann is float and isinstance(value, bool):
+        return "should be a number"
+    return ""
 
 
 class ModelSpec(Strict):
@@ -196,3 +242,8 @@ def _fields_at(schema: type[BaseModel], loc: list[str]) -> list[str]:
         if cur is None:
             return []
     return list(getattr(cur, "model_fields", {}))
+    if first["type"] == "strict_scalar":
+        ctx = first.get("ctx") or {}
+        loc.append(str(ctx.get("field")))
+        key = ".".join([prefix, *loc] if prefix else loc)
+        return f"bad value for {key!r}: {ctx.get('value')} ({ctx.get('want')})"
