@@ -162,7 +162,7 @@ FEATURE_CASES: list[tuple[str, dict[str, Any], list[tuple[int, ...]], list[tuple
     ("rkd", {}, [(16,)], [(24,)]),
     ("sp", {}, [(4, 8, 8)], [(6, 4, 4)]),
     ("cc", {}, [(16,)], [(24,)]),
-    ("cc", {"variant": "paper"}, [(16,)], [(24,)]),
+    ("cc", {"compat": "repdistiller"}, [(16,)], [(24,)]),
     ("pkt", {}, [(16,)], [(24,)]),
     ("crd", {"bank_size": 64, "num_negatives": 16}, [(16,)], [(24,)]),
 ]

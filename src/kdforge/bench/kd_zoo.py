@@ -104,7 +104,7 @@ def methods(teacher_ck: str, teacher2_ck: str, quick: bool = False) -> list[tupl
         ("reviewkd", "feature", feat("reviewkd", 1.0, [*STAGES, "pool"], mid_channels=16), "β 1 (MD), mid 16"),
         ("rkd", "relation", feat("rkd", 0.2, "pool"), "β 0.2 (RD 1)"),
         ("sp", "relation", feat("sp", 3000, "stage3"), "β 3000 (RD)"),
-        ("cc", "relation", feat("cc", 0.02, "pool"), "β 0.02 (RD)"),
+        ("cc", "relation", feat("cc", 0.02, "pool", compat="repdistiller"), "β 0.02 (RD), RD's form"),
         ("pkt", "relation", feat("pkt", 30000, "pool"), "β 30000 (RD)"),
         ("crd", "relation", feat("crd", 0.1, "pool", **bank), "β 0.1 (RD 0.8), queue 2048, K 1024"),
         ("at", "attention", {"name": "at", "teacher": t, "student": STUDENT, "beta": 100}, "β 100 (RD 1000)"),

@@ -21,19 +21,23 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdforge.errors import KdforgeError
+from kdforge.losses.base import check_compat
 from kdforge.losses.feature import FeatureLoss
 from kdforge.losses.relation import LinearEmbed
 from kdforge.registry import LOSSES
 
 
-def nce_loss(scores: Tensor, num_data: int) -> Tensor:
-    """CRD's NCE on normalised scores (B, 1+K), positive first, noise P_n = 1/N."""
+def nce_loss(scores: Tensor, num_data: int, eps: float = 0.0) -> Tensor:
+    """CRD's NCE on normalised scores (B, 1+K), positive first, noise P_n = 1/N.
+
+    ``eps`` is added to each denominator P + K·P_n (the released code's 1e-7; the paper has none).
+    """
     k = scores.shape[1] - 1
     kpn = k / num_data
     pos = scores[:, 0]
     neg = scores[:, 1:]
-    log_pos = torch.log(pos / (pos + kpn))
-    log_neg = torch.log(kpn / (neg + kpn))
+    log_pos = torch.log(pos / (pos + kpn + eps))
+    log_neg = torch.log(kpn / (neg + kpn + eps))
     return -(log_pos.sum() + log_neg.sum()) / scores.shape[0]
 
 
@@ -46,8 +50,11 @@ class CRDLoss(FeatureLoss):
     needs_targets = True
 
     def __init__(self, feat_dim: int = 128, bank_size: int = 16384, num_negatives: int = 16384,
-                 T: float = 0.07, momentum: float = 0.5, exact: bool = True) -> None:
+                 T: float = 0.07, momentum: float = 0.5, exact: bool = True, compat: str = "paper") -> None:
         super().__init__()
+        # RepDistiller (the authors' code) and torchdistill add 1e-7 to the NCE denominators
+        self.compat = compat
+        self.nce_eps = 1e-7 if check_compat("crd", compat, ("official", "repdistiller", "torchdistill")) else 0.0
         if bank_size < 2 or num_negatives < 1:
             raise ValueError(f"need bank_size >= 2 and num_negatives >= 1, got {bank_size} and {num_negatives}")
         if T <= 0 or not 0.0 <= momentum < 1.0:
@@ -105,8 +112,8 @@ class CRDLoss(FeatureLoss):
         else:
             pos_t, pos_s = vt.detach(), vs.detach()
         neg = self.sample_negatives(targets, b, exclude=indices)
-        loss_s = nce_loss(self._scores(vs, pos_t, self.mem_t, neg, self.z_s), self.bank_size)
-        loss_t = nce_loss(self._scores(vt, pos_s, self.mem_s, neg, self.z_t), self.bank_size)
+        loss_s = nce_loss(self._scores(vs, pos_t, self.mem_t, neg, self.z_s), self.bank_size, self.nce_eps)
+        loss_t = nce_loss(self._scores(vt, pos_s, self.mem_s, neg, self.z_t), self.bank_size, self.nce_eps)
         if self.training:
             self.update_bank(vs.detach(), vt.detach(), targets, indices)
         return loss_s + loss_t

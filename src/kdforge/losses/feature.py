@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdforge.errors import KdforgeError
-from kdforge.losses.base import DistillLoss
+from kdforge.losses.base import DistillLoss, check_compat
 from kdforge.registry import LOSSES
 
 
@@ -154,28 +154,37 @@ def at_map(f: Tensor, p: float = 2.0) -> Tensor:
     return F.normalize(f.abs().pow(p).mean(1).flatten(1), dim=1)
 
 
-def at_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], p: float = 2.0) -> Tensor:
-    """Attention transfer (RepDistiller form): Σ_pairs mean_{b,hw} (A_s − A_t)²."""
+def at_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], p: float = 2.0, compat: str = "paper") -> Tensor:
+    """Attention transfer: Σ_pairs mean_{b,hw} (A_s − A_t)², the paper's β/(H·W·B) scaling as in the authors' code.
+
+    ``compat="torchdistill"`` is torchdistill's ``mode: paper``: Σ_pairs Σ_b ‖A_s − A_t‖₂ / B (unsquared).
+    """
     total = student[0].new_zeros(())
     for s, t in zip(student, teacher, strict=True):
         s, t = match_spatial(s, t.detach())
-        total = total + (at_map(s, p) - at_map(t, p)).pow(2).mean()
+        diff = at_map(s, p) - at_map(t, p)
+        total = total + (diff.norm(dim=1).sum() / len(diff) if compat == "torchdistill" else diff.pow(2).mean())
     return total
 
 
 @LOSSES.register("at")
 class ATLoss(FeatureLoss):
-    """Attention transfer (Zagoruyko & Komodakis, ICLR 2017) on spatial attention maps."""
+    """Attention transfer (Zagoruyko & Komodakis, ICLR 2017) on spatial attention maps.
 
-    def __init__(self, p: float = 2.0) -> None:
+    The default equals RepDistiller's and torchdistill's default ``mode: code``; ``compat: torchdistill``
+    reproduces torchdistill's ``mode: paper`` (per-sample unsquared L2 distance, batch mean).
+    """
+
+    def __init__(self, p: float = 2.0, compat: str = "paper") -> None:
         super().__init__()
         if p <= 0:
             raise ValueError(f"p must be > 0, got {p}")
-        self.p = p
+        check_compat("at", compat, ("torchdistill", "repdistiller"))
+        self.p, self.compat = p, compat
 
     def forward(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
         self.check(student, teacher)
-        return at_loss(student, teacher, self.p)
+        return at_loss(student, teacher, self.p, self.compat)
 
 
 # -- NST ---------------------------------------------------------------------------------------------
@@ -305,27 +314,42 @@ class ABLoss(FeatureLoss):
 
 
 # -- FSP ---------------------------------------------------------------------------------------------
-def fsp_matrix(a: Tensor, b: Tensor) -> Tensor:
-    """Flow of solution procedure: (B, C_a, C_b) Gram matrix of two maps over positions."""
+def fsp_matrix(a: Tensor, b: Tensor, pool: str = "avg") -> Tensor:
+    """Flow of solution procedure: (B, C_a, C_b) Gram matrix of two maps over positions.
+
+    The larger map is average-pooled to the smaller (``pool="max"``: max-pooled, torchdistill's choice).
+    """
+    if pool == "max" and a.shape[-2:] != b.shape[-2:]:
+        size = (min(a.shape[-2], b.shape[-2]), min(a.shape[-1], b.shape[-1]))
+        a, b = F.adaptive_max_pool2d(a, size), F.adaptive_max_pool2d(b, size)
     a, b = match_spatial(a, b)
     return a.flatten(2) @ b.flatten(2).transpose(1, 2) / (a.shape[-2] * a.shape[-1])
 
 
-def fsp_loss(student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
-    """FSP: Σ over consecutive tap pairs of mean (G_s − G_t)²."""
+def fsp_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], compat: str = "paper") -> Tensor:
+    """FSP: Σ over consecutive tap pairs of mean (G_s − G_t)² (the paper's squared L2, per element).
+
+    ``compat="torchdistill"``: max-pooling, and Σ_{b,j} ‖G_s[b,:,j] − G_t[b,:,j]‖₂ / B (unsquared column norms).
+    """
+    pool = "max" if compat == "torchdistill" else "avg"
     total = student[0].new_zeros(())
     for i in range(len(student) - 1):
-        g_s = fsp_matrix(student[i], student[i + 1])
-        g_t = fsp_matrix(teacher[i].detach(), teacher[i + 1].detach())
+        g_s = fsp_matrix(student[i], student[i + 1], pool)
+        g_t = fsp_matrix(teacher[i].detach(), teacher[i + 1].detach(), pool)
         if g_s.shape != g_t.shape:
             raise KdforgeError(f"fsp: FSP matrices differ in shape {tuple(g_s.shape)} vs {tuple(g_t.shape)}")
-        total = total + (g_s - g_t).pow(2).mean()
+        if compat == "torchdistill":
+            total = total + (g_s - g_t).norm(dim=1).sum() / len(g_s)
+        else:
+            total = total + (g_s - g_t).pow(2).mean()
     return total
 
 
 @LOSSES.register("fsp")
 class FSPLoss(FeatureLoss):
     """FSP (Yim et al., CVPR 2017): match Gram matrices between consecutive layers.
+
+    ``compat``: ``repdistiller`` is the default form; ``torchdistill`` takes unsquared norms after max-pooling.
 
     Where student and teacher channel counts differ, a trainable 1×1 conv maps the student's
     channels to the teacher's first.
@@ -334,8 +358,10 @@ class FSPLoss(FeatureLoss):
     has_connectors = True
     min_pairs = 2
 
-    def __init__(self) -> None:
+    def __init__(self, compat: str = "paper") -> None:
         super().__init__()
+        check_compat("fsp", compat, ("torchdistill", "repdistiller"))
+        self.compat = compat
         self.connectors = nn.ModuleList()
 
     def build(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> None:
@@ -345,7 +371,7 @@ class FSPLoss(FeatureLoss):
 
     def forward(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
         self.check(student, teacher)
-        return fsp_loss([c(s) for c, s in zip(self.connectors, student, strict=True)], teacher)
+        return fsp_loss([c(s) for c, s in zip(self.connectors, student, strict=True)], teacher, self.compat)
 
 
 # -- VID ---------------------------------------------------------------------------------------------
