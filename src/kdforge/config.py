@@ -213,6 +213,11 @@ def describe_error(schema: type[BaseModel], err: ValidationError, prefix: str = 
     """One line for the first error: the key, what is wrong, and what would be valid."""
     first = err.errors()[0]
     loc = [str(x) for x in first["loc"]]
+    if first["type"] == "strict_scalar":
+        ctx = first.get("ctx") or {}
+        loc.append(str(ctx.get("field")))
+        key = ".".join([prefix, *loc] if prefix else loc)
+        return f"bad value for {key!r}: {ctx.get('value')} ({ctx.get('want')})"
     key = ".".join([prefix, *loc] if prefix else loc)
     if first["type"] == "extra_forbidden":
         valid = sorted(_fields_at(schema, loc[:-1]))
@@ -242,8 +247,3 @@ def _fields_at(schema: type[BaseModel], loc: list[str]) -> list[str]:
         if cur is None:
             return []
     return list(getattr(cur, "model_fields", {}))
-    if first["type"] == "strict_scalar":
-        ctx = first.get("ctx") or {}
-        loc.append(str(ctx.get("field")))
-        key = ".".join([prefix, *loc] if prefix else loc)
-        return f"bad value for {key!r}: {ctx.get('value')} ({ctx.get('want')})"
