@@ -39,12 +39,18 @@ def train(
     if resume and recipe.is_dir():
         out = out or recipe
         recipe = recipe / "config.yaml"
+        if not recipe.is_file():
+            raise KdforgeError(f"cannot resume {str(out)!r}: it has no config.yaml (the run stopped before it "
+                               "started); start it again: kdforge train RECIPE -o " + str(out))
     r = Recipe.from_yaml(recipe, set_)
     if dry_run:
         res = run_dry(r)
         typer.echo(f"recipe {str(recipe)!r} is valid; one step: " + ", ".join(f"{k}={v:.4f}" for k, v in res.items()))
         return
     run_dir = out or Path("runs") / r.name
+    from kdforge.engine.run_dir import check_writable_dir
+
+    check_writable_dir(run_dir, "run folder")  # before data and model are built
     result = run_train(r, run_dir, resume=resume, overwrite=overwrite)
     typer.echo(f"test top-1 {result.test_last['top1']:.2f}% (last), {result.test_best['top1']:.2f}% "
                f"(best by val, epoch {result.best_epoch + 1}); run folder: {run_dir}")
@@ -111,13 +117,14 @@ def list_(what: Annotated[str, typer.Argument(help="models, datasets, methods, l
 @app.command()
 def bench(
     name: Annotated[str, typer.Argument(help="benchmark name ('kdforge list benches')")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="where to write tables/plots")] = None,
-    quick: Annotated[bool, typer.Option(help="tiny budget, for smoke tests")] = False,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="where to write (default runs/bench/NAME)")] = None,
+    quick: Annotated[bool, typer.Option(help="tiny budget, a smoke run (never published)")] = False,
+    publish: Annotated[bool, typer.Option(help="also update docs/benchmarks/NAME.{md,json,png}")] = False,
 ) -> None:
-    """Run a named benchmark and write its table."""
-    from kdforge.bench import load_benches
+    """Run a named benchmark; writes runs/bench/NAME (or --out), and with --publish the docs page."""
+    from kdforge.bench.common import run_bench
 
-    load_benches().get(name)(out=out, quick=quick)
+    typer.echo(str(run_bench(name, out, quick=quick, publish=publish)))
 
 
 @app.command()
@@ -128,6 +135,7 @@ def cil(
     """Run an exemplar-free class-incremental recipe and print its accuracy matrix and metrics."""
     from kdforge.continual import run_recipe
 
+    _check_cil(recipe, run_dir)
     res = run_recipe(recipe, run_dir)
     for row in res.matrix:
         typer.echo(" ".join("   -  " if v is None else f"{v:6.2f}" for v in row))
@@ -147,13 +155,77 @@ def prune(
     prune_command(recipe, out, set_, overwrite)
 
 
+_CIL_INTS = {"base": 1, "increment": 1, "tasks": 1, "epochs": 1, "base_epochs": 1, "batch_size": 1,
+             "lr_step_epochs": 1, "seed": 0}
+_CIL_POSITIVE = ("lr",)
+_CIL_NONNEGATIVE = ("weight_decay",)
+
+
+def _check_cil(recipe: Path, run_dir: Path | None) -> None:
+    """What `kdforge cil` refuses before it starts: bad numbers and a -r folder that is a file or a train run."""
+    import math
+
+    from kdforge.config import load_yaml
+    from kdforge.engine.run_dir import MARKER, check_writable_dir
+
+    r = load_yaml(recipe)
+    for key, lo in _CIL_INTS.items():
+        v = r.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
+            raise KdforgeError(f"bad value for {key!r} in {str(recipe)!r}: {v!r} (should be a whole number >= {lo})")
+    for key in (*_CIL_POSITIVE, *_CIL_NONNEGATIVE):
+        v = r.get(key)
+        if v is None:
+            continue
+        if isinstance(v, str):
+            try:
+                v = float(v)
+            except ValueError:
+                pass
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (
+                key in _CIL_POSITIVE and v == 0):
+            need = "> 0" if key in _CIL_POSITIVE else ">= 0"
+            raise KdforgeError(f"bad value for {key!r} in {str(recipe)!r}: {r[key]!r} "
+                               f"(should be a finite number {need})")
+    if run_dir is None:
+        return
+    check_writable_dir(run_dir, "cil run folder")
+    if run_dir.is_dir():
+        foreign = [p.name for p in run_dir.iterdir()
+                   if not (p.name == "progress.json" or p.name.startswith(("learner-task", ".progress.json.",
+                                                                           ".learner-task")))]
+        if foreign:
+            what = "a 'kdforge train' run" if (run_dir / MARKER).exists() or "config.yaml" in foreign else \
+                f"not a cil run folder (it holds {foreign[0]!r})"
+            raise KdforgeError(f"cil -r {str(run_dir)!r}: that folder is {what}; give a new or a cil run folder")
+
+
+def _one_line(msg: str) -> str:
+    """A message on one line; an error re-raised from a DataLoader worker keeps only its own last line."""
+    lines = [line.strip() for line in msg.splitlines() if line.strip()]
+    if "Original Traceback" in msg and lines:
+        last = lines[-1]
+        return last.split(": ", 1)[1] if last.startswith("kdforge.errors.KdforgeError: ") else last
+    return " ".join(lines)
+
+
+def _settle_runs(ok: bool) -> None:
+    """Run folders this command replaced: keep the new run if it worked, else put the old one back."""
+    from kdforge.engine import run_dir
+
+    (run_dir.commit_pending if ok else run_dir.rollback_pending)()
+    run_dir.release_all()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: every user error is one line on stderr and exit code 2."""
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="kdforge")
+        _settle_runs(ok=True)
         return rv if isinstance(rv, int) else 0
     except KdforgeError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _settle_runs(ok=False)
+        print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     except click.UsageError as e:
         print(f"error: {e.format_message()}", file=sys.stderr)
@@ -163,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Abort:
         print("aborted", file=sys.stderr)
         return 130
+    except Exception:
+        _settle_runs(ok=False)
+        raise
 
 
 if __name__ == "__main__":

@@ -8,7 +8,15 @@ from pathlib import Path
 from typing import Any
 
 from kdforge.bench import BENCHES
-from kdforge.bench.common import fmt_mean_std, machine_note, markdown_table, mean_std, restores_threads, write_json
+from kdforge.bench.common import (
+    bench_dir,
+    fmt_mean_std,
+    machine_note,
+    markdown_table,
+    mean_std,
+    restores_threads,
+    write_json,
+)
 
 COMMAND = "kdforge bench cil"
 SEEDS = (0, 1, 2)  # class orders
@@ -65,7 +73,7 @@ def run_one(dataset: str, learner: str, kwargs: dict[str, Any], seed: int, quick
 def run(out: Path | None = None, quick: bool = False) -> Path:
     """Every learner on two data sets and 3 class orders; writes cil.md, heatmaps and raw JSON."""
     seeds = SEEDS[:1] if quick else SEEDS
-    dest = Path(out) if out is not None else Path("docs/benchmarks")
+    dest = bench_dir("cil", out)
     t0 = time.perf_counter()
     tasks = sorted(((d, label, name, kw, s) for d in DATASETS for label, name, kw in LEARNERS for s in seeds),
                    key=lambda x: -COST.get(x[2], 1.0) * (4 if x[0] == "fashion_mnist_subset" else 1))

@@ -11,6 +11,7 @@ from typing import Any
 from kdforge.bench import BENCHES
 from kdforge.bench.common import (
     bar_chart,
+    bench_dir,
     fmt_mean_std,
     machine_note,
     markdown_table,
@@ -117,7 +118,7 @@ def train_teacher(dest: Path, epochs: int, limit: int | None) -> tuple[str, dict
 def run(out: Path | None = None, quick: bool = False) -> Path:
     """Teacher, then every student variant over 3 seeds; writes the table and plot, returns the table path."""
     t_ep, s_ep, pairs, seeds = (1, 1, 256, (0,)) if quick else (TEACHER_EPOCHS, STUDENT_EPOCHS, STUDENT_PAIRS, SEEDS)
-    dest = Path(out) if out is not None else Path("docs/benchmarks")
+    dest = bench_dir("clip-kd", out)
     t0 = time.perf_counter()
     results: dict[tuple[str, int], dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="clip-kd-") as tmp:

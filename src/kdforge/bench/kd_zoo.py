@@ -20,6 +20,7 @@ import torch
 from kdforge.bench import BENCHES
 from kdforge.bench.common import (
     bar_chart,
+    bench_dir,
     cached_teacher,
     fmt_mean_std,
     machine_note,
@@ -207,7 +208,7 @@ def run(out: Path | None = None, quick: bool = False) -> Path:
             "extra trained params": _extra_params(method, info, batch),
             "time/epoch (× student)": f"{statistics.fmean(r['epoch_s'] for r in rs) / base_epoch:.2f}",
         })
-    out_dir = Path(out) if out is not None else Path("docs/benchmarks")
+    out_dir = bench_dir("kd-zoo", out)
     out_dir.mkdir(parents=True, exist_ok=True)
     lasts = [mean_std([x["last"] for x in results[r["method"]]]) for r in table]
     png = bar_chart([r["method"] for r in table], [m for m, _ in lasts], [s for _, s in lasts],

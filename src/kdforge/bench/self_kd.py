@@ -11,6 +11,7 @@ from typing import Any
 from kdforge.bench import BENCHES
 from kdforge.bench.common import (
     bar_chart,
+    bench_dir,
     fmt_mean_std,
     machine_note,
     markdown_table,
@@ -87,7 +88,7 @@ def train_one(method: dict[str, Any], seed: int, epochs: int, quick: bool, run_d
 def run(out: Path | None = None, quick: bool = False) -> Path:
     """Train every method on Fashion-MNIST (3 seeds) and write the table and plot; returns the table path."""
     epochs, seeds = (1, (0,)) if quick else (EPOCHS, SEEDS)
-    dest = Path(out) if out is not None else Path("docs/benchmarks")
+    dest = bench_dir("self-kd", out)
     t0 = time.perf_counter()
     raw: dict[str, Any] = {"epochs": epochs, "seeds": list(seeds), "backbone": BACKBONE, "workers": WORKERS,
                            "runs": {}}

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from kdforge.bench import BENCHES
-from kdforge.bench.common import fmt_mean_std, machine_note, markdown_table, mean_std, write_json
+from kdforge.bench.common import bench_dir, fmt_mean_std, machine_note, markdown_table, mean_std, write_json
 
 
 def _log(msg: str) -> None:
@@ -82,7 +82,7 @@ def run_cnn(out: Path | None = None, quick: bool = False) -> dict[str, Any]:
     from kdforge.prune.surgery import find_units, pinned_indices, prune_model
 
     s = _cnn_settings(quick)
-    out = Path(out) if out is not None else Path("docs/benchmarks")
+    out = bench_dir("sglp-cnn", out)
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
     cache = Path(s["cache"]) if s["cache"] else Path(tempfile.mkdtemp(prefix="sglp-cache-"))
@@ -263,7 +263,7 @@ def run_llm(out: Path | None = None, quick: bool = False) -> dict[str, Any]:
     from kdforge.prune.surgery import find_units, prune_model
 
     s = _llm_settings(quick)
-    out = Path(out) if out is not None else Path("docs/benchmarks")
+    out = bench_dir("sglp-llm", out)
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
     if quick:

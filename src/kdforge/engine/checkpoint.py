@@ -199,7 +199,8 @@ def load_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     from safetensors.torch import load_file
 
     if not directory.is_dir():
-        raise KdforgeError(f"no resumable state in {str(directory)!r} (the run saved no checkpoint yet)")
+        raise KdforgeError(f"no resumable state in {str(directory)!r} (the run saved no checkpoint yet); "
+                           "start it again with --overwrite")
     tensors, trainer = directory / "method.safetensors", directory / "trainer.pt"
     for f in (tensors, trainer):
         if not f.is_file():

@@ -134,7 +134,7 @@ def _prepare_resume(path: Path) -> RunDirLease:
     if _is_run(path) and all(p.name in RUN_FILES for p in path.iterdir()):
         # Stopped before its first checkpoint: nothing of value yet, so start over in the same folder.
         for p in path.iterdir():
-            if p.name not in (MARKER, LOCK):
+            if p.name not in (MARKER, LOCK, "config.yaml"):  # the recipe stays: resume reads it
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
         lease.fresh = True
         return lease
