@@ -115,6 +115,7 @@ class Distill(Method):
     def on_epoch_start(self, epoch: int) -> None:
         super().on_epoch_start(epoch)
         for t in self.terms:
+            t.loss.total_epochs = self.total_epochs
             t.loss.set_epoch(epoch)
 
     @torch.no_grad()
@@ -125,6 +126,7 @@ class Distill(Method):
         s_logits, t_logits = self.student(x), self.teacher(x)
         self.student.train(was)
         for t in self.terms:
+            t.loss.bind(self.student, self.teacher, t.student_taps, t.teacher_taps)
             args, _ = t.inputs(s_logits, t_logits, y, self.s_taps, self.t_taps)
             t.loss.setup(*args) if t.loss.inputs == "features" else t.loss.setup([args[0]], [args[1]])
 

@@ -62,6 +62,13 @@ class DistillLoss(nn.Module):
     def set_epoch(self, epoch: int) -> None:
         """Hook for schedules inside a loss, e.g. DKD's warm-up (default: nothing)."""
 
+    #: the run's length in epochs when known (set by the method; for warm-ups scaled to the run)
+    total_epochs: int | None = None
+
+    def bind(self, student: nn.Module, teacher: nn.Module, student_taps: Sequence[str],
+             teacher_taps: Sequence[str]) -> None:
+        """Hook to read the networks themselves before :meth:`setup`, e.g. OFD's teacher BN (default: nothing)."""
+
 
 def build_loss(name: str, **kwargs: Any) -> DistillLoss:
     """Build a registered loss; an unknown option names the valid ones."""

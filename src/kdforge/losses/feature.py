@@ -7,6 +7,7 @@ connectors are built in :meth:`setup` from one example of those lists and are ne
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -424,6 +425,29 @@ class VIDLoss(FeatureLoss):
 
 
 # -- OFD ---------------------------------------------------------------------------------------------
+def bn_margin(weight: Tensor, bias: Tensor, min_prob: float = 1e-3) -> Tensor:
+    """OFD's margin E[x | x < 0] for x ~ N(β, γ²) per channel: β − |γ|·φ(β/|γ|)/Φ(−β/|γ|).
+
+    As the official code, a channel whose negative part has probability ≤ ``min_prob`` gets −3|γ|.
+    """
+    s, m = weight.detach().abs().double().clamp(min=1e-12), bias.detach().double()
+    z = m / s
+    cdf = 0.5 * torch.erfc(z / math.sqrt(2))  # Φ(−z)
+    pdf = torch.exp(-z * z / 2) / math.sqrt(2 * math.pi)
+    margin = torch.where(cdf > min_prob, m - s * pdf / cdf.clamp(min=1e-300), -3 * s)
+    return margin.float()
+
+
+def bn_before_relu(model: nn.Module, tap: str) -> nn.BatchNorm2d | None:
+    """The BatchNorm whose statistics describe a pre-ReLU tap: the tapped module, or ``model.bn_before_relu``."""
+    modules = dict(model.named_modules())
+    if isinstance(modules.get(tap), nn.BatchNorm2d):
+        return modules[tap]  # type: ignore[return-value]
+    name = (getattr(model, "bn_before_relu", None) or {}).get(tap)
+    bn = modules.get(name) if name else None
+    return bn if isinstance(bn, nn.BatchNorm2d) else None
+
+
 def ofd_loss(student: Tensor, teacher: Tensor, margin: Tensor) -> Tensor:
     """Overhaul distillation: partial L2 to the margin-ReLU teacher, skipping where both are 'off'."""
     t = torch.maximum(teacher.detach(), margin.view(1, -1, 1, 1))
@@ -435,20 +459,46 @@ def ofd_loss(student: Tensor, teacher: Tensor, margin: Tensor) -> Tensor:
 class OFDLoss(FeatureLoss):
     """Overhaul of feature distillation (Heo et al., ICCV 2019): margin ReLU + partial L2 + connector.
 
-    The per-channel margin E[x | x < 0] is estimated from the teacher maps seen at set-up and kept as a
-    buffer; with post-ReLU taps it is 0 (tap pre-activation maps to use the paper's negative margin).
+    Tap pre-ReLU maps (the zoo's ``pre_relu_taps``, e.g. ``layer3.2.preact`` of a CIFAR ResNet or
+    ``stage3.1`` of ``cnn_small``). ``margin="bn"`` (the paper) takes the per-channel margin
+    E[x | x < 0] of N(β, γ²) from the BatchNorm before the teacher's ReLU (:func:`bn_margin`);
+    ``margin="batch"`` estimates it from the teacher maps of the set-up batch. Where no BatchNorm is
+    found for a tap, ``bn`` falls back to ``batch`` with a warning. Margins are buffers.
     """
 
     has_connectors = True
 
-    def __init__(self) -> None:
+    def __init__(self, margin: str = "bn") -> None:
         super().__init__()
+        if margin not in ("bn", "batch"):
+            raise ValueError(f"margin must be 'bn' or 'batch', got {margin!r}")
+        self.margin = margin
         self.connectors = nn.ModuleList()
+        self._bn_margins: list[Tensor | None] = []
+
+    def bind(self, student: nn.Module, teacher: nn.Module, student_taps: Sequence[str],
+             teacher_taps: Sequence[str]) -> None:
+        """Read the teacher BN (γ, β) before each tapped ReLU."""
+        self._bn_margins = []
+        if self.margin != "bn":
+            return
+        for tap in teacher_taps:
+            bn = bn_before_relu(teacher, tap)
+            if bn is None or bn.weight is None or bn.bias is None:
+                warnings.warn(f"ofd: no BatchNorm before the ReLU of teacher tap {tap!r}; margin from the "
+                              "set-up batch (tap a pre-ReLU map of the zoo's pre_relu_taps)", stacklevel=2)
+                self._bn_margins.append(None)
+            else:
+                self._bn_margins.append(bn_margin(bn.weight, bn.bias))
 
     def build(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> None:
         self.connectors = nn.ModuleList(regressor(s.shape[1:], t.shape[1:], relu=False)
                                         for s, t in zip(student, teacher, strict=True))
         for i, t in enumerate(teacher):
+            from_bn = self._bn_margins[i] if i < len(self._bn_margins) else None
+            if from_bn is not None and from_bn.numel() == t.shape[1]:
+                self.register_buffer(f"margin{i}", from_bn.to(t.device))
+                continue
             neg = t.detach().clamp(max=0).transpose(0, 1).flatten(1)
             count = (neg < 0).sum(1).clamp(min=1)
             self.register_buffer(f"margin{i}", (neg.sum(1) / count).float())
@@ -503,14 +553,20 @@ class ReviewKDLoss(FeatureLoss):
     """ReviewKD (Chen et al., CVPR 2021): deep-to-shallow fused student maps vs teacher maps, HCL loss.
 
     Give taps shallow to deep; (B, D) vectors such as ``pool`` are treated as 1×1 maps.
+    The weight ramps linearly over ``warmup`` epochs; by default mdistiller's 20 of 240 epochs,
+    scaled to the run's length (``round(epochs / 12)``, at least 1); ``warmup: 0`` switches it off.
     """
 
     ndims = (4, 2)
     has_connectors = True
+    #: mdistiller's ReviewKD warm-up: 20 epochs of a 240-epoch run
+    WARMUP_SHARE = 20 / 240
 
     def __init__(self, mid_channels: int | None = None, levels: tuple[int, ...] = (4, 2, 1),
-                 warmup: int = 0) -> None:
+                 warmup: int | None = None) -> None:
         super().__init__()
+        if warmup is not None and warmup < 0:
+            raise ValueError(f"warmup must be >= 0 epochs, got {warmup}")
         self.mid_channels, self.levels, self.warmup = mid_channels, tuple(levels), warmup
         self.epoch = 0
         self.abfs = nn.ModuleList()
@@ -518,6 +574,19 @@ class ReviewKDLoss(FeatureLoss):
     def set_epoch(self, epoch: int) -> None:
         """Remember the epoch for the linear warm-up."""
         self.epoch = epoch
+
+    def warmup_epochs(self) -> int:
+        """The warm-up length in epochs: the given one, or 1/12 of the run (20 if the run's length is unknown)."""
+        if self.warmup is not None:
+            return self.warmup
+        if self.total_epochs is None:
+            return 20
+        return max(1, round(self.total_epochs * self.WARMUP_SHARE))
+
+    def warmup_factor(self) -> float:
+        """min((epoch + 1) / warm-up, 1), with the epoch counted from 0."""
+        w = self.warmup_epochs()
+        return 1.0 if w == 0 else min((self.epoch + 1) / w, 1.0)
 
     def build(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> None:
         mid = self.mid_channels or min(64, max(t.shape[1] for t in teacher))
@@ -533,5 +602,4 @@ class ReviewKDLoss(FeatureLoss):
         residual = None
         for i in reversed(range(len(s_maps))):
             fused[i], residual = self.abfs[i](s_maps[i], residual, t_maps[i].shape[-2:])
-        factor = 1.0 if self.warmup == 0 else min((self.epoch + 1) / self.warmup, 1.0)
-        return factor * hcl_loss(fused, t_maps, self.levels)
+        return self.warmup_factor() * hcl_loss(fused, t_maps, self.levels)
