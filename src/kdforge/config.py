@@ -90,41 +90,74 @@ class DataConfig(Strict):
 
 
 class OptimConfig(Strict):
-    """Optimizer: SGD (momentum, Nesterov) or AdamW."""
+    """Optimizer: SGD (momentum, Nesterov), AdamW (decoupled decay) or Adam (coupled L2, as many papers use)."""
 
-    name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(0.05, gt=0)
-    momentum: float = 0.9
+    name: Literal["sgd", "adamw", "adam"] = "sgd"
+    lr: float = Field(0.05, gt=0, allow_inf_nan=False)
+    momentum: float = Field(0.9, ge=0, allow_inf_nan=False)
     nesterov: bool = False
-    weight_decay: float = 5e-4
+    weight_decay: float = Field(5e-4, ge=0, allow_inf_nan=False)
     betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0, allow_inf_nan=False)
+    #: parameters without weight decay: "norm" (normalisation layers), "bias" (biases), "scalar" (0-d
+    #: parameters such as CLIP's logit scale), or a substring of the parameter's name
+    no_decay: list[str] = Field(default_factory=list)
 
 
 class SchedConfig(Strict):
-    """Learning-rate schedule per optimizer step, with optional linear warm-up."""
+    """Learning-rate schedule, set every optimizer step, with optional linear warm-up.
 
-    name: Literal["constant", "step", "multistep", "cosine"] = "cosine"
-    warmup_epochs: float = Field(0.0, ge=0)
+    ``relative`` is a table of ``[epoch, factor]`` rows: the lr is ``factor`` of the last row whose
+    epoch is at most the current fractional epoch (the "steps with relative LRs" policy).
+    """
+
+    name: Literal["constant", "step", "multistep", "cosine", "linear", "relative"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0, allow_inf_nan=False)
     step_size: int = Field(30, ge=1)
     milestones: list[int] = Field(default_factory=list)
-    gamma: float = 0.1
-    min_lr: float = 0.0
+    gamma: float = Field(0.1, gt=0, allow_inf_nan=False)
+    min_lr: float = Field(0.0, ge=0, allow_inf_nan=False)
+    relative: list[tuple[float, float]] = Field(default_factory=list)
+
+
+class FsdpConfig(Strict):
+    """FSDP through Accelerate (GPUs): how the trained model is sharded, and whether a frozen teacher is too."""
+
+    sharding: Literal["full", "shard_grad_op", "no_shard", "hybrid"] = "full"
+    auto_wrap: Literal["transformer", "size", "none"] = "transformer"
+    min_params: int = Field(100_000, ge=1)
+    cpu_offload: bool = False
+    shard_teacher: bool = False
+
+
+class EmaConfig(Strict):
+    """An exponential moving average of the deployable model's weights (and buffers)."""
+
+    decay: float = Field(0.9999, gt=0, lt=1)
+    every: int = Field(1, ge=1)
+    evaluate: bool = True
 
 
 class TrainConfig(Strict):
-    """Loop settings: epochs, device, precision, accumulation, logging, checkpoints."""
+    """Loop settings: epochs or steps, device, precision, accumulation, logging, checkpoints."""
 
     epochs: int = Field(10, ge=1)
+    max_steps: int | None = Field(None, ge=1)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     grad_accum: int = Field(1, ge=1)
-    grad_clip: float | None = Field(None, gt=0)
+    grad_clip: float | None = Field(None, gt=0, allow_inf_nan=False)
     log_every: int = Field(20, ge=1)
     eval_every: int = Field(1, ge=1)
     save_checkpoints: bool = True
+    save_every_steps: int | None = Field(None, ge=1)
+    nonfinite: Literal["stop", "skip"] = "stop"
+    ema: EmaConfig | None = None
     progress: Literal["auto", "always", "never"] = "auto"
     threads: int | None = Field(None, ge=1)
     find_unused_parameters: bool = False
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    fsdp: FsdpConfig | None = None
 
 
 class MethodConfig(BaseModel):

@@ -31,7 +31,7 @@ from kdforge.bench.common import (
 )
 from kdforge.config import Recipe
 from kdforge.data import DataBundle, load_data
-from kdforge.engine.trainer import FitResult, Trainer, seed_everything
+from kdforge.engine.trainer import Trainer, seed_everything
 from kdforge.method import DataInfo, build_method
 from kdforge.profile import count_params
 
@@ -137,36 +137,12 @@ def _extra_params(method_cfg: dict[str, Any], info: DataInfo, batch: tuple[torch
     return sum(p.numel() for p in m.parameters() if id(p) not in deploy and id(p) not in frozen)
 
 
-class InMemoryBestTrainer(Trainer):
-    """A Trainer without a run folder that still reports the best-by-validation epoch's test accuracy.
-
-    It keeps the best deployable weights in memory instead of writing checkpoints and reports, which
-    would cost more than a tiny student's training here.
-    """
-
-    _best_state: dict[str, torch.Tensor] | None = None
-
-    def _save(self, epoch: int, improved: bool) -> None:
-        if improved:
-            self._best_state = {k: v.detach().clone() for k, v in self.method.deployable().state_dict().items()}
-
-    def _finish(self, train_time: float) -> FitResult:
-        last = self.evaluate(self.test_loader)
-        best = last
-        if self._best_state is not None and self.best_epoch != self.recipe.train.epochs - 1:
-            model = copy.deepcopy(self.method.deployable())
-            model.load_state_dict(self._best_state)
-            best = self.evaluate(self.test_loader, model)
-        return FitResult(None, self.recipe.train.epochs, self.best_epoch, self.best_val, last, best, self.history,
-                         train_time)
-
-
 def _run_one(method: dict[str, Any], seed: int, quick: bool, data: DataBundle) -> dict[str, float]:
     recipe = student_recipe("kdzoo", copy.deepcopy(method), seed, quick)
     seed_everything(recipe.seed)
     info = DataInfo(data.num_classes, data.in_chans, data.image_size)
     m = build_method(recipe.method.model_dump(), info)
-    return result_summary(InMemoryBestTrainer(m, data, recipe).fit())
+    return result_summary(Trainer(m, data, recipe, keep_best_in_memory=True).fit())
 
 
 @BENCHES.register("kd-zoo")
