@@ -313,6 +313,11 @@ class CsvLog:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.rows: list[dict[str, Any]] = read_csv(path) if path.is_file() else []
+        if path.is_file() and path.stat().st_size and not self.rows:
+            with path.open(newline="", errors="replace") as f:
+                header = f.readline().strip().split(",")
+            if header != [""] and "epoch" not in header:
+                raise _corrupt(path, "its header has no 'epoch' column")
         for r in self.rows:
             for k, v in r.items():
                 try:
@@ -357,6 +362,8 @@ def read_csv(path: Path) -> list[dict[str, Any]]:
         raise _corrupt(path, str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     if any(None in r or any(v is None for v in r.values()) for r in rows):
         raise _corrupt(path, "rows do not match the header")
+    if rows and "epoch" not in rows[0]:
+        raise _corrupt(path, "its header has no 'epoch' column")
     return rows
 
 
