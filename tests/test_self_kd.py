@@ -257,7 +257,7 @@ def test_discriminator_learns_to_separate_in_minimax_mode() -> None:
 
 
 def test_code_mode_keeps_random_discriminators_frozen_and_code_compat_preset() -> None:
-    m = _mixskd(code_compat=True)
+    m = _mixskd(compat="official")
     assert m.adv_mode == "code" and m.weights["mix"] == 0.0 and m.disc_opt is None
     assert m.discriminators is not None
     before = [p.detach().clone() for p in m.discriminators.parameters()]
@@ -267,7 +267,7 @@ def test_code_mode_keeps_random_discriminators_frozen_and_code_compat_preset() -
     assert all(torch.equal(a, p) for a, p in zip(before, m.discriminators.parameters(), strict=True))
     assert all(p.grad is None for p in m.discriminators.parameters())
     with pytest.raises(KdforgeError, match="code_compat"):
-        build_method({"name": "mixskd", "model": SMALL, "code_compat": True, "adv_mode": "minimax"}, INFO)
+        build_method({"name": "mixskd", "model": SMALL, "compat": "official", "adv_mode": "minimax"}, INFO)
     with pytest.raises(KdforgeError, match="unknown key"):
         build_method({"name": "mixskd", "model": SMALL, "adv": "off"}, INFO)
     off = _mixskd(adv_mode="off")

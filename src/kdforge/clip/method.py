@@ -11,11 +11,12 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from kdforge.clip.data import find_attr
-from kdforge.clip.losses import TERMS, ClipKDLoss, clip_loss
+from kdforge.clip.losses import TERMS, ClipKDLoss, clip_loss, clip_quirks
 from kdforge.clip.model import build_clip
 from kdforge.config import Strict, validate
 from kdforge.engine.gather import gather
 from kdforge.errors import KdforgeError
+from kdforge.losses.base import deprecated_key
 from kdforge.method import DataInfo, Method
 from kdforge.registry import METHODS
 
@@ -101,9 +102,11 @@ class ClipKDConfig(Strict):
     student: dict[str, Any]
     weights: dict[str, float] = Field(default_factory=lambda: {"task": 1.0, "crd": 1.0, "fd": 2000.0, "icl": 1.0})
     mask_ratio: float = Field(0.75, ge=0.0, lt=1.0)
-    mfd_compat: bool = False
+    #: ``paper``, ``official`` (both quirks of the released code) or a list of ``mfd``, ``gd``
+    compat: str | list[str] = "paper"
+    mfd_compat: bool | None = None  # deprecated: compat [mfd]
     scale_param: Literal["exp", "raw"] = "exp"
-    gd_compat: bool = False
+    gd_compat: bool | None = None  # deprecated: compat [gd]
 
 
 @METHODS.register("clip_kd")
@@ -111,8 +114,8 @@ class ClipKD(_ClipMethod):
     """CLIP-KD: a frozen teacher CLIP teaches a student CLIP with weighted task/CRD/FD/MFD/GD/ICL/AFD terms.
 
     ``weights`` may name ``mfd``: its weight is added to FD's and the student's image tower sees a
-    masked image (ViT towers). ``mfd_compat=True`` reproduces the released code, whose masked forward
-    is discarded (MFD = FD).
+    masked image (ViT towers). ``compat: [mfd]`` reproduces the released code, whose masked forward
+    is discarded (MFD = FD); ``compat: [gd]`` its GD (κ passed as a temperature); ``official`` both.
     """
 
     Config = ClipKDConfig
@@ -134,7 +137,8 @@ class ClipKD(_ClipMethod):
         self.teacher = teacher.eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
-        self.kd = ClipKDLoss(student.embed_dim, teacher.embed_dim, w, scale_param, gd_compat)
+        self.kd = ClipKDLoss(student.embed_dim, teacher.embed_dim, w, scale_param,
+                             compat=["gd"] if gd_compat else "paper")
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], info: DataInfo) -> ClipKD:
@@ -142,8 +146,17 @@ class ClipKD(_ClipMethod):
         if not c.teacher.get("checkpoint") and "open_clip" not in c.teacher:
             raise KdforgeError("method.teacher needs a 'checkpoint' (a trained 'clip' run's "
                                "checkpoints/last.safetensors) or an open_clip model")
-        return cls(load_clip(c.student, info), load_clip(c.teacher, info), c.weights, c.mask_ratio, c.mfd_compat,
-                   c.scale_param, c.gd_compat)
+        try:
+            quirks = set(clip_quirks(c.compat))
+        except ValueError as e:
+            raise KdforgeError(f"method: {e}") from None
+        for key, quirk in (("mfd_compat", "mfd"), ("gd_compat", "gd")):
+            old = getattr(c, key)
+            if old is not None:
+                deprecated_key(f"method.{key}", f"method.compat: [{quirk}]")
+                quirks = quirks | {quirk} if old else quirks - {quirk}
+        return cls(load_clip(c.student, info), load_clip(c.teacher, info), c.weights, c.mask_ratio, "mfd" in quirks,
+                   c.scale_param, "gd" in quirks)
 
     def train(self, mode: bool = True) -> ClipKD:
         super().train(mode)

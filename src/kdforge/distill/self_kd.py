@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from kdforge.config import ModelSpec, Strict, validate
 from kdforge.errors import KdforgeError
+from kdforge.losses.base import deprecated_key
 from kdforge.losses.response import kd_loss
 from kdforge.method import DataInfo, Method, build_model
 from kdforge.registry import METHODS
@@ -298,7 +299,9 @@ class MixSKDConfig(Strict):
     adv_mode: Literal["minimax", "code", "off"] = "minimax"
     disc_hidden: int = Field(128, ge=1)
     disc_lr: float = Field(1e-3, gt=0)
-    code_compat: bool = False
+    #: ``paper`` or ``official`` (SKL's CIFAR script: frozen random discriminators, no mixup-CE)
+    compat: Literal["paper", "official"] = "paper"
+    code_compat: bool | None = None  # deprecated: compat official
 
 
 @dataclass
@@ -346,13 +349,17 @@ class MixSKD(Method):
         c = validate(MixSKDConfig, cfg, prefix="method")
         weights = {k: getattr(c, f"w_{k}") for k in TERMS}
         adv_mode = c.adv_mode
-        if c.code_compat:
+        official = c.compat == "official"
+        if c.code_compat is not None:
+            deprecated_key("method.code_compat", "method.compat: official")
+            official = c.code_compat
+        if official:
             if "adv_mode" in c.model_fields_set and c.adv_mode != "code":
-                raise KdforgeError("method.code_compat reproduces SKL's frozen random discriminators: "
-                                   "leave adv_mode out (or set it to 'code')")
+                raise KdforgeError("method.compat official (formerly code_compat) reproduces SKL's frozen random "
+                                   "discriminators: leave adv_mode out (or set it to 'code')")
             if "w_mix" in c.model_fields_set and c.w_mix != 0:
-                raise KdforgeError("method.code_compat drops the mixup-CE as SKL's CIFAR script does: "
-                                   "leave w_mix out (or set it to 0)")
+                raise KdforgeError("method.compat official (formerly code_compat) drops the mixup-CE as SKL's CIFAR "
+                                   "script does: leave w_mix out (or set it to 0)")
             adv_mode, weights["mix"] = "code", 0.0
         return cls(build_model(c.model, info), info.num_classes, c.stages, c.alpha, c.T, weights, adv_mode,
                    c.disc_hidden, c.disc_lr)

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 from kdforge.config import DataConfig, ModelSpec, Strict, apply_overrides, load_yaml, validate
 from kdforge.errors import KdforgeError
+from kdforge.losses.base import check_compat, deprecated_key
 from kdforge.prune.cka import collect_cka
 from kdforge.prune.importance import (
     BASELINES,
@@ -83,7 +84,8 @@ class SelectionConfig(Strict):
 
     method: str = "sglp"
     candidate_mode: Literal["hybrid", "hybrid_code_compat", "subnet"] | None = None
-    select: Literal["max", "min"] = "max"
+    #: None: min for subnet candidates, max for hybrid ones (the official code's pairing)
+    select: Literal["max", "min"] | None = None
     norm: Literal["global", "sum_per_param"] = "global"
     max_candidates: int = Field(256, ge=1)
     seed: int = 0
@@ -120,10 +122,25 @@ class EvalConfig(Strict):
     lm_eval_limit: int | None = None
 
 
+#: the official SGLP code's independent quirks that ``compat`` can reproduce (``official``: all of them)
+SGLP_QUIRKS = ("backtrack", "hybrid")
+
+
+def default_select(candidate_mode: str) -> str:
+    """The official code's pairing: the minimum for subnet candidates, the maximum for hybrid ones."""
+    return "min" if candidate_mode == "subnet" else "max"
+
+
 class PruneRecipe(Strict):
-    """A ``kdforge prune`` recipe: one of ``model`` (a CNN) or ``llm``, plus how to prune and heal it."""
+    """A ``kdforge prune`` recipe: one of ``model`` (a CNN) or ``llm``, plus how to prune and heal it.
+
+    ``compat``: ``paper`` (default), ``official`` (both quirks of the official code) or a list of them:
+    ``backtrack`` (its heuristic segmentation backtrack) and ``hybrid`` (hybrid candidates built on a
+    random model that is never reset).
+    """
 
     name: str = "prune"
+    compat: str | list[str] = "paper"
     seed: int = 0
     model: ModelSpec | None = None
     llm: LLMSpec | None = None
@@ -147,7 +164,35 @@ class PruneRecipe(Strict):
             raise ValueError("keep_per_segment needs selection.method sglp; baselines take keep_ratio")
         if self.budget.keep_per_segment is None and self.budget.keep_ratio is None:
             raise ValueError("give budget.keep_ratio or budget.keep_per_segment")
+        check_compat("prune", self.compat, ("official", *SGLP_QUIRKS))
+        if self.analysis.backtrack == "code_compat":
+            deprecated_key("analysis.backtrack: code_compat", "compat: [backtrack]")
+        if self.selection.candidate_mode == "hybrid_code_compat":
+            deprecated_key("selection.candidate_mode: hybrid_code_compat", "candidate_mode: hybrid, compat: [hybrid]")
         return self
+
+    def quirks(self) -> frozenset[str]:
+        """The official code's conventions in force: from ``compat`` and the deprecated spellings."""
+        q = set(check_compat("prune", self.compat, ("official", *SGLP_QUIRKS)))
+        if "official" in q:
+            q = set(SGLP_QUIRKS)
+        if self.analysis.backtrack == "code_compat":
+            q.add("backtrack")
+        if self.selection.candidate_mode == "hybrid_code_compat":
+            q.add("hybrid")
+        return frozenset(q)
+
+    def analysis_config(self) -> AnalysisConfig:
+        """``analysis`` with the backtrack ``compat`` asks for."""
+        return self.analysis.model_copy(update={"backtrack": "code_compat" if "backtrack" in self.quirks()
+                                                else self.analysis.backtrack})
+
+    def candidate_mode(self, default: str) -> str:
+        """The candidate mode (``default`` when unset), as the code's variant where ``compat`` asks for it."""
+        mode = self.selection.candidate_mode or default
+        if mode == "hybrid" and "hybrid" in self.quirks():
+            return "hybrid_code_compat"
+        return mode
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> PruneRecipe:
@@ -203,8 +248,9 @@ def choose(model: nn.Module, analysis: Analysis, budget: BudgetConfig, sel: Sele
     """Run the configured selection method with the budget (per segment for SGLP, in total for baselines)."""
     per_seg = keep_budget(analysis, budget, pinned)
     if sel.method == "sglp":
+        select = sel.select or default_select(candidate_mode)
         return sglp_select(model, analysis.units, analysis.segmentation.segments, per_seg, batches, task, pinned,
-                           candidate_mode, sel.select, sel.norm, sel.max_candidates, sel.seed)  # type: ignore[arg-type]
+                           candidate_mode, select, sel.norm, sel.max_candidates, sel.seed)  # type: ignore[arg-type]
     if sel.method not in BASELINES:
         from kdforge.errors import closest
 
@@ -384,10 +430,10 @@ def _run_cnn(r: PruneRecipe, out: Path | None, verbose: bool) -> PruneResult:
     _log(verbose, f"prune: {len(units)} units ({len(pinned)} pinned), CKA on {sum(len(b[0]) for b in cka_b)} "
                   f"calibration images from the {r.calibration.source} split")
     model = model.to(dev)
-    analysis = analyze(model, units, cka_b, task, r.analysis)
+    analysis = analyze(model, units, cka_b, task, r.analysis_config())
     _log(verbose, f"prune: {analysis.segmentation.k} segments {analysis.segmentation.sizes()} "
                   f"(CKA {analysis.cka_seconds:.1f}s)")
-    sel = choose(model, analysis, r.budget, r.selection, score_b, task, pinned, r.selection.candidate_mode or "hybrid")
+    sel = choose(model, analysis, r.budget, r.selection, score_b, task, pinned, r.candidate_mode("hybrid"))
     per_seg = [sum(1 for u in s if u in set(sel.kept)) for s in analysis.segmentation.segments]
     pruned = prune_model(model, units, sel.kept)
     _log(verbose, f"prune: {r.selection.method} kept {len(sel.kept)}/{len(units)} units in {sel.seconds:.1f}s "
@@ -466,8 +512,8 @@ def _run_llm(r: PruneRecipe, out: Path | None, verbose: bool) -> PruneResult:
     task = causal_lm_task()
     _log(verbose, f"prune: {len(units)} decoder layers, CKA on {sum(len(b) for b in cka_b)} sequences of "
                   f"{r.text.seq_len} tokens")
-    analysis = analyze(model, units, cka_b, task, r.analysis)
-    sel = choose(model, analysis, r.budget, r.selection, score_b, task, pinned, r.selection.candidate_mode or "subnet")
+    analysis = analyze(model, units, cka_b, task, r.analysis_config())
+    sel = choose(model, analysis, r.budget, r.selection, score_b, task, pinned, r.candidate_mode("subnet"))
     per_seg = [sum(1 for u in s if u in set(sel.kept)) for s in analysis.segmentation.segments]
     pruned = prune_model(model, units, sel.kept)
     before = llm_metrics(model, ev, r.eval, tok)
