@@ -1,7 +1,7 @@
 """``kdforge bench kd-zoo``: every KD loss and scheme on the embedded Fashion-MNIST subset, one teacher, 3 seeds.
 
 Sized for 2 CPU cores (about 20 minutes): the teacher, ``cnn_small`` width 16 (26 k parameters), trains once
-on all 4,860 training images for 30 epochs (cached by recipe hash); every student, ``cnn_small`` width 8
+on all 5,400 training images for 30 epochs (cached by recipe hash); every student, ``cnn_small`` width 8
 (6.9 k parameters), trains on a fixed 512-image subset without augmentation for 40 epochs (160 steps), a
 data-limited regime where a teacher that saw more data has something to give.
 """
@@ -213,8 +213,8 @@ def _markdown(table: list[dict[str, Any]], teachers: dict[str, float], seeds: tu
         + f"Seeds: {', '.join(map(str, seeds))}. Total wall time: {total / 60:.1f} min (teachers included when "
         + "they were not cached yet).",
         "",
-        "Data: the embedded Fashion-MNIST subset (`fashion_mnist_subset`, 28×28×1; 4,860 training images after "
-        "the 10 % validation split, 1,000 test images). Teachers (trained once, cached by recipe hash): "
+        "Data: the embedded Fashion-MNIST subset (`fashion_mnist_subset`, 28×28×1; 5,400 training images after "
+        "the 10 % (600-image) validation split, 1,000 test images). Teachers (trained once, cached by recipe hash): "
         + ", ".join(f"`{k}` {v:.2f} %" for k, v in teachers.items())
         + f" test top-1, {t_epochs} epochs on all training images with crop + flip. Student: `cnn_small` width 8 "
         f"(the same for every row), {epochs} epochs on a fixed {n_img}-image subset (`data.limit_train`) without "

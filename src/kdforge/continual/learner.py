@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from abc import ABCMeta, abstractmethod
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,15 +160,40 @@ class Learner(nn.Module, metaclass=ABCMeta):
 
     @torch.no_grad()
     def features(self, data: Dataset, batch_size: int = 256) -> tuple[Tensor, Tensor]:
-        """Eval-mode embeddings and labels of a data set (test transforms)."""
+        """Eval-mode embeddings and labels of a data set on its un-augmented view (no random crop or flip).
+
+        Class prototypes and NCM / FeTrIL class means are taken here, so they never average augmented images.
+        """
         was = self.net.training
         self.net.eval()
         fs, ys = [], []
-        for x, y in batches(data, batch_size, shuffle=False):
-            fs.append(self.net(x))
-            ys.append(y)
+        with without_augmentation(data):
+            for x, y in batches(data, batch_size, shuffle=False):
+                fs.append(self.net(x))
+                ys.append(y)
         self.net.train(was)
         return torch.cat(fs), torch.cat(ys)
+
+
+@contextmanager
+def without_augmentation(data: Dataset) -> Iterator[Dataset]:
+    """Switch off the ``augment`` flag of a data set and of the sets it wraps (views, subsets), then restore it."""
+    switched, seen, stack = [], set(), [data]
+    while stack:
+        d = stack.pop()
+        if id(d) in seen:
+            continue
+        seen.add(id(d))
+        if getattr(d, "augment", None) is True:
+            d.augment = False
+            switched.append(d)
+        stack += [c for c in (getattr(d, "base", None), getattr(d, "dataset", None)) if isinstance(c, Dataset)]
+        stack += [c for c in getattr(d, "datasets", ()) if isinstance(c, Dataset)]
+    try:
+        yield data
+    finally:
+        for d in switched:
+            d.augment = True
 
 
 class HeadMixin:
