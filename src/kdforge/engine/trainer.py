@@ -131,6 +131,10 @@ class NonFiniteLoss(KdforgeError):
     """A loss term became NaN or infinite."""
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run with a folder: the message says where, and how to resume."""
+
+
 def _check_launch_env() -> None:
     """Refuse the one launch that silently trains in a single process."""
     env = os.environ
@@ -460,6 +464,11 @@ class Trainer:
             for c in self.callbacks:
                 c.on_fit_end(self, result)
             return result
+        except KeyboardInterrupt as e:
+            if self.run_dir is None or isinstance(e, TrainingInterrupted):
+                raise
+            raise TrainingInterrupted(f"interrupted at epoch {self.epoch + 1}, step {self.global_step}; "
+                                      f"resume with: kdforge train {self.run_dir} --resume") from None
         finally:
             for c in self.callbacks:
                 c.on_close(self)
