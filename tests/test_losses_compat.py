@@ -88,15 +88,19 @@ def test_fsp_paper_squared_mean_torchdistill_maxpool_and_column_norms() -> None:
         assert loss(*feats).item() == pytest.approx(want, rel=1e-5), compat
 
 
-def test_sp_every_compat_is_the_l2_row_normalised_paper_value() -> None:
+def test_sp_paper_normalises_gram_rows_with_l2_torchdistill_with_l1() -> None:
     qs, qt = [[1.0, 2.0], [3.0, -1.0]], [[0.0, 1.0], [2.0, 2.0]]
 
-    def gram(q: list[list[float]]) -> list[list[float]]:
-        return [_unit([_dot(a, b) for b in q]) for a in q]
+    def gram(q: list[list[float]], l1: bool) -> list[list[float]]:
+        rows = [[_dot(a, b) for b in q] for a in q]
+        return [[v / sum(abs(x) for x in r) for v in r] if l1 else _unit(r) for r in rows]
 
-    gs, gt = gram(qs), gram(qt)
-    want = sum((gt[i][j] - gs[i][j]) ** 2 for i in range(2) for j in range(2)) / 4
-    for compat in ("paper", "torchdistill", "repdistiller"):
+    def sp(l1: bool) -> float:
+        gs, gt = gram(qs, l1), gram(qt, l1)
+        return sum((gt[i][j] - gs[i][j]) ** 2 for i in range(2) for j in range(2)) / 4
+
+    assert abs(sp(True) - sp(False)) > 1e-3
+    for compat, want in (("paper", sp(False)), ("repdistiller", sp(False)), ("torchdistill", sp(True))):
         got = build_loss("sp", compat=compat)([torch.tensor(qs)], [torch.tensor(qt)]).item()
         assert got == pytest.approx(want, rel=1e-5), compat
 

@@ -23,7 +23,7 @@ SEEDS = (0, 1, 2)  # class orders
 WORKERS = 2
 MODEL: dict[str, Any] = {"model": "cnn_small", "model_kwargs": {"width": 8}}
 SPLIT = {"base": 2, "increment": 2, "tasks": 4}
-#: per data set: epochs per task (more on the base task); eTag's generator trains as long as its solver
+#: per data set: epochs per task (more on the base task); eTag's generator trains ``epochs`` in every task
 DATASETS: dict[str, dict[str, Any]] = {
     "fashion_mnist_subset": {"epochs": 6, "base_epochs": 10},
     "digits": {"epochs": 15, "base_epochs": 20},
@@ -190,7 +190,8 @@ Runs: {"one after another" if quick else f"{WORKERS} at a time in separate proce
   learner except Joint (the upper bound, trained on all seen data).
 - Backbone: `cnn_small` width 8 (128-d embedding), the same for every learner; Adam lr 1e-3, weight decay
   2e-4, batch 64, no input augmentation; epochs per task: {", ".join(f"{d} {b['epochs']} (base {b['base_epochs']})"
-  for d, b in budgets.items())}. eTag's generator stage trains as many epochs as its solver, lr 1e-3.
+  for d, b in budgets.items())}. eTag's generator stage trains the per-task epochs in every task (fewer
+  than its solver on the base task), lr 1e-3.
 - Learners at their defaults: LwF τ = 2, λ = 1 (shared head); FeTrIL with a softmax linear head instead of an SVM;
   IR with 4 rotations, `sq_mean` L_sm, λ_sm = 1, BN statistics frozen after the base task, L2 1-NN over
   prototypes; eTag with 3 auxiliary heads (+1 on the embedding), τ = 3, CVAE hidden 64 / latent 16,

@@ -223,7 +223,9 @@ Method page: [docs/methods/clip-kd.md](../methods/clip-kd.md).
 
 ## Paper-scale recipe
 
-`recipes/clip/cc3m12m-vitb16-vitt16.yaml`: CC3M+CC12M, ViT-B/16 teacher → ViT-T/16 student, 32
+[`recipes/clip/cc3m12m_vitb16_vitt16.yaml`](../../recipes/clip/cc3m12m_vitb16_vitt16.yaml) (teacher:
+[`cc3m12m_teacher_vitb16.yaml`](../../recipes/clip/cc3m12m_teacher_vitb16.yaml)): CC3M+CC12M, ViT-B/16 teacher →
+ViT-T/16 student, 32
 epochs, batch 1,024, AdamW lr 1e-3 (β2 0.98, eps 1e-6, wd 0.1), 10k warm-up steps then cosine.
 Published zero-shot ImageNet top-1 (CLIP-KD README = paper tables):
 

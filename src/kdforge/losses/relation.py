@@ -67,12 +67,15 @@ class RKDLoss(FeatureLoss):
 
 
 # -- SP ----------------------------------------------------------------------------------------------
-def sp_loss(student: Tensor, teacher: Tensor) -> Tensor:
-    """Similarity-preserving KD: ‖G̃_t − G̃_s‖_F² / B² with row-normalised batch Gram matrices."""
+def sp_loss(student: Tensor, teacher: Tensor, p: float = 2.0) -> Tensor:
+    """Similarity-preserving KD: ‖G̃_t − G̃_s‖_F² / B² with row-normalised batch Gram matrices.
+
+    ``p`` is the norm of the row normalisation: 2 in the paper and RepDistiller, 1 in torchdistill.
+    """
     b = student.shape[0]
     qs, qt = student.flatten(1), teacher.detach().flatten(1)
-    gs = F.normalize(qs @ qs.t(), dim=1)
-    gt = F.normalize(qt @ qt.t(), dim=1)
+    gs = F.normalize(qs @ qs.t(), p=p, dim=1)
+    gt = F.normalize(qt @ qt.t(), p=p, dim=1)
     return (gt - gs).pow(2).sum() / (b * b)
 
 
@@ -80,20 +83,20 @@ def sp_loss(student: Tensor, teacher: Tensor) -> Tensor:
 class SPLoss(FeatureLoss):
     """Similarity-preserving KD (Tung & Mori, ICCV 2019); student and teacher sizes may differ.
 
-    RepDistiller's Similarity and torchdistill's SPKDLoss (``reduction: batchmean``) compute this same
-    value (L2-normalised Gram rows, squared Frobenius norm / B²), so every ``compat`` value is the paper form.
+    RepDistiller's Similarity is this form (L2-normalised Gram rows); ``compat="torchdistill"`` normalises
+    the rows with L1 as its SPKDLoss does (``normalize(G, 1)``: p = 1), then the same ‖·‖_F²/B².
     """
 
     ndims = (2, 3, 4)
 
     def __init__(self, compat: str = "paper") -> None:
         super().__init__()
-        check_compat("sp", compat, ("torchdistill", "repdistiller"))
         self.compat = compat
+        self.p = 1.0 if check_compat("sp", compat, ("torchdistill", "repdistiller")) & {"torchdistill"} else 2.0
 
     def forward(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
         self.check(student, teacher)
-        return sum(sp_loss(s, t) for s, t in zip(student, teacher, strict=True))  # type: ignore[return-value]
+        return sum(sp_loss(s, t, self.p) for s, t in zip(student, teacher, strict=True))  # type: ignore[return-value]
 
 
 # -- CC ----------------------------------------------------------------------------------------------
