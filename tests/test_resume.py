@@ -60,3 +60,29 @@ def test_kill_and_resume_is_bit_identical(tmp_path: Path) -> None:
     assert len(rows_a) == len(rows_b) == RECIPE["train"]["epochs"] + 1
     col = rows_a[0].split(",").index("val_top1")
     assert [r.split(",")[col] for r in rows_a] == [r.split(",")[col] for r in rows_b]
+
+
+def test_kill_inside_the_first_epoch_resumes_bit_identical(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    r = {**RECIPE, "train": {**RECIPE["train"], "epochs": 2, "save_every_steps": 5}}
+    recipe.write_text(yaml.safe_dump(r))
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    state = killed / "checkpoints" / "state" / "trainer.pt"
+    proc = subprocess.Popen(_cmd("train", str(recipe), "-o", str(killed)), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not state.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert _epochs_done(killed) == 0, "the run must be killed inside epoch 1"
+    st = torch.load(state, weights_only=True)
+    assert st["epoch"] == 0 and st["batch_in_epoch"] > 0
+    subprocess.run(_cmd("train", str(killed), "--resume"), env=env, check=True, capture_output=True)
+    subprocess.run(_cmd("train", str(recipe), "-o", str(full)), env=env, check=True, capture_output=True)
+    a = load_file(str(full / "checkpoints" / "last.safetensors"))
+    b = load_file(str(killed / "checkpoints" / "last.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    assert not list(killed.rglob(".*.tmp*")) and not list((killed / "checkpoints").glob(".state.*"))
