@@ -279,3 +279,11 @@ def test_copying_a_run_folder_keeps_it_resumable(tmp_path: Path) -> None:
         p.unlink()
     res = _trainer(recipe, tmp_path / "b", resume=True).fit()
     assert res.epochs == 2
+
+
+def test_fsdp_is_validated_with_one_line_on_the_cpu() -> None:
+    recipe = _recipe(epochs=1, distributed="fsdp", fsdp={"sharding": "full", "shard_teacher": False}, device="cpu")
+    with pytest.raises(KdforgeError, match=r"fsdp' needs CUDA GPUs"):
+        _trainer(recipe)
+    with pytest.raises(KdforgeError, match=r"train.fsdp.sharding"):
+        _recipe(epochs=1, fsdp={"sharding": "everything"})

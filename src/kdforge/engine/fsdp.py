@@ -27,3 +27,14 @@ def fsdp_plugin(t: TrainConfig, cpu: bool) -> Any:
     return FullyShardedDataParallelPlugin(
         sharding_strategy=SHARDING[cfg.sharding], auto_wrap_policy=policy, min_num_params=cfg.min_params,
         cpu_offload=cfg.cpu_offload, use_orig_params=True, sync_module_states=True)
+
+
+def keep_frozen_whole(acc: Any, method: Any, cfg: Any) -> None:
+    """Leave the method's frozen parts (teachers: ``frozen_prefixes``) unsharded unless ``shard_teacher``."""
+    plugin = getattr(acc.state, "fsdp_plugin", None)
+    if plugin is None or (cfg is not None and cfg.shard_teacher):
+        return
+    prefixes = tuple(p.rstrip(".") for p in method.frozen_prefixes)
+    frozen = [m for name, m in method.named_children() if name in prefixes]
+    if frozen:
+        plugin.ignored_modules = frozen

@@ -289,6 +289,10 @@ class Trainer:
             if o.manual:
                 for p in o.params:
                     p.requires_grad_(False)
+        if r.train.distributed == "fsdp":
+            from kdforge.engine.fsdp import keep_frozen_whole
+
+            keep_frozen_whole(acc, method, r.train.fsdp)
         self.model = acc.prepare_model(method) if automatic else method
         method.attach_engine(self)
         self.ema = None
