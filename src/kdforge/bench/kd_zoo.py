@@ -101,7 +101,7 @@ def methods(teacher_ck: str, teacher2_ck: str, quick: bool = False) -> list[tupl
         ("ab", "feature", feat("ab", 1.0, STAGES), "β 1, plain term"),
         ("fsp", "feature", feat("fsp", 5, STAGES), "β 5 (RD 50), plain term"),
         ("vid", "feature", feat("vid", 1.0, STAGES), "β 1 (RD)"),
-        ("ofd", "feature", feat("ofd", 2.0, "stage3"), "β 2"),
+        ("ofd", "feature", feat("ofd", 2.0, "stage3.1"), "β 2, pre-ReLU stage3 (BN margin)"),
         ("reviewkd", "feature", feat("reviewkd", 1.0, [*STAGES, "pool"], mid_channels=16), "β 1 (MD), mid 16"),
         ("rkd", "relation", feat("rkd", 0.2, "pool"), "β 0.2 (RD 1)"),
         ("sp", "relation", feat("sp", 3000, "stage3"), "β 3000 (RD)"),
