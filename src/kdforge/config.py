@@ -79,9 +79,9 @@ class DataConfig(Strict):
     root: str | None = None
     download: bool = False
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    split_seed: int = 0
-    pad_to: int | None = None
-    resize: int | None = None
+    split_seed: int = Field(0, ge=0)
+    pad_to: int | None = Field(None, ge=1, le=4096)
+    resize: int | None = Field(None, ge=1, le=4096)
     augment: bool = True
     batch_size: int = Field(128, ge=1)
     eval_batch_size: int = Field(512, ge=1)
