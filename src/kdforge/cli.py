@@ -130,16 +130,20 @@ def bench(
 @app.command()
 def cil(
     recipe: Annotated[Path, typer.Argument(help="class-incremental recipe (recipes/continual/*.yaml)")],
-    run_dir: Annotated[Path | None, typer.Option("--run-dir", "-r", help="save per task here; resumes")] = None,
+    run_dir: Annotated[Path | None, typer.Option("--run-dir", "-r", help="save every stage here; resumes")] = None,
+    set_: SetOpt = None,
 ) -> None:
     """Run an exemplar-free class-incremental recipe and print its accuracy matrix and metrics."""
-    from kdforge.continual import run_recipe
+    from kdforge.continual.driver import run
+    from kdforge.continual.recipe import CilRecipe
 
-    _check_cil(recipe, run_dir)
-    res = run_recipe(recipe, run_dir)
+    r = CilRecipe.from_yaml(recipe, set_)
+    _check_cil(run_dir)
+    res = run(r, run_dir)
     for row in res.matrix:
         typer.echo(" ".join("   -  " if v is None else f"{v:6.2f}" for v in row))
     typer.echo(" ".join(f"{k}={v:.2f}" for k, v in res.metrics.items()))
+    typer.echo("time per task (s): " + " ".join(f"{s:.1f}" for s in res.task_time_s))
 
 
 @app.command()
@@ -155,49 +159,25 @@ def prune(
     prune_command(recipe, out, set_, overwrite)
 
 
-_CIL_INTS = {"base": 1, "increment": 1, "tasks": 1, "epochs": 1, "base_epochs": 1, "batch_size": 1,
-             "lr_step_epochs": 1, "seed": 0}
-_CIL_POSITIVE = ("lr",)
-_CIL_NONNEGATIVE = ("weight_decay",)
+_CIL_FILES = ("config.yaml", "stages.json", "stages", "result.json")
 
 
-def _check_cil(recipe: Path, run_dir: Path | None) -> None:
-    """What `kdforge cil` refuses before it starts: bad numbers and a -r folder that is a file or a train run."""
-    import math
-
-    from kdforge.config import load_yaml
+def _check_cil(run_dir: Path | None) -> None:
+    """What `kdforge cil -r` refuses before it starts: a file, a train run, a folder holding something else."""
     from kdforge.engine.run_dir import MARKER, check_writable_dir
 
-    r = load_yaml(recipe)
-    for key, lo in _CIL_INTS.items():
-        v = r.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
-            raise KdforgeError(f"bad value for {key!r} in {str(recipe)!r}: {v!r} (should be a whole number >= {lo})")
-    for key in (*_CIL_POSITIVE, *_CIL_NONNEGATIVE):
-        v = r.get(key)
-        if v is None:
-            continue
-        if isinstance(v, str):
-            try:
-                v = float(v)
-            except ValueError:
-                pass
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (
-                key in _CIL_POSITIVE and v == 0):
-            need = "> 0" if key in _CIL_POSITIVE else ">= 0"
-            raise KdforgeError(f"bad value for {key!r} in {str(recipe)!r}: {r[key]!r} "
-                               f"(should be a finite number {need})")
     if run_dir is None:
         return
     check_writable_dir(run_dir, "cil run folder")
     if run_dir.is_dir():
-        foreign = [p.name for p in run_dir.iterdir()
-                   if not (p.name == "progress.json" or p.name.startswith(("learner-task", ".progress.json.",
-                                                                           ".learner-task")))]
-        if foreign:
-            what = "a 'kdforge train' run" if (run_dir / MARKER).exists() or "config.yaml" in foreign else \
-                f"not a cil run folder (it holds {foreign[0]!r})"
-            raise KdforgeError(f"cil -r {str(run_dir)!r}: that folder is {what}; give a new or a cil run folder")
+        foreign = [p.name for p in run_dir.iterdir() if not p.name.lstrip(".").startswith(_CIL_FILES)]
+        if (run_dir / MARKER).exists() or (foreign and (run_dir / "config.yaml").exists()):
+            what = "a 'kdforge train' run"
+        elif foreign:
+            what = f"not a cil run folder (it holds {foreign[0]!r})"
+        else:
+            return
+        raise KdforgeError(f"cil -r {str(run_dir)!r}: that folder is {what}; give a new or a cil run folder")
 
 
 def _one_line(msg: str) -> str:
