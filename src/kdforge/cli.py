@@ -61,10 +61,11 @@ def eval_(
     source: Annotated[Path, typer.Argument(help="run folder or .safetensors checkpoint")],
     data: Annotated[str | None, typer.Option(help="data set name (default: the one it was trained on)")] = None,
     split: Annotated[str, typer.Option(help="test, val or train")] = "test",
-    which: Annotated[str, typer.Option(help="best or last (run folders)")] = "best",
+    which: Annotated[str, typer.Option(help="best or last (run folders; best falls back to last where a run "
+                                              "kept no best)")] = "best",
     set_: SetOpt = None,
 ) -> None:
-    """Evaluate a trained model: top-1, top-5 and loss."""
+    """Evaluate a trained model with its method's metrics (as in results.json: test_best or test_last)."""
     from kdforge.evaluate import evaluate_source
 
     if which not in ("best", "last"):
