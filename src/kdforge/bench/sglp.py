@@ -72,7 +72,7 @@ def run_cnn(out: Path | None = None, quick: bool = False) -> dict[str, Any]:
         AnalysisConfig,
         BudgetConfig,
         CalibrationConfig,
-        HealConfig,
+        PruneRecipe,
         SelectionConfig,
         analyze,
         choose,
@@ -134,8 +134,11 @@ def run_cnn(out: Path | None = None, quick: bool = False) -> dict[str, Any]:
                "removed": [names[i] for i in sel.removed], "select_s": sel.seconds, "n_evals": sel.n_evals,
                "top1_noheal": evaluate(pruned, test_loader)["top1"], **prof}
         for mode_h in ("ce", "kd"):
-            heal = HealConfig(mode=mode_h, epochs=s["heal_epochs"], lr=0.02)  # type: ignore[arg-type]
-            _, info = heal_cnn(pruned, model, heal_bundle, heal_data, heal, seed)
+            heal = PruneRecipe.from_dict({"seed": seed, "model": {"model": s["model"]}, "data": heal_data.model_dump(),
+                                          "heal": {"mode": mode_h}, "optim": {"lr": 0.02},
+                                          "train": {"epochs": s["heal_epochs"], "progress": "never",
+                                                    "save_checkpoints": False}})
+            _, info = heal_cnn(pruned, model, heal_bundle, heal)
             row[f"top1_{mode_h}"] = info["test_top1"]
             row[f"heal_{mode_h}_s"] = info["train_time_s"]
         rows.append(row)
