@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -86,3 +87,51 @@ def test_kill_inside_the_first_epoch_resumes_bit_identical(tmp_path: Path) -> No
     b = load_file(str(killed / "checkpoints" / "last.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
     assert not list(killed.rglob(".*.tmp*")) and not list((killed / "checkpoints").glob(".state.*"))
+
+
+def test_ctrl_c_says_where_and_how_to_resume(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({**RECIPE, "train": {**RECIPE["train"], "epochs": 30}}))
+    run = tmp_path / "run"
+    # a background job inherits SIGINT ignored; a user's terminal delivers it
+    proc = subprocess.Popen(_cmd("train", str(recipe), "-o", str(run)), env={**os.environ, "PYTHONHASHSEED": "0"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 300
+    while _epochs_done(run) < 1 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("interrupted at epoch ")
+    assert f"resume with: kdforge train {run} --resume" in lines[0]
+    assert (run / "checkpoints" / "state" / "trainer.pt").is_file()
+
+
+@pytest.mark.slow
+def test_kill_loop_every_folder_resumes_or_restarts_cleanly(tmp_path: Path) -> None:
+    """kill -9 at random moments of 30 short runs: each resumes to the uninterrupted end, no temp file left."""
+    import random
+
+    r = {**RECIPE, "data": {**RECIPE["data"], "limit_train": 384},
+         "train": {**RECIPE["train"], "epochs": 3, "save_every_steps": 4}}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(r))
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    subprocess.run(_cmd("train", str(recipe), "-o", str(tmp_path / "full")), env=env, check=True,
+                   capture_output=True)
+    want = load_file(str(tmp_path / "full" / "checkpoints" / "last.safetensors"))
+    rng = random.Random(0)
+    for i in range(30):
+        run = tmp_path / f"k{i}"
+        proc = subprocess.Popen(_cmd("train", str(recipe), "-o", str(run)), env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.5, 6.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        subprocess.run(_cmd("train", str(run), "--resume"), env=env, check=True, capture_output=True)
+        got = load_file(str(run / "checkpoints" / "last.safetensors"))
+        assert all(torch.equal(want[k], got[k]) for k in want), f"run {i} did not end bit-identical"
+        leftovers = [p for p in run.rglob(".*") if p.name not in (".kdforge-run", ".lock")]
+        assert not leftovers, f"run {i} left {leftovers}"

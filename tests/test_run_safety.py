@@ -295,12 +295,14 @@ def test_download_without_network_is_one_line_and_creates_nothing(
 def test_cil_cli_checks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     def cil(data: dict, *args: str) -> int:
         p = tmp_path / "c.yaml"
-        p.write_text(yaml.safe_dump({"learner": "finetune", "data": "digits", **data}))
+        p.write_text(yaml.safe_dump({"cil": {"learner": "finetune"}, "data": {"name": "digits"}, **data}))
         return main(["cil", str(p), *args])
 
-    _err(capsys, cil({"lr": float("nan")}), "'lr'", "finite")
-    _err(capsys, cil({"epochs": 0}), "'epochs'")
-    _err(capsys, cil({"epochs": True}), "'epochs'")
+    _err(capsys, cil({"optim": {"lr": float("nan")}}), "'optim.lr'", "finite")
+    _err(capsys, cil({"train": {"epochs": 0}}), "'train.epochs'")
+    _err(capsys, cil({"train": {"epochs": True}}), "'train.epochs'")
+    _err(capsys, cil({}, "--set", "cil.tasks=-1"), "'cil.tasks'")
+    _err(capsys, cil({"lr": 0.1}), "'lr' moved to optim.lr")
     f = tmp_path / "f"
     f.write_text("x")
     _err(capsys, cil({}, "-r", str(f)), "is a file")

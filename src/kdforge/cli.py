@@ -51,9 +51,21 @@ def train(
     from kdforge.engine.run_dir import check_writable_dir
 
     check_writable_dir(run_dir, "run folder")  # before data and model are built
-    result = run_train(r, run_dir, resume=resume, overwrite=overwrite)
-    typer.echo(f"test top-1 {result.test_last['top1']:.2f}% (last), {result.test_best['top1']:.2f}% "
-               f"(best by val, epoch {result.best_epoch + 1}); run folder: {run_dir}")
+    from kdforge.engine.trainer import TrainingInterrupted
+
+    try:
+        result = run_train(r, run_dir, resume=resume, overwrite=overwrite)
+    except TrainingInterrupted as e:
+        print(str(e), file=sys.stderr)
+        raise typer.Exit(130) from None
+    key = result.monitor
+    last = result.test_last.get(key)
+    line = f"test {key} {last:.2f} (last)" if last is not None else "done"
+    if result.test_best is not None and result.test_best.get(key) is not None:
+        line += f", {result.test_best[key]:.2f} (best by val, epoch {result.best_epoch + 1})"
+    elif result.best_epoch < 0:
+        line += " (no validation split: only the last checkpoint is kept)"
+    typer.echo(f"{line}; run folder: {run_dir}")
 
 
 @app.command("eval")
@@ -190,6 +202,13 @@ def _one_line(msg: str) -> str:
     return " ".join(lines)
 
 
+def _is_main_rank() -> bool:
+    """Whether this process is rank 0 of a launch (or not launched at all)."""
+    import os
+
+    return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
+
+
 def _settle_runs(ok: bool) -> None:
     """Run folders this command replaced: keep the new run if it worked, else put the old one back."""
     from kdforge.engine import run_dir
@@ -206,15 +225,20 @@ def main(argv: list[str] | None = None) -> int:
         return rv if isinstance(rv, int) else 0
     except KdforgeError as e:
         _settle_runs(ok=False)
-        print(f"error: {_one_line(str(e))}", file=sys.stderr)
+        if _is_main_rank():  # under DDP every rank fails the same way; one of them speaks
+            print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     except click.UsageError as e:
         print(f"error: {e.format_message()}", file=sys.stderr)
         return 2
     except typer.Exit as e:
         return e.exit_code
-    except typer.Abort:
-        print("aborted", file=sys.stderr)
+    except (typer.Abort, KeyboardInterrupt) as e:
+        from kdforge.engine.trainer import TrainingInterrupted
+
+        cause = e if isinstance(e, TrainingInterrupted) else e.__cause__ or e.__context__
+        if _is_main_rank():
+            print(str(cause) if isinstance(cause, TrainingInterrupted) else "interrupted", file=sys.stderr)
         return 130
     except Exception:
         _settle_runs(ok=False)

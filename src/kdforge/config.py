@@ -171,7 +171,7 @@ class Recipe(Strict):
     """A whole run: data, method, optimizer, schedule and loop."""
 
     name: str = "run"
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**31)
     data: DataConfig = Field(default_factory=DataConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)

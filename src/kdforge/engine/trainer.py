@@ -251,9 +251,18 @@ class Trainer:
     # -- set-up ------------------------------------------------------------------------------
     def _build(self, data: DataBundle | None) -> None:
         r, acc, method = self.recipe, self.acc, self.method
-        for c in self.callbacks:
-            c.on_init(self)
-        acc.wait_for_everyone()
+        err: str | None = None
+        try:
+            for c in self.callbacks:
+                c.on_init(self)
+        except KdforgeError as e:
+            err = str(e)
+        if acc.num_processes > 1:  # rank 0 prepares the folder: its failure is every rank's, no one waits
+            from accelerate.utils import broadcast_object_list
+
+            err = broadcast_object_list([err], from_process=0)[0]
+        if err is not None:
+            raise KdforgeError(err)
         rank, world = acc.process_index, acc.num_processes
         d = r.data
         if data is not None:
