@@ -212,3 +212,20 @@ def test_csv_pairs_select_on_recall_not_on_the_test_split(tmp_path: Path) -> Non
     assert res.monitor == "i2t_R@1" and res.best_epoch >= 0 and res.best_value is not None
     assert "top1" not in res.test_last and {"i2t_R@1", "t2i_R@1"} <= set(res.test_last)
     assert "val_i2t_R@1" in res.history[0] and "val_top1" not in res.history[0]
+
+
+def test_clip_model_specs_are_typed() -> None:
+    from kdforge.clip.method import ClipConfig
+    from kdforge.config import validate
+    from kdforge.errors import KdforgeError
+
+    with pytest.raises(KdforgeError, match=r"unknown key 'method.model.image.modle'"):
+        validate(ClipConfig, {"model": {"image": {"model": "vit", "modle": 1}}}, prefix="method")
+    with pytest.raises(KdforgeError, match=r"method.model.embed_dim"):
+        validate(ClipConfig, {"model": {"embed_dim": "wide"}}, prefix="method")
+    with pytest.raises(KdforgeError, match=r"either open_clip"):
+        validate(ClipConfig, {"model": {"open_clip": "ViT-B-16", "embed_dim": 32}}, prefix="method")
+    c = validate(ClipConfig, {"model": {"embed_dim": 32, "image": {"model": "cnn_small", "kwargs": {"width": 8}}}},
+                 prefix="method")
+    assert c.model.build_spec() == {"embed_dim": 32, "image": {"model": "cnn_small", "kwargs": {"width": 8}},
+                                    "text": {"model": "small", "kwargs": {}}}

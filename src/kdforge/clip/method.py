@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -31,10 +31,44 @@ PAIR_SETS = "clip_fashion, clip_shapes, clip_csv, clip_folder"
 CLIP_NO_DECAY = ["norm", "bias", "scalar", "_bias"]
 
 
-def load_clip(spec: dict[str, Any], info: DataInfo) -> nn.Module:
+class TowerSpec(Strict):
+    """One tower of a CLIP: a model name and its keyword arguments."""
+
+    model: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class ClipSpec(Strict):
+    """A CLIP model in a recipe: kdforge towers (``embed_dim``, ``image``, ``text``) or an open_clip model."""
+
+    embed_dim: int = Field(64, ge=1)
+    image: TowerSpec = Field(default_factory=lambda: TowerSpec(model="vit"))
+    text: TowerSpec = Field(default_factory=lambda: TowerSpec(model="small"))
+    open_clip: str | None = None
+    pretrained: str | None = None
+    checkpoint: str | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ClipSpec:
+        if self.open_clip is None and self.pretrained is not None:
+            raise ValueError("'pretrained' needs 'open_clip' (an open_clip model name)")
+        if self.open_clip is not None and ({"embed_dim", "image", "text"} & self.model_fields_set):
+            raise ValueError("give either open_clip (+ pretrained) or embed_dim/image/text, not both")
+        return self
+
+    def build_spec(self) -> dict[str, Any]:
+        """The dict :func:`build_clip` takes (no checkpoint)."""
+        if self.open_clip is not None:
+            return {"open_clip": self.open_clip, "pretrained": self.pretrained}
+        return {"embed_dim": self.embed_dim, "image": self.image.model_dump(), "text": self.text.model_dump()}
+
+
+def load_clip(spec: ClipSpec | dict[str, Any], info: DataInfo) -> nn.Module:
     """A CLIP from a recipe spec (``embed_dim``, ``image``, ``text``, optional ``checkpoint``)."""
-    spec = dict(spec)
-    ckpt = spec.pop("checkpoint", None)
+    if not isinstance(spec, ClipSpec):
+        spec = validate(ClipSpec, spec, prefix="CLIP model")
+    ckpt = spec.checkpoint
+    spec = spec.build_spec()
     model = build_clip(spec, info.in_chans, info.image_size)
     if ckpt:
         from kdforge.engine.checkpoint import load_weights
@@ -132,7 +166,7 @@ class ClipConfig(Strict):
     """Recipe schema of ``method: {name: clip}``."""
 
     name: str = "clip"
-    model: dict[str, Any]
+    model: ClipSpec
     #: parameters without weight decay (``optim.no_decay`` rules): logit scale, norms, biases
     no_decay: list[str] = Field(default_factory=lambda: list(CLIP_NO_DECAY))
 
@@ -170,8 +204,8 @@ class ClipKDConfig(Strict):
     """Recipe schema of ``method: {name: clip_kd}``."""
 
     name: str = "clip_kd"
-    teacher: dict[str, Any]
-    student: dict[str, Any]
+    teacher: ClipSpec
+    student: ClipSpec
     weights: dict[str, float] = Field(default_factory=lambda: {"task": 1.0, "crd": 1.0, "fd": 2000.0, "icl": 1.0})
     mask_ratio: float = Field(0.75, ge=0.0, lt=1.0)
     #: ``paper``, ``official`` (both quirks of the released code) or a list of ``mfd``, ``gd``
@@ -225,7 +259,7 @@ class ClipKD(_ClipMethod):
     @classmethod
     def from_config(cls, cfg: dict[str, Any], info: DataInfo) -> ClipKD:
         c = validate(ClipKDConfig, cfg, prefix="method")
-        if not c.teacher.get("checkpoint") and "open_clip" not in c.teacher:
+        if not c.teacher.checkpoint and c.teacher.open_clip is None:
             raise KdforgeError("method.teacher needs a 'checkpoint' (a trained 'clip' run's "
                                "checkpoints/last.safetensors) or an open_clip model")
         try:
