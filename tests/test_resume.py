@@ -98,7 +98,8 @@ def test_ctrl_c_says_where_and_how_to_resume(tmp_path: Path) -> None:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
-    while _epochs_done(run) < 1 and proc.poll() is None and time.time() < deadline:
+    state = run / "checkpoints" / "state" / "trainer.pt"
+    while (_epochs_done(run) < 1 or not state.is_file()) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)

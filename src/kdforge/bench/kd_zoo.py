@@ -248,7 +248,8 @@ def _markdown(table: list[dict[str, Any]], teachers: dict[str, float], seeds: tu
         "a harder task than the student alone's.",
         "- Data-free students never see a training image. With 160 steps of synthetic images they stay far below "
         "the others (DAFL's generator needs thousands of steps); they are here to show that the schemes run.",
-        "- The discriminator (adversarial) and generator (DAFL) have their own Adam inside the method; 'extra "
+        "- The discriminator (adversarial) and generator (DAFL) have their own Adam, a manual optimizer the engine "
+        "builds and steps; 'extra "
         "trained params' counts them, the second peer of online methods and the connectors of feature losses.",
     ]
     return "\n".join(lines) + "\n"
