@@ -65,7 +65,7 @@ class CilRecipe(Strict):
     """A whole class-incremental run: the engine's shared sections and the ``cil`` section."""
 
     name: str = "cil"
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**31)
     data: DataConfig = Field(default_factory=lambda: DataConfig(**DEFAULTS["data"]))
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(**DEFAULTS["optim"]))
     sched: SchedConfig = Field(default_factory=lambda: SchedConfig(**DEFAULTS["sched"]))

@@ -166,7 +166,7 @@ class PruneRecipe(Strict):
 
     name: str = "prune"
     compat: str | list[str] = "paper"
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**31)
     model: ModelSpec | None = None
     llm: LLMSpec | None = None
     data: DataConfig = Field(default_factory=lambda: DataConfig(augment=True))
