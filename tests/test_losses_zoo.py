@@ -154,7 +154,7 @@ FEATURE_CASES: list[tuple[str, dict[str, Any], list[tuple[int, ...]], list[tuple
     ("fitnet", {}, [(4, 4, 4)], [(6, 8, 8)]),
     ("at", {}, S_MAPS, T_MAPS),
     ("nst", {}, S_MAPS, T_MAPS),
-    ("ft", {}, [(4, 8, 8)], [(6, 4, 4)]),
+    ("ft", {"stages": "one"}, [(4, 8, 8)], [(6, 4, 4)]),  # two stages: the paraphraser is frozen in the main one
     ("ab", {}, S_MAPS, T_MAPS),
     ("fsp", {}, S_MAPS, T_MAPS),
     ("vid", {}, S_MAPS, T_MAPS),

@@ -33,6 +33,14 @@ class DataInfo:
     image_size: int
 
 
+@dataclass(frozen=True)
+class MethodStage:
+    """One stage of a multi-stage method: its name and epochs (``None``: the recipe's ``train.epochs``)."""
+
+    name: str
+    epochs: int | None = None
+
+
 class Method(nn.Module):
     """A training objective: owns what it trains, holds frozen what it does not.
 
@@ -56,12 +64,28 @@ class Method(nn.Module):
         self.epoch = 0
         #: the run's ``train.epochs``, set by the Trainer before training (for schedules inside a method)
         self.total_epochs: int | None = None
+        #: the stage being trained (set by :meth:`enter_stage`; ``None`` in a one-stage run)
+        self.stage: str | None = None
         self._trainer: Callable[[], Trainer | None] | None = None
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], info: DataInfo) -> Method:
         """Build from the recipe's ``method`` section (validated by ``cls.Config``)."""
         raise KdforgeError(f"{cls.__name__} cannot be built from a recipe")
+
+    # -- stages ------------------------------------------------------------------------------------
+    def stages(self, epochs: int) -> Sequence[MethodStage]:
+        """The stages of a multi-stage method, in order (empty: one fit); ``epochs`` is the recipe's.
+
+        :func:`kdforge.run.fit` runs each as one engine fit in its own folder of a
+        :class:`~kdforge.engine.stages.StagedRun`, calling :meth:`enter_stage` before building its Trainer;
+        the method carries its parameters from one stage to the next.
+        """
+        return ()
+
+    def enter_stage(self, name: str | None) -> None:
+        """Switch to stage ``name`` (what trains and which loss); called before the stage's Trainer is built."""
+        self.stage = name
 
     # -- optimizers ----------------------------------------------------------------------------
     def configure_optimizers(self) -> Sequence[OptimizerSpec]:

@@ -31,9 +31,10 @@ from kdforge.bench.common import (
 )
 from kdforge.config import Recipe
 from kdforge.data import DataBundle, load_data
-from kdforge.engine.trainer import Trainer, seed_everything
+from kdforge.engine.trainer import seed_everything
 from kdforge.method import DataInfo, build_method
 from kdforge.profile import count_params
+from kdforge.run import fit
 
 SEEDS = (0, 1, 2)
 EPOCHS = 40
@@ -97,8 +98,8 @@ def methods(teacher_ck: str, teacher2_ck: str, quick: bool = False) -> list[tupl
          "β = γ = 1, τ 1 (CIFAR 2/2/4: worse)"),
         ("fitnet", "feature", feat("fitnet", 10, "stage2"), "β 10 (RD 100)"),
         ("nst", "feature", feat("nst", 10, "stage3"), "β 10 (RD 50)"),
-        ("ft", "feature", feat("ft", 20, "stage3"), "β 20 (RD 200)"),
-        ("ab", "feature", feat("ab", 1.0, STAGES), "β 1, plain term"),
+        ("ft", "feature", feat("ft", 20, "stage3"), "β 20 (RD 200), paraphraser pre-trained 5 epochs"),
+        ("ab", "feature", feat("ab", 1.0, STAGES), "init stage 5 epochs (AB alone), then CE"),
         ("fsp", "feature", feat("fsp", 5, STAGES), "β 5 (RD 50), plain term"),
         ("vid", "feature", feat("vid", 1.0, STAGES), "β 1 (RD)"),
         ("ofd", "feature", feat("ofd", 2.0, "stage3.1"), "β 2, pre-ReLU stage3 (BN margin)"),
@@ -142,7 +143,7 @@ def _run_one(method: dict[str, Any], seed: int, quick: bool, data: DataBundle) -
     seed_everything(recipe.seed)
     info = DataInfo(data.num_classes, data.in_chans, data.image_size)
     m = build_method(recipe.method.model_dump(), info)
-    return result_summary(Trainer(m, data, recipe, keep_best_in_memory=True).fit())
+    return result_summary(fit(m, data, recipe, keep_best_in_memory=True))  # every stage (FT, AB: two)
 
 
 @BENCHES.register("kd-zoo")

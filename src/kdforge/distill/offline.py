@@ -10,9 +10,11 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from kdforge.config import ModelSpec, Strict, validate
+from kdforge.engine.optim import OptimizerSpec
 from kdforge.errors import KdforgeError
 from kdforge.losses.base import DistillLoss, build_loss
-from kdforge.method import DataInfo, Method, build_model
+from kdforge.losses.feature import TwoStageLoss
+from kdforge.method import DataInfo, Method, MethodStage, build_model
 from kdforge.registry import METHODS
 from kdforge.taps import FeatureTaps
 
@@ -72,6 +74,21 @@ class Term(nn.Module):
         return self.loss(*args, **kwargs)
 
 
+def graph_leaves(t: Tensor) -> set[int]:
+    """ids of the leaf tensors (parameters) ``t``'s autograd graph reaches: a walk of the graph, no backward."""
+    seen, out, todo = set(), set(), [t.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        var = getattr(fn, "variable", None)
+        if var is not None:
+            out.add(id(var))
+        todo.extend(f for f, _ in fn.next_functions)
+    return out
+
+
 def unpack(batch: tuple[Tensor, Tensor] | dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
     """Images, labels and (dict batches with ``batch_fields``) sample indices of a batch."""
     if isinstance(batch, dict):
@@ -91,7 +108,12 @@ class DistillConfig(Strict):
 
 @METHODS.register("distill")
 class Distill(Method):
-    """Offline KD: ``loss = Σ_i w_i · term_i(student, frozen teacher)``."""
+    """Offline KD: ``loss = Σ_i w_i · term_i(student, frozen teacher)``.
+
+    Terms with an init stage (FT, AB: :class:`~kdforge.losses.feature.TwoStageLoss` with ``stages: two``)
+    make a multi-stage method: one stage ``<term>-init`` per such term, then ``main``
+    (:func:`kdforge.run.fit` runs them).
+    """
 
     Config = DistillConfig
     frozen_prefixes = ("teacher.",)
@@ -110,6 +132,14 @@ class Distill(Method):
         self.s_taps = FeatureTaps(student, s_names)
         self.t_taps = FeatureTaps(teacher, t_names)
         self._needs_teacher = any(t.loss.inputs != "labels" for t in terms)
+        two = [t for t in terms if isinstance(t.loss, TwoStageLoss) and t.loss.two_stage]
+        names = [t.name for t in two]
+        #: init stage name -> its term
+        self._init_terms = {(n if names.count(n) == 1 else f"{n}{i}") + "-init": t
+                            for i, (n, t) in enumerate(zip(names, two, strict=True))}
+        #: per init term, names of the student parameters its init loss reaches (found in setup)
+        self._init_student: dict[str, list[str]] = {}
+        self._built = False
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], info: DataInfo) -> Distill:
@@ -140,6 +170,48 @@ class Distill(Method):
         self.teacher.eval()
         return self
 
+    def stages(self, epochs: int) -> list[MethodStage]:
+        """``<term>-init`` for each two-stage term (its init epochs), then ``main``; none without such terms."""
+        if not self._init_terms:
+            return []
+        pre = [MethodStage(n, t.loss.init_stage_epochs(epochs)) for n, t in self._init_terms.items()]  # type: ignore[union-attr]
+        return [*pre, MethodStage("main")]
+
+    def enter_stage(self, name: str | None) -> None:
+        if name is not None and name != "main" and name not in self._init_terms:
+            raise KdforgeError(f"distill has no stage {name!r} (stages: {', '.join([*self._init_terms, 'main'])})")
+        super().enter_stage(name)
+        for n, t in self._init_terms.items():
+            t.loss.set_phase("init" if n == name else "main")  # type: ignore[operator]
+
+    def _init_term(self) -> Term | None:
+        return self._init_terms.get(self.stage or "")
+
+    def configure_optimizers(self) -> list[OptimizerSpec]:
+        """One optimizer over what the stage trains: an init stage its term's modules (and the student parts
+        its loss reaches) at a constant lr; the main stage all but the teacher and the init-trained modules."""
+        if not self._init_terms:
+            return [OptimizerSpec("main")]
+        if self.stage is None:
+            raise KdforgeError(f"this distill recipe trains in stages ({', '.join(self._init_terms)}, main): run it "
+                               "with kdforge train or kdforge.run.fit, or set the term's stages: one")
+        teacher = {id(p) for p in self.teacher.parameters()}
+        init = self._init_term()
+        if init is None:
+            frozen = {id(p) for t in self._init_terms.values() for p in t.loss.init_params()}  # type: ignore[operator]
+            for p in self.parameters():
+                if id(p) not in teacher:
+                    p.requires_grad_(id(p) not in frozen)
+            return [OptimizerSpec("main")]
+        keep = {id(p) for p in init.loss.init_params()}  # type: ignore[operator]
+        reached = set(self._init_student.get(self.stage or "", []))
+        keep |= {id(p) for n, p in self.student.named_parameters() if n in reached}
+        for p in self.parameters():
+            if id(p) not in teacher:
+                p.requires_grad_(id(p) in keep)
+        lr = init.loss.init_lr  # type: ignore[union-attr]
+        return [OptimizerSpec("main", optim={"lr": lr} if lr else {}, sched={"name": "constant", "warmup_epochs": 0})]
+
     def on_epoch_start(self, epoch: int) -> None:
         super().on_epoch_start(epoch)
         for t in self.terms:
@@ -153,13 +225,30 @@ class Distill(Method):
         self.student.eval()
         s_logits, t_logits = self.student(x), self.teacher(x)
         self.student.train(was)
+        if self._built:  # a later stage of a multi-stage run: keep what the earlier stages trained
+            return
         for t in self.terms:
             t.loss.bind(self.student, self.teacher, t.student_taps, t.teacher_taps)
             args, _ = t.inputs(s_logits, t_logits, y, self.s_taps, self.t_taps)
             t.loss.setup(*args) if t.loss.inputs == "features" else t.loss.setup([args[0]], [args[1]])
+        was = self.training
+        self.eval()  # the probe below must not move BatchNorm statistics
+        for name, t in self._init_terms.items():
+            if t.loss.init_trains_student:  # type: ignore[union-attr]
+                with torch.enable_grad():
+                    self.student(x)
+                    loss = t.loss.init_loss(self.s_taps.get(t.student_taps),  # type: ignore[operator]
+                                            self.t_taps.get(t.teacher_taps))
+                reached = graph_leaves(loss)
+                self._init_student[name] = [n for n, p in self.student.named_parameters() if id(p) in reached]
+        self.train(was)
+        self._built = True
 
     def training_step(self, batch: tuple[Tensor, Tensor] | dict[str, Tensor], step: int) -> dict[str, Tensor]:
         x, y, idx = unpack(batch)
+        init = self._init_term()
+        if init is not None:
+            return self._init_step(init, x)
         t_logits = None
         if self._needs_teacher:
             with torch.no_grad():
@@ -168,6 +257,8 @@ class Distill(Method):
         out: dict[str, Tensor] = {}
         total = s_logits.new_zeros(())
         for t in self.terms:
+            if not getattr(t.loss, "in_main_loss", True):
+                continue
             args, kw = t.inputs(s_logits, t_logits, y, self.s_taps, self.t_taps, idx)
             value = t(*args, **kw)
             out[f"loss_{t.name}"] = value.detach()
@@ -175,6 +266,17 @@ class Distill(Method):
         out["loss"] = total
         out["acc"] = (s_logits.argmax(-1) == y).float().mean().detach()
         return out
+
+    def _init_step(self, t: Term, x: Tensor) -> dict[str, Tensor]:
+        """An init stage's step: the term's init loss alone (the student runs only if that loss trains it)."""
+        with torch.no_grad():
+            self.teacher(x)
+        student = None
+        if t.loss.init_trains_student:  # type: ignore[union-attr]
+            self.student(x)
+            student = self.s_taps.get(t.student_taps)
+        loss = t.loss.init_loss(student, self.t_taps.get(t.teacher_taps))  # type: ignore[operator]
+        return {"loss": loss, f"loss_{t.name}_init": loss.detach()}
 
     def deployable(self) -> nn.Module:
         return self.student

@@ -240,18 +240,78 @@ class Paraphraser(nn.Module):
         return factor, self.decoder(factor)
 
 
+class TwoStageLoss(FeatureLoss):
+    """A feature loss with an initialisation stage before the main training (FT's paraphraser, AB's init).
+
+    ``stages: two`` (default, the papers): :class:`~kdforge.distill.Distill` runs an init stage of
+    ``init_epochs`` epochs (default RepDistiller's 30 of 240, scaled to the run: round(epochs/8), at
+    least 1) that minimises :meth:`init_loss` alone over :meth:`init_params` (and, where
+    ``init_trains_student``, the student parameters that loss reaches), with a constant lr
+    (``init_lr``, default the recipe's); then the main stage with :meth:`init_params` frozen.
+    ``stages: one``: no init stage; the term trains online with the student.
+    """
+
+    #: RepDistiller's init stage: 30 epochs before a 240-epoch run
+    INIT_SHARE = 30 / 240
+    #: whether the init stage also trains the student (AB) or only the loss's own modules (FT)
+    init_trains_student: ClassVar[bool] = False
+
+    def __init__(self, stages: str = "two", init_epochs: int | None = None, init_lr: float | None = None) -> None:
+        super().__init__()
+        if stages not in ("one", "two"):
+            raise ValueError(f"stages must be 'one' or 'two', got {stages!r}")
+        if init_epochs is not None and init_epochs < 1:
+            raise ValueError(f"init_epochs must be >= 1, got {init_epochs}")
+        if init_lr is not None and not init_lr > 0:
+            raise ValueError(f"init_lr must be > 0, got {init_lr}")
+        self.stages, self.init_epochs, self.init_lr = stages, init_epochs, init_lr
+        #: "online" (one stage), "init" (the init stage) or "main" (after it)
+        self.phase = "online" if stages == "one" else "main"
+
+    @property
+    def two_stage(self) -> bool:
+        """Whether the term has an init stage."""
+        return self.stages == "two"
+
+    def init_stage_epochs(self, epochs: int) -> int:
+        """Epochs of the init stage for a run of ``epochs`` epochs."""
+        return self.init_epochs if self.init_epochs is not None else max(1, round(epochs * self.INIT_SHARE))
+
+    def set_phase(self, phase: str) -> None:
+        """Enter the init or the main stage (two-stage terms only)."""
+        if self.two_stage:
+            self.phase = phase
+            self.train(self.training)
+
+    def init_params(self) -> list[nn.Parameter]:
+        """The loss's own parameters trained in the init stage and frozen afterwards."""
+        return list(self.parameters())
+
+    def init_loss(self, student: Sequence[Tensor] | None, teacher: Sequence[Tensor]) -> Tensor:
+        """The init stage's objective (``student`` is ``None`` unless ``init_trains_student``)."""
+        raise NotImplementedError
+
+    @property
+    def in_main_loss(self) -> bool:
+        """Whether the term adds to the main stage's loss."""
+        return True
+
+
 @LOSSES.register("ft")
-class FTLoss(FeatureLoss):
+class FTLoss(TwoStageLoss):
     """Factor transfer (Kim et al., NeurIPS 2018): a student translator matches a teacher paraphraser's factor.
 
-    One-stage: the paraphraser learns its reconstruction online (``recon_weight``) instead of being
-    pre-trained; the factor target is detached, so the student side never moves it.
+    Two stages (default, the paper): the paraphraser is trained first as an autoencoder of the teacher's
+    map (MSE reconstruction, teacher and student frozen), then frozen (eval mode) while the student and
+    translator learn CE + β·FT. ``stages: one``: the paraphraser learns its reconstruction online
+    (``recon_weight``·MSE added to the term); the factor target is detached, so the student side never moves it.
     """
 
     has_connectors = True
 
-    def __init__(self, rate: float = 0.5, p: int = 1, recon_weight: float = 1.0) -> None:
-        super().__init__()
+    def __init__(self, rate: float = 0.5, p: int = 1, recon_weight: float = 1.0, stages: str = "two",
+                 init_epochs: int | None = None, init_lr: float | None = None) -> None:
+        super().__init__(stages, init_epochs, init_lr)
         if not 0 < rate <= 4:
             raise ValueError(f"rate must be in (0, 4], got {rate}")
         self.rate, self.p, self.recon_weight = rate, p, recon_weight
@@ -265,15 +325,33 @@ class FTLoss(FeatureLoss):
             self.paraphrasers.append(Paraphraser(ct, k))
             self.translators.append(nn.Sequential(*_conv_bn_act(cs, cs), *_conv_bn_act(cs, k)))
 
+    def train(self, mode: bool = True) -> FTLoss:
+        super().train(mode)
+        if self.phase == "main":  # the pre-trained paraphraser is frozen, BatchNorm statistics included
+            self.paraphrasers.eval()
+        return self
+
+    def init_params(self) -> list[nn.Parameter]:
+        return list(self.paraphrasers.parameters())
+
+    def init_loss(self, student: Sequence[Tensor] | None, teacher: Sequence[Tensor]) -> Tensor:
+        """Σ_pairs MSE(P(F_t), F_t): the paraphraser's reconstruction of the teacher's maps."""
+        return sum(F.mse_loss(para(t.detach())[1], t.detach())  # type: ignore[return-value]
+                   for para, t in zip(self.paraphrasers, teacher, strict=True))
+
     def forward(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
         self.check(student, teacher)
         total = student[0].new_zeros(())
         for para, trans, s, t in zip(self.paraphrasers, self.translators, student, teacher, strict=True):
             t = t.detach()
-            factor_t, recon = para(t)
-            factor_s = trans(s)
-            factor_s, factor_t = match_spatial(factor_s, factor_t)
-            total = total + ft_factor_loss(factor_s, factor_t, self.p) + self.recon_weight * F.mse_loss(recon, t)
+            if self.phase == "online":
+                factor_t, recon = para(t)
+                total = total + self.recon_weight * F.mse_loss(recon, t)
+            else:
+                with torch.no_grad():
+                    factor_t = para.encoder(t)
+            factor_s, factor_t = match_spatial(trans(s), factor_t)
+            total = total + ft_factor_loss(factor_s, factor_t, self.p)
         return total
 
 
@@ -288,17 +366,24 @@ def ab_loss(student: Tensor, teacher: Tensor, margin: float = 1.0) -> Tensor:
 
 
 @LOSSES.register("ab")
-class ABLoss(FeatureLoss):
+class ABLoss(TwoStageLoss):
     """Activation boundaries (Heo et al., AAAI 2019): a connector's output must switch where the teacher does.
+
+    Two stages (default, the paper and RepDistiller's ``init``): the student's layers up to the tapped
+    maps and the connectors are initialised by the AB loss alone (no CE), then the student trains with
+    the recipe's other terms (CE, + KD if the recipe has a ``kd`` term) and the AB term is off.
+    ``stages: one``: the AB term is added to the others throughout.
 
     The teacher's neuron is "on" where its tapped value is > 0; tap pre-activation maps where the model
     allows (a post-ReLU map gives the same on/off pattern).
     """
 
     has_connectors = True
+    init_trains_student = True
 
-    def __init__(self, margin: float = 1.0) -> None:
-        super().__init__()
+    def __init__(self, margin: float = 1.0, stages: str = "two", init_epochs: int | None = None,
+                 init_lr: float | None = None) -> None:
+        super().__init__(stages, init_epochs, init_lr)
         if margin <= 0:
             raise ValueError(f"margin must be > 0, got {margin}")
         self.margin = margin
@@ -307,6 +392,14 @@ class ABLoss(FeatureLoss):
     def build(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> None:
         self.connectors = nn.ModuleList(regressor(s.shape[1:], t.shape[1:], relu=False)
                                         for s, t in zip(student, teacher, strict=True))
+
+    @property
+    def in_main_loss(self) -> bool:
+        return not self.two_stage
+
+    def init_loss(self, student: Sequence[Tensor] | None, teacher: Sequence[Tensor]) -> Tensor:
+        assert student is not None
+        return self.forward(student, teacher)
 
     def forward(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
         self.check(student, teacher)
