@@ -80,6 +80,8 @@ class Solver(nn.Module):
         # hooks live only for this call, so deep copies of the solver never share them
         with FeatureTaps(self.net, self.taps) as taps:
             e = self.net(x)
+        if not self.heads:  # aux_heads: false
+            return e, []
         feats = [taps[n] for n in self.taps] + [e]
         return e, [h(f) for h, f in zip(self.heads, feats, strict=True)]
 
@@ -93,10 +95,12 @@ class SolverStep(TaskMethod):
     """Stage A: CE + rotation-SS (base task); balanced CE on real and generated features + L_ed + L_e later."""
 
     def __init__(self, solver: Solver, task: TaskInfo, old: Solver | None, gen: CVAE | None, tau: float,
-                 reduction: str, tradeoff: float, freeze_bn: bool, distill_heads: int) -> None:
+                 reduction: str, tradeoff: float, freeze_bn: bool, distill_heads: int, embedding_kd: bool = True,
+                 replay: bool = True) -> None:
         super().__init__()
         self.solver, self.old, self.gen, self.tau, self.reduction = solver, old, gen, tau, reduction
         self.f, self.lo, self.tradeoff, self.distill_heads = task.old_units, task.lo, tradeoff, distill_heads
+        self.embedding_kd, self.replay = embedding_kd and distill_heads > 0, replay and gen is not None
         if old is not None:
             self.freeze(old)
             if freeze_bn:  # eTag trains with the whole solver in eval mode: heads' BN too
@@ -110,18 +114,23 @@ class SolverStep(TaskMethod):
         e, s = self.solver(xr)
         logits = self.solver.classifier(e[0::4])
         if self.old is None:
-            out = {"ce": F.cross_entropy(logits, y), "ss": sum(F.cross_entropy(sk, yr) for sk in s)}
+            out = {"ce": F.cross_entropy(logits, y)}
+            if s:
+                out["ss"] = sum(F.cross_entropy(sk, yr) for sk in s)  # type: ignore[assignment]
         else:
             w_cur, w_old = balance(self.f)
             with torch.no_grad():
                 e_old, s_old = self.old(xr)
-                c = torch.randint(0, self.lo, (len(y),), device=y.device)
-                h = self.gen.sample(c)  # type: ignore[union-attr]
-            ed = sum(kd_loss(s[k], s_old[k], self.tau) for k in range(self.distill_heads))
-            out = {"ce_cur": w_cur * F.cross_entropy(logits, y),
-                   "ce_old": w_old * F.cross_entropy(self.solver.classifier(h), c),
-                   "ed": self.tradeoff * self.f * ed,
-                   "e": self.tradeoff * self.f * space_maintenance(e, e_old, self.reduction)}
+            out = {"ce_cur": w_cur * F.cross_entropy(logits, y)}
+            if self.replay:
+                with torch.no_grad():
+                    c = torch.randint(0, self.lo, (len(y),), device=y.device)
+                    h = self.gen.sample(c)  # type: ignore[union-attr]
+                out["ce_old"] = w_old * F.cross_entropy(self.solver.classifier(h), c)
+            if self.embedding_kd:
+                ed = sum(kd_loss(s[k], s_old[k], self.tau) for k in range(self.distill_heads))
+                out["ed"] = self.tradeoff * self.f * ed  # type: ignore[assignment]
+            out["e"] = self.tradeoff * self.f * space_maintenance(e, e_old, self.reduction)
         out["loss"] = sum(out.values())  # type: ignore[assignment]
         return out
 
@@ -170,14 +179,22 @@ class GeneratorStep(TaskMethod):
 
 @LEARNERS.register("etag")
 class ETag(Learner):
-    """eTag: carries F (with auxiliary heads), the unified classifier C and the generator G; never samples."""
+    """eTag: carries F (with auxiliary heads), the unified classifier C and the generator G; never samples.
+
+    Ablation switches (each removes its term): ``embedding_kd`` (L_ed, the heads' distillation),
+    ``task_oriented`` (the generator's CE terms: naive generation), ``replay`` (the CE on generated
+    old-class features, and with it the generator stage), ``aux_heads`` (no auxiliary heads: no
+    rotation SS and no L_ed).
+    """
 
     def __init__(self, backbone: nn.Module, dim: int, split: CILSplit, cfg: TrainCfg, taps: Sequence[str] | None = None,
                  aux_width: int = 64, tau: float = 3.0, e_reduction: str = "frobenius", tradeoff: float = 1.0,
                  vae_tradeoff: float = 1e-3, gen_hidden: int = 64, gen_latent: int = 16, gen_epochs: int | None = None,
-                 gen_lr: float = 1e-3, freeze_bn_stats: bool = True, mask_unseen: bool = True,
-                 task_oriented: bool = True) -> None:
+                 gen_lr: float = 1e-4, freeze_bn_stats: bool = True, mask_unseen: bool = True,
+                 task_oriented: bool = True, embedding_kd: bool = True, replay: bool = True,
+                 aux_heads: bool = True) -> None:
         super().__init__(backbone, dim, split, cfg)
+        self.embedding_kd, self.replay, self.aux_heads = embedding_kd, replay, aux_heads
         if e_reduction not in REDUCTIONS:
             raise KdforgeError(f"unknown e_reduction {e_reduction!r}; valid: {', '.join(REDUCTIONS)}")
         names = list(getattr(backbone, "feature_names", []))
@@ -191,6 +208,8 @@ class ETag(Learner):
 
     def setup(self, x: Tensor) -> None:
         """Build the auxiliary heads from one example batch (their input shapes depend on the data)."""
+        if not self.aux_heads:
+            return
         with torch.no_grad(), FeatureTaps(self.net, self.taps) as taps:
             e = self.net.eval()(x)
         feats = [taps[n] for n in self.taps] + [e]
@@ -204,9 +223,9 @@ class ETag(Learner):
         old = frozen_copy(self.solver) if task.t > 0 else None
         gen_prev = frozen_copy(self.gen) if task.t > 0 else None
         step = SolverStep(self.solver, task, old, gen_prev, self.tau, self.e_reduction, self.tradeoff,  # type: ignore[arg-type]
-                          self.freeze_bn_stats, len(self.heads) - 1)
+                          self.freeze_bn_stats, max(len(self.heads) - 1, 0), self.embedding_kd, self.replay)
         yield Stage(step, self.cfg.epochs_for(task.t), self.cfg.lr)
-        if task.t < self.split.tasks:  # no generator is needed after the final task
+        if self.replay and task.t < self.split.tasks:  # no generator is needed after the final task
             gen_step = GeneratorStep(self.gen, frozen_copy(self.net), frozen_copy(self.classifier), task,
                                      gen_prev, self.tradeoff, self.vae_tradeoff, self.task_oriented)  # type: ignore[arg-type]
             yield Stage(gen_step, self.gen_epochs or self.cfg.epochs_for(task.t), self.gen_lr)
