@@ -60,6 +60,31 @@ def measure(name: str, seeds: int, threads: int, quick: bool) -> dict[str, Any]:
             "paired": p, "run_s": times}
 
 
+def report(data: dict[str, Any]) -> str:
+    """Markdown tables of a search file: one row per (candidate, condition)."""
+    lines = ["| candidate | condition | student alone (%) | KD student (%) | paired gain per seed | "
+             "mean gain [95 % CI] | passes |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    names = sorted({n for c in data["conditions"].values() for n in c["candidates"]})
+    for name in names:
+        for label, cond in data["conditions"].items():
+            c = cond["candidates"].get(name)
+            if c is None:
+                continue
+            p = c["paired"]
+            ok = p["mean"] >= 1.5 and p["excludes_zero"] and p["n"] >= 5
+            lines.append(f"| {name} | {label} | {mean_std_text(c['alone'])} | {mean_std_text(c['kd'])} | "
+                         f"{', '.join(f'{d:+.1f}' for d in p['diffs'])} | {format_interval(p)} | "
+                         f"{'yes' if ok else 'no'} |")
+    return "\n".join(lines)
+
+
+def mean_std_text(values: list[float]) -> str:
+    """'77.80 ± 1.20'."""
+    import statistics
+
+    return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{values[0]}"
+
+
 def main() -> None:
     """Measure the chosen candidates under one condition and merge them into the JSON file."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -68,8 +93,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="train.threads of every run")
     ap.add_argument("--out", type=Path, default=Path("docs/demo-setting-search.json"))
     ap.add_argument("--quick", action="store_true", help="1 epoch on 128 images: a smoke test, not a result")
+    ap.add_argument("--report", action="store_true", help="print the markdown table of --out and exit")
     args = ap.parse_args()
     data = json.loads(args.out.read_text()) if args.out.is_file() else {"conditions": {}}
+    if args.report:
+        print(report(data))
+        return
     label = condition_label(args.threads)
     cond = data["conditions"].setdefault(label, {"candidates": {}})
     cond.update({"threads": args.threads, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
