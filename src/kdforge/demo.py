@@ -146,10 +146,11 @@ def _print_table(rows: list[dict[str, Any]], paired: dict[str, Any], seeds: int,
     t.add_row("KD − alone, paired", f"{format_interval(paired)}", ", ".join(f"{d:+.1f}" for d in paired["diffs"]),
               "", "", "")
     Console(width=160).print(t)
-    ci = "95 % t-interval" if paired["n"] > 1 else "no interval with one seed"
+    ci = (f"95 % t-interval [{paired['lo']:+.2f}, {paired['hi']:+.2f}] ({paired['n'] - 1} dof)" if paired["n"] > 1
+          else "no interval with one seed")
     print(f"KD gain over the student alone: {paired['mean']:+.2f} points, mean of {paired['n']} paired seeds "
-          f"(per seed {', '.join(f'{d:+.1f}' for d in paired['diffs'])}); {ci} "
-          f"[{paired['lo']:+.2f}, {paired['hi']:+.2f}]; finished in {elapsed / 60:.1f} min", flush=True)
+          f"(per seed {', '.join(f'{d:+.1f}' for d in paired['diffs'])}); {ci}; "
+          f"finished in {elapsed / 60:.1f} min", flush=True)
 
 
 def _write_report(out: Path, rows: list[dict[str, Any]], paired: dict[str, Any], seeds: int, elapsed: float,

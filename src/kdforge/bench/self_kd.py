@@ -313,11 +313,10 @@ def _report_limited(rows: list[dict[str, Any]], raw: dict[str, Any], wall: float
     epochs, images, seeds = raw["epochs"], raw["images"], raw["seeds"]
     steps = epochs * -(-images // 128)
     cmd = LIMITED_COMMAND + (" --quick" if quick else "")
+    smoke = "**Quick smoke run (1 epoch, 128 images, 1 seed): not a result.**\n\n" if quick else ""
     return f"""## Data-limited: {images:,} training images, {epochs} epochs
 
-{"**Quick smoke run (1 epoch, 128 images, 1 seed): not a result.**" if quick else ""}
-
-Command: `{cmd}` ({wall / 60:.1f} min in total). Machine: {machine_note()}.
+{smoke}Command: `{cmd}` ({wall / 60:.1f} min in total). Machine: {machine_note()}.
 Runs: one after another, one torch thread each.
 
 - Data: the first {images:,} images of the same seeded training split (about {images // 10} per class), the same
