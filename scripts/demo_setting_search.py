@@ -101,6 +101,7 @@ def main() -> None:
         return
     label = condition_label(args.threads)
     cond = data["conditions"].setdefault(label, {"candidates": {}})
+    torch.set_num_threads(args.threads)  # so that machine_note names the condition's thread count
     cond.update({"threads": args.threads, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                  "machine": machine_note()})
     for name in args.candidates:
