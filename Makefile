@@ -28,7 +28,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks scripts
 
 bench-overhead: $(STAMP)
-	$(BIN)/python benchmarks/engine_overhead.py
+	MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=2147483647 taskset -c 0 $(BIN)/python benchmarks/engine_overhead.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -21,24 +21,16 @@ def test_quick_self_kd_bench_writes_table_and_plot(tmp_path: Path) -> None:
     assert runs["MixSKD"]["deploy_params"] == runs["CE"]["deploy_params"] < runs["MixSKD"]["train_params"]
 
 
-def test_quick_self_kd_limited_writes_its_own_section(tmp_path: Path) -> None:
-    from kdforge.bench.self_kd import write_section
-
-    md = tmp_path / "self-kd.md"
-    write_section(md, "self-kd", "## Full training split\n\n| CE | 85.03 |")
-    md.write_text(md.read_text() + "\nWritten analysis of the full table.\n")
-    assert load_benches().get("self-kd-limited")(out=tmp_path, quick=True) == md
+def test_quick_self_kd_limited_writes_its_own_page(tmp_path: Path) -> None:
+    md = load_benches().get("self-kd-limited")(out=tmp_path, quick=True)
+    assert md == tmp_path / "self-kd-limited.md"
     text = md.read_text()
-    assert "| CE | 85.03 |" in text and "Written analysis of the full table." in text
-    assert "## Data-limited: 128 training images, 1 epochs" in text and "kdforge bench self-kd-limited --quick" in text
+    assert text.startswith("# Self-distillation, data-limited: 128 training images, 1 epochs")
+    assert "kdforge bench self-kd-limited --quick" in text and "Quick smoke run" in text
     for label in ("CE", "label smoothing", "mixup", "MixSKD"):
         assert f"| {label} |" in text, label
     raw = json.loads((tmp_path / "self-kd-limited.json").read_text())
     assert set(raw["runs"]) == {"CE", "label smoothing", "mixup", "MixSKD"}
     assert all(0 <= s["train_top1"] <= 100 for v in raw["runs"].values() for s in v["results"])
+    assert raw["runs"]["MixSKD"]["paired_vs_ce"]["n"] == 1
     assert (tmp_path / "self-kd-limited.png").stat().st_size > 1000
-    # a second write replaces the section in place and leaves the analysis
-    write_section(md, "self-kd-limited", "## Data-limited\n\nnew body")
-    text = md.read_text()
-    assert text.count("begin generated: self-kd-limited") == 1 and "new body" in text
-    assert "Written analysis of the full table." in text and text.startswith("# Self-distillation")

@@ -97,8 +97,68 @@ def test_afd_and_projection_widths(d_s: int) -> None:
     assert mod.fuse_v.in_features == 32 and mod.fuse_v.out_features == d_s  # projected width + teacher width
     out = mod(torch.randn(4, d_s), torch.randn(4, d_s), torch.tensor(14.0), unit(4, 16), unit(4, 16), 14.0)
     assert out["afd"].ndim == 0 and out["afd"].item() > 0
-    fi = F.normalize(torch.randn(4, d_s), dim=-1)
-    assert afd_loss(fi, fi, 10.0).item() == pytest.approx(clip_loss(fi, fi, 10.0).item())
+
+
+def test_afd_value_of_the_fusion_by_hand() -> None:
+    """f^I = normalise(U_v[ṽ; v^T] + b_v), f^T likewise; L = ½[CE(κ f^I f^Tᵀ) + CE(κ f^T f^Iᵀ)], written out."""
+    v, s = [[1.0, 0.0], [0.6, 0.8]], [[0.0, 1.0], [0.8, -0.6]]
+    tv, ts = [[0.6, 0.8], [1.0, 0.0]], [[-0.6, 0.8], [0.0, 1.0]]
+    uv, bv = [[1.0, 0.5, -1.0, 0.0], [0.0, 2.0, 0.5, 1.0]], [0.1, -0.2]
+    us, bs = [[0.5, 0.0, 1.0, 1.0], [-1.0, 1.0, 0.0, 2.0]], [0.0, 0.3]
+    kappa = 5.0
+
+    def fuse(a: list[float], b: list[float], u: list[list[float]], bias: list[float]) -> list[float]:
+        x = a + b
+        y = [sum(w * xi for w, xi in zip(row, x, strict=True)) + c for row, c in zip(u, bias, strict=True)]
+        n = math.sqrt(sum(t * t for t in y))
+        return [t / n for t in y]
+
+    fi = [fuse(a, b, uv, bv) for a, b in zip(v, tv, strict=True)]
+    ft = [fuse(a, b, us, bs) for a, b in zip(s, ts, strict=True)]
+
+    def ce_rows(p: list[list[float]], k: list[list[float]]) -> float:
+        total = 0.0
+        for i, pi in enumerate(p):
+            logits = [kappa * sum(x * y for x, y in zip(pi, kj, strict=True)) for kj in k]
+            total += math.log(sum(math.exp(z) for z in logits)) - logits[i]
+        return total / len(p)
+
+    want = 0.5 * (ce_rows(fi, ft) + ce_rows(ft, fi))
+    fuse_v, fuse_s = torch.nn.Linear(4, 2), torch.nn.Linear(4, 2)
+    with torch.no_grad():
+        for lin, u, b in ((fuse_v, uv, bv), (fuse_s, us, bs)):
+            lin.weight.copy_(torch.tensor(u))
+            lin.bias.copy_(torch.tensor(b))
+    args = [torch.tensor(x) for x in (v, s, tv, ts)]
+    assert afd_loss(*args, fuse_v, fuse_s, kappa).item() == pytest.approx(want, rel=1e-5)
+    # the module's AFD term is the same fusion with its own layers
+    mod = ClipKDLoss(2, 2, {"afd": 1.0}, gather_batch=False)
+    mod.fuse_v.load_state_dict(fuse_v.state_dict())
+    mod.fuse_s.load_state_dict(fuse_s.state_dict())
+    with torch.no_grad():
+        mod.fusion_scale.theta.fill_(math.log(kappa))
+    got = mod(args[0], args[1], torch.tensor(1.0), args[2], args[3], 1.0)["afd"]
+    assert got.item() == pytest.approx(want, rel=1e-5)
+    # the fusion matters: without the teacher half (zeroed), the value changes
+    assert afd_loss(args[0], args[1], 0 * args[2], 0 * args[3], fuse_v, fuse_s, kappa).item() != pytest.approx(want)
+
+
+def test_clip_compat_switch_and_old_keys() -> None:
+    v, s = unit(6, 8, seed=9, dtype=torch.float64), unit(6, 8, seed=10, dtype=torch.float64)
+    tv, ts = unit(6, 8, seed=7, dtype=torch.float64), unit(6, 8, seed=8, dtype=torch.float64)
+    args = (v, s, torch.tensor(14.0), tv, ts, 20.0)
+
+    def gd(**kw: object) -> float:
+        return ClipKDLoss(8, 8, {"gd": 1.0}, gather_batch=False, **kw).double()(*args)["gd"].item()
+
+    paper, code = gd_loss(v, s, tv, ts, 14.0, 20.0).item(), gd_loss(v, s, tv, ts, 1 / 14.0, 1 / 20.0).item()
+    assert gd() == pytest.approx(paper, rel=1e-6)
+    assert gd(compat=["gd"]) == pytest.approx(code, rel=1e-6)
+    assert gd(compat="official") == pytest.approx(code, rel=1e-6)
+    with pytest.warns(FutureWarning, match="gd_compat is deprecated"):
+        assert gd(gd_compat=True) == pytest.approx(code, rel=1e-6)
+    with pytest.raises(KdforgeError, match="compat must be one of paper, official, mfd, gd"):
+        ClipKDLoss(8, 8, {"gd": 1.0}, compat=["torchdistill"])
 
 
 def test_projection_gets_gradients_and_teacher_none() -> None:

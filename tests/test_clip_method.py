@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 
 import kdforge as kd
 from kdforge.clip.data import clip_csv, clip_folder
@@ -115,10 +118,15 @@ def test_csv_and_folder_pairs_and_bad_csv(tmp_path: Path) -> None:
     (tmp_path / "pairs.tsv").write_text("filepath\ttitle\n" + "".join(f"img/{i}.png\tcaption {i}\n" for i in range(4)))
     cfg = DataConfig(root=str(tmp_path / "pairs.tsv"), resize=8, val_fraction=0.25, augment=False)
     b = clip_csv(cfg)
-    assert len(b.train) == 3 and len(b.test) == 1 and b.train[0][0].shape == (3, 8, 8)
+    assert len(b.train) == 2 and len(b.val) == 1 and len(b.test) == 1 and b.train[0][0].shape == (3, 8, 8)
     assert b.test.prompts == [[b.test.pair_captions[0]]]
+    # validation is held out of the training pairs, never the test split; no classes: retrieval only
+    held = set(b.val.pair_captions) | set(b.test.pair_captions) | set(b.train.captions)
+    assert len(held) == 4 and not set(b.val.pair_captions) & set(b.test.pair_captions)
+    assert b.val.zero_shot is False and b.test.zero_shot is False
+    assert len(clip_csv(cfg.model_copy(update={"val_fraction": 0.0})).train) == 3
     f = clip_folder(cfg.model_copy(update={"root": str(tmp_path / "img")}))
-    assert len(f.train) + len(f.test) == 4
+    assert len(f.train) + len(f.val) + len(f.test) == 4
     (tmp_path / "empty").mkdir()
     (tmp_path / "bad.csv").write_text("filepath,label\nimg/0.png,3\n")
     with pytest.raises(KdforgeError, match=r"no caption column \(columns: filepath, label; valid caption columns"):
@@ -134,3 +142,90 @@ def test_clip_recipes_validate(path: Path) -> None:
     import kdforge.clip.method as m
 
     getattr(m, cls).model_validate(r.method.model_dump())
+
+
+def _clip_recipe(data: dict, method: dict, **train: object) -> kd.Recipe:
+    return kd.Recipe.from_dict({"name": "c", "seed": 0, "data": data, "method": method,
+                                "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.1, "eps": 1e-6},
+                                "train": {"epochs": 1, "progress": "never", "threads": 1, **train}})
+
+
+def test_clip_kd_optimizer_groups_follow_the_spec() -> None:
+    r = _clip_recipe({"name": "clip_fashion", "batch_size": 32, "limit_train": 64, "augment": False},
+                     {"name": "clip_kd", "teacher": {**TEACHER, "checkpoint": "unused"}, "student": STUDENT})
+    m = _kd({"task": 1, "crd": 1, "fd": 2000, "icl": 1})
+    t = kd.Trainer(m, kd.load_data(r.data), r)
+    assert set(t.optimizers) == {"main", "loss"}
+    main, loss = t.optimizers["main"].opt.param_groups, t.optimizers["loss"].opt.param_groups
+    assert [g["weight_decay"] for g in main] == [0.1, 0.0] and all(g["eps"] == 1e-6 for g in main + loss)
+    plain = {id(p) for p in main[1]["params"]}
+    norms = [p for mod in m.student.modules() if isinstance(mod, nn.LayerNorm) for p in mod.parameters()]
+    biases = [p for n, p in m.student.named_parameters() if n.endswith(".bias")]
+    assert id(m.student.logit_scale.theta) in plain and all(id(p) in plain for p in norms + biases)
+    assert all(p.ndim >= 2 for p in main[0]["params"])  # decay only on weight matrices and tensors
+    # the loss module (projections, cross scale): AdamW's default decay 0.01, as the released code
+    assert [g["weight_decay"] for g in loss] == [0.01]
+    own = {id(p) for p in loss[0]["params"]}
+    assert id(m.kd.proj_v.weight) in own and id(m.kd.cross_scale.theta) in own
+    assert own == {id(p) for p in m.kd.parameters()} and not own & {id(p) for g in main for p in g["params"]}
+    before = m.kd.proj_v.weight.detach().clone()
+    t.train_steps(1)
+    assert not torch.equal(before, m.kd.proj_v.weight)
+
+
+def test_clip_evaluation_zero_shot_and_recall_and_rebuild_from_spec(tmp_path: Path) -> None:
+    r = _clip_recipe({"name": "clip_fashion", "batch_size": 32, "limit_train": 64, "augment": False,
+                      "eval_batch_size": 128}, {"name": "clip", "model": TEACHER})
+    res = kd.train(r, tmp_path / "run")
+    assert res.monitor == "top1"
+    assert {"top1", "top5", "loss", "i2t_R@1", "t2i_R@1", "i2t_R@5", "t2i_R@5"} <= set(res.test_last)
+    assert "val_i2t_R@1" in res.history[0]
+    model, meta = kd.load_deployable(tmp_path / "run", "last")
+    spec = json.loads(meta["kdforge_spec"])
+    assert spec == {"builder": "clip", "spec": TEACHER, "in_chans": 1, "image_size": 28}
+    from kdforge.clip.method import evaluate_clip
+
+    data = kd.load_data(r.data)
+    got = evaluate_clip(model, torch.utils.data.DataLoader(data.test, batch_size=128))
+    assert got == pytest.approx(res.test_last)
+    # retrieval by brute force: image k's caption among the most similar distinct captions
+    from kdforge.clip.zeroshot import unique_captions
+
+    with torch.no_grad():
+        img = F.normalize(model.encode_image(torch.stack([data.test[i][0] for i in range(len(data.test))])), dim=-1)
+        unique, pos = unique_captions(data.test.pair_captions)
+        txt = F.normalize(model.encode_text(unique), dim=-1)
+    hits = pos[torch.arange(len(img)), (img @ txt.T).argmax(1)]
+    assert got["i2t_R@1"] == pytest.approx(100 * float(hits.float().mean()))
+
+
+def test_csv_pairs_select_on_recall_not_on_the_test_split(tmp_path: Path) -> None:
+    for i in range(12):
+        _png(tmp_path / "img" / f"{i}.png", 20 * i)
+    (tmp_path / "pairs.csv").write_text("filepath,title\n" + "".join(f"img/{i}.png,caption {i}\n" for i in range(12)))
+    r = _clip_recipe({"name": "clip_csv", "root": str(tmp_path / "pairs.csv"), "resize": 28, "val_fraction": 0.25,
+                      "batch_size": 4, "augment": False}, {"name": "clip", "model": {**TEACHER, "image": {
+                          "model": "cnn_small", "kwargs": {"width": 4}}}}, epochs=2)
+    data = kd.load_data(r.data)
+    assert not set(data.val.pair_captions) & set(data.test.pair_captions)
+    res = kd.train(r, tmp_path / "run")
+    assert res.monitor == "i2t_R@1" and res.best_epoch >= 0 and res.best_value is not None
+    assert "top1" not in res.test_last and {"i2t_R@1", "t2i_R@1"} <= set(res.test_last)
+    assert "val_i2t_R@1" in res.history[0] and "val_top1" not in res.history[0]
+
+
+def test_clip_model_specs_are_typed() -> None:
+    from kdforge.clip.method import ClipConfig
+    from kdforge.config import validate
+    from kdforge.errors import KdforgeError
+
+    with pytest.raises(KdforgeError, match=r"unknown key 'method.model.image.modle'"):
+        validate(ClipConfig, {"model": {"image": {"model": "vit", "modle": 1}}}, prefix="method")
+    with pytest.raises(KdforgeError, match=r"method.model.embed_dim"):
+        validate(ClipConfig, {"model": {"embed_dim": "wide"}}, prefix="method")
+    with pytest.raises(KdforgeError, match=r"either open_clip"):
+        validate(ClipConfig, {"model": {"open_clip": "ViT-B-16", "embed_dim": 32}}, prefix="method")
+    c = validate(ClipConfig, {"model": {"embed_dim": 32, "image": {"model": "cnn_small", "kwargs": {"width": 8}}}},
+                 prefix="method")
+    assert c.model.build_spec() == {"embed_dim": 32, "image": {"model": "cnn_small", "kwargs": {"width": 8}},
+                                    "text": {"model": "small", "kwargs": {}}}

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from torch import nn
 
@@ -16,6 +17,8 @@ from kdforge.continual.etag import CVAE, ETag, GeneratorStep, Solver, SolverStep
 from kdforge.continual.ir import IR, IRStep, mixup_class, pair_index, space_maintenance
 from kdforge.continual.learner import Prototypes, TaskInfo, TrainCfg, frozen_copy, make_backbone, rotate_batch
 from kdforge.continual.protocol import CILSplit
+from kdforge.continual.recipe import CilRecipe
+from kdforge.engine.callbacks import Callback
 from kdforge.errors import KdforgeError
 
 SPLIT = CILSplit(10, 2, 2, 4, seed=0)
@@ -235,34 +238,119 @@ def test_bad_learner_arguments_are_one_line_errors() -> None:
 
 
 TINY = dict(data="digits", base=2, increment=2, tasks=4, seed=1, model="mlp", model_kwargs={"hidden": [24, 16]},
-            epochs=1, batch_size=128)
+            epochs=1, batch_size=128, train={"progress": "never"})
+ETAG_SMALL = {"gen_hidden": 16, "gen_latent": 4, "aux_width": 8}
+
+
+@pytest.fixture(autouse=True)
+def _no_plots(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stage folders get a report with matplotlib curves; not what these tests check, and 0.8 s a stage."""
+    import kdforge.report.run_report as run_report
+
+    monkeypatch.setattr(run_report, "write_run_report", lambda path: None)
+
+
+class _Stop(Callback):
+    """Interrupt the fit of the stage whose folder name contains ``stage``: at its end, or at ``step``."""
+
+    def __init__(self, stage: str, step: int | None = None) -> None:
+        self.stage, self.step = stage, step
+
+    def _mine(self, trainer: object) -> bool:
+        return self.stage in trainer.run_dir.name  # type: ignore[attr-defined]
+
+    def on_step_end(self, trainer, out) -> None:  # type: ignore[no-untyped-def]
+        if self.step is not None and self._mine(trainer) and trainer.global_step == self.step:
+            raise KeyboardInterrupt(f"killed in {self.stage} at step {self.step}")
+
+    def on_fit_end(self, trainer, result) -> None:  # type: ignore[no-untyped-def]
+        if self.step is None and self._mine(trainer):
+            raise KeyboardInterrupt(f"killed after {self.stage}")
+
+
+class _Epochs(Callback):
+    """Count the epochs each stage trains."""
+
+    def __init__(self) -> None:
+        self.epochs: list[str] = []
+
+    def on_epoch_end(self, trainer, row, improved) -> None:  # type: ignore[no-untyped-def]
+        self.epochs.append(trainer.run_dir.name)
+
+
+def _recipe(learner: str, **train: object) -> CilRecipe:
+    kw = ETAG_SMALL if learner == "etag" else {}
+    return CilRecipe.from_dict({"seed": 1, "data": {"name": "digits", "batch_size": 128},
+                                "train": {"epochs": 1, "progress": "never", **train},
+                                "cil": {"learner": learner, "tasks": 2, "model": "mlp",
+                                        "model_kwargs": {"hidden": [24, 16]},
+                                        "learner_kwargs": kw}})
 
 
 @pytest.mark.parametrize("learner", ["etag", "ir"])
-def test_resume_at_task_boundary_gives_same_matrix(tmp_path: Path, learner: str,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    kw = {"gen_hidden": 16, "gen_latent": 4, "aux_width": 8} if learner == "etag" else {}
-    full = run_cil(learner, **TINY, **kw)  # type: ignore[arg-type]
-    real = driver._train_task
-
-    def killed(lrn, train, split, t, seed, cfg):  # type: ignore[no-untyped-def]
-        if t == 3:
-            raise KeyboardInterrupt("killed in task 3")
-        real(lrn, train, split, t, seed, cfg)
-
-    monkeypatch.setattr(driver, "_train_task", killed)
+def test_staged_run_killed_after_a_stage_resumes_to_the_same_matrix(tmp_path: Path, learner: str) -> None:
+    full = driver.run(_recipe(learner))
     with pytest.raises(KeyboardInterrupt):
-        run_cil(learner, run_dir=tmp_path, **TINY, **kw)  # type: ignore[arg-type]
-    monkeypatch.setattr(driver, "_train_task", real)
-    assert [p.name for p in tmp_path.glob("learner-task*")] == ["learner-task2.safetensors"]
-    calls: list[int] = []
-    monkeypatch.setattr(driver, "_train_task", lambda *a: calls.append(a[3]) or real(*a))
-    resumed = run_cil(learner, run_dir=tmp_path, **TINY, **kw)  # type: ignore[arg-type]
-    assert calls == [3, 4]  # resumed at task 3, not from scratch
+        driver.run(_recipe(learner), tmp_path, callbacks=[_Stop("task1-0")])
+    count = _Epochs()
+    resumed = driver.run(_recipe(learner), tmp_path, callbacks=[count])
+    # resumed after task 1's first stage: eTag still trains task 1's generator, no stage of task 0 again
+    later = ["task1-1-generator"] if learner == "etag" else []
+    later += ["task2-0-solver" if learner == "etag" else "task2-0-ir"]
+    assert [n.split("-", 1)[1] for n in count.epochs] == later
+    assert resumed.matrix == full.matrix and resumed.metrics == full.metrics
+    assert (tmp_path / "config.yaml").is_file() and (tmp_path / "result.json").is_file()
+    with pytest.raises(KdforgeError, match="different staged run"):
+        driver.run(_recipe(learner, epochs=2), tmp_path)
+
+
+def test_stage_killed_mid_epoch_resumes_bit_identical(tmp_path: Path) -> None:
+    full = driver.run(_recipe("ir", epochs=2))
+    with pytest.raises(KeyboardInterrupt):
+        driver.run(_recipe("ir", epochs=2, save_every_steps=1), tmp_path, callbacks=[_Stop("task2-0", step=4)])
+    stage = next(tmp_path.glob("stages/*-task2-0-ir"))
+    assert len((stage / "metrics.csv").read_text().splitlines()) == 2  # header + epoch 1: killed inside epoch 2
+    count = _Epochs()
+    resumed = driver.run(_recipe("ir", epochs=2, save_every_steps=1), tmp_path, callbacks=[count])
+    assert count.epochs[0] == stage.name and count.epochs.count(stage.name) == 1  # only its second epoch again
     assert resumed.matrix == full.matrix
-    assert resumed.metrics == full.metrics
-    with pytest.raises(KdforgeError, match="different class-incremental run"):
-        run_cil(learner, run_dir=tmp_path, **{**TINY, "epochs": 2}, **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("learner", ["etag", "ir"])
+def test_validation_split_and_per_stage_logs(tmp_path: Path, learner: str) -> None:
+    r = _recipe(learner).model_copy(update={"data": _recipe(learner).data.model_copy(update={"val_fraction": 0.2})})
+    r = CilRecipe.from_dict({**r.model_dump(), "cil": {**r.cil.model_dump(), "tasks": 1}})
+    assert r.data.val_fraction == 0.2
+    res = driver.run(r, tmp_path)
+    assert res.matrix[1][1] is not None
+    stages = sorted(p.name for p in (tmp_path / "stages").iterdir())
+    fits = [s for s in stages if s.count("-") > 1]
+    assert fits == (["00-task0-0-solver", "01-task0-1-generator", "03-task1-0-solver"] if learner == "etag"
+                    else ["00-task0-0-ir", "02-task1-0-ir"])
+    for s in fits:
+        rows = (tmp_path / "stages" / s / "metrics.csv").read_text().splitlines()
+        assert len(rows) == 2 and "val_loss" in rows[0] and "train_loss" in rows[0], s
+        assert yaml.safe_load((tmp_path / "stages" / s / "config.yaml").read_text())["optim"]["name"] == "adam"
+    ir_val = [s for s in fits if s.endswith("-ir")]
+    if ir_val:  # IR's validation loss is its own CE (+ L_sm after the base task)
+        header = (tmp_path / "stages" / ir_val[-1] / "metrics.csv").read_text().splitlines()[0]
+        assert "val_ce" in header and "val_sm" in header
+    for t in (0, 1):
+        assert next((tmp_path / "stages").glob(f"*-task{t}")).joinpath("learner.safetensors").is_file()
+
+
+def test_cil_recipe_errors_are_one_line() -> None:
+    with pytest.raises(KdforgeError, match=r"^recipe key 'lr' moved to optim.lr"):
+        CilRecipe.from_dict({"lr": 0.1})
+    with pytest.raises(KdforgeError, match=r"^unknown key 'cil.lerner'"):
+        CilRecipe.from_dict({"cil": {"lerner": "ir"}})
+    with pytest.raises(KdforgeError, match=r"^bad value for 'train.epochs'"):
+        CilRecipe.from_dict({"train": {"epochs": "ten"}})
+    with pytest.raises(KdforgeError, match=r"^bad value for 'optim.lr'"):
+        CilRecipe.from_dict({}, ["optim.lr=inf"])
+    r = CilRecipe.from_dict({"data": {"name": "fashion_mnist_subset"}}, ["cil.tasks=2", "sched.name=step"])
+    assert r.data.batch_size == 64 and r.data.val_fraction == 0.0 and r.optim.name == "adam"  # continual defaults
+    assert r.cil.tasks == 2 and r.sched.step_size == 30
 
 
 def test_no_exemplars_in_carried_state(tmp_path: Path) -> None:
@@ -278,7 +366,7 @@ def test_no_exemplars_in_carried_state(tmp_path: Path) -> None:
         run = tmp_path / learner
         res = run_cil(learner, run_dir=run, **{**TINY, "tasks": 2})  # type: ignore[arg-type]
         assert res.matrix[2][2] is not None and res.matrix[1][2] is None
-        state = load_file(next(run.glob("learner-task*.safetensors")))
+        state = load_file(next(run.glob("stages/*-task2/learner.safetensors")))
         for key, v in state.items():
             v = v.float()
             assert v.dim() == 0 or v.shape[0] < len(images) // 5, f"{learner}: {key} has a row per sample"

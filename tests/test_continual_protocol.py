@@ -134,20 +134,22 @@ def test_forgetting_uses_max_over_earlier_rows_not_just_diagonal() -> None:
 def test_recipes_are_valid_and_build() -> None:
     from pathlib import Path
 
-    import yaml
-
-    from kdforge.continual.driver import RECIPE_KEYS, build_learner
+    from kdforge.continual.driver import build_learner
     from kdforge.continual.learner import TrainCfg
+    from kdforge.continual.recipe import CilRecipe
 
     paths = sorted(Path(__file__).parents[1].glob("recipes/continual/*.yaml"))
     assert len(paths) >= 8
     for p in paths:
-        r = yaml.safe_load(p.read_text())
-        assert set(r) <= set(RECIPE_KEYS), p.name
-        classes = 100 if r["data"] == "cifar100" else 10
-        split = CILSplit(classes, r["base"], r["increment"], r["tasks"])
+        r = CilRecipe.from_yaml(p)
+        c = r.cil
+        classes = 100 if r.data.name == "cifar100" else 10
+        split = CILSplit(classes, c.base, c.increment, c.tasks)
         assert split.used_classes == classes, p.name  # every recipe covers all classes
-        if r["data"] == "cifar100" and "50-5x10" in p.name:  # one build per learner keeps this fast
-            lrn = build_learner(r["learner"], split, 3, 32, TrainCfg(), r["model"], **r["learner_kwargs"])
+        assert r.optim.name == "adam" and r.name == p.stem, p.name
+        if r.data.name == "cifar100":
+            assert r.sched.name == "step" and r.sched.step_size == 30 and r.train.epochs == 100, p.name
+        if r.data.name == "cifar100" and "50-5x10" in p.name:  # one build per learner keeps this fast
+            lrn = build_learner(c.learner, split, 3, 32, TrainCfg(), c.model, **c.learner_kwargs)
             lrn.setup(torch.rand(2, 3, 32, 32))
             assert lrn.num_classes == 100

@@ -18,7 +18,7 @@ from kdforge.errors import KdforgeError
 
 def test_warmup_then_cosine() -> None:
     cfg = SchedConfig(name="cosine", warmup_epochs=1)
-    f = [lr_factor(s, cfg, steps_per_epoch=10, epochs=5, base_lr=0.1) for s in range(50)]
+    f = [lr_factor(s, cfg, steps_per_epoch=10, total_steps=50, base_lr=0.1) for s in range(50)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert f[10] == pytest.approx(1.0) and f[30] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
     assert all(a >= b for a, b in pairwise(f[10:]))
@@ -26,11 +26,11 @@ def test_warmup_then_cosine() -> None:
 
 def test_step_and_multistep() -> None:
     step = SchedConfig(name="step", step_size=2, gamma=0.5)
-    assert [lr_factor(s * 10, step, 10, 8, 0.1) for s in range(6)] == [1, 1, 0.5, 0.5, 0.25, 0.25]
+    assert [lr_factor(s * 10, step, 10, 80, 0.1) for s in range(6)] == [1, 1, 0.5, 0.5, 0.25, 0.25]
     ms = SchedConfig(name="multistep", milestones=[150, 180, 210], gamma=0.1)
-    assert lr_factor(149 * 5, ms, 5, 240, 0.05) == 1.0
-    assert lr_factor(150 * 5, ms, 5, 240, 0.05) == pytest.approx(0.1)
-    assert lr_factor(239 * 5, ms, 5, 240, 0.05) == pytest.approx(1e-3)
+    assert lr_factor(149 * 5, ms, 5, 1200, 0.05) == 1.0
+    assert lr_factor(150 * 5, ms, 5, 1200, 0.05) == pytest.approx(0.1)
+    assert lr_factor(239 * 5, ms, 5, 1200, 0.05) == pytest.approx(1e-3)
 
 
 def test_profile_counts() -> None:

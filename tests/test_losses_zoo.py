@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import kdforge as kd
 from kdforge.errors import KdforgeError
 from kdforge.losses import build_loss, kd_loss
 from kdforge.losses.contrastive import CRDLoss, nce_loss
@@ -162,7 +163,7 @@ FEATURE_CASES: list[tuple[str, dict[str, Any], list[tuple[int, ...]], list[tuple
     ("rkd", {}, [(16,)], [(24,)]),
     ("sp", {}, [(4, 8, 8)], [(6, 4, 4)]),
     ("cc", {}, [(16,)], [(24,)]),
-    ("cc", {"variant": "paper"}, [(16,)], [(24,)]),
+    ("cc", {"compat": "repdistiller"}, [(16,)], [(24,)]),
     ("pkt", {}, [(16,)], [(24,)]),
     ("crd", {"bank_size": 64, "num_negatives": 16}, [(16,)], [(24,)]),
 ]
@@ -381,13 +382,14 @@ def test_crd_exact_negatives_come_from_other_classes() -> None:
 
 
 def test_crd_keyed_mode_positive_is_row_i_and_momentum_update() -> None:
-    loss, s, t = _crd(bank_size=16, num_negatives=15, momentum=0.5)
+    loss, s, t = _crd(bank_size=16, num_negatives=15, momentum=0.5, memory="keyed")
+    assert loss.needs_indices and not _crd(bank_size=16, num_negatives=4)[0].needs_indices
     idx = torch.tensor([3, 7, 8, 15])
     y = torch.tensor([0, 1, 2, 3])
     assert torch.isfinite(loss(s, t, targets=y, indices=idx))  # K = N − 1
     assert torch.allclose(loss.mem_s[idx].norm(dim=1), torch.ones(4), atol=1e-5)
     # reference: the same negatives, positive = M_t[i] / M_s[i] before the update, Z from the first batch
-    loss2, _, _ = _crd(bank_size=16, num_negatives=15, momentum=0.5)
+    loss2, _, _ = _crd(bank_size=16, num_negatives=15, momentum=0.5, memory="keyed")
     loss2.load_state_dict(loss.state_dict())
     mem_s, mem_t = loss2.mem_s.clone(), loss2.mem_t.clone()
     torch.manual_seed(11)
@@ -406,6 +408,51 @@ def test_crd_keyed_mode_positive_is_row_i_and_momentum_update() -> None:
     assert torch.allclose(got, ref, rtol=1e-4)
     expect = F.normalize(0.5 * mem_s[idx] + 0.5 * vs.detach(), dim=1)
     assert torch.allclose(loss2.mem_s[idx], expect, atol=1e-6)
+    untouched = torch.ones(16, dtype=torch.bool)
+    untouched[idx] = False
+    assert torch.equal(loss2.mem_s[untouched], mem_s[untouched])
+    assert torch.equal(loss2.mem_t[untouched], mem_t[untouched])
+    assert loss2.mem_y[idx].tolist() == y.tolist() and (loss2.mem_y[untouched] == -1).all()
+
+
+def test_crd_keyed_negatives_never_draw_the_positive_and_need_indices() -> None:
+    loss, s, t = _crd(bank_size=6, num_negatives=400, memory="keyed")
+    loss.mem_y.copy_(torch.tensor([0, 1, 0, 1, 0, 1]))
+    y, idx = torch.tensor([0, 1, 0, 1]), torch.tensor([0, 1, 2, 3])
+    neg = loss.sample_negatives(y, 4, exclude=idx)
+    assert not (neg == idx[:, None]).any() and (loss.mem_y[neg] != y[:, None]).all()
+    loss.mem_y.fill_(-1)  # unvisited rows: any row but the positive
+    neg = loss.sample_negatives(y, 4, exclude=idx)
+    assert not (neg == idx[:, None]).any() and all(len(set(r.tolist())) == 5 for r in neg)
+    with pytest.raises(KdforgeError, match="needs the batch's sample indices"):
+        loss(s, t, targets=y)
+    loss.set_num_data(40)  # one row per training sample (RepDistiller's n_data), fresh uniform rows
+    assert loss.mem_s.shape == (40, 8) and loss.bank_size == 40 and (loss.mem_y == -1).all()
+    assert float(loss.mem_s.abs().max()) <= 1 / (8 / 3) ** 0.5
+    queue, _, _ = _crd(bank_size=6, num_negatives=4)
+    queue.set_num_data(40)
+    assert queue.mem_s.shape == (6, 8)  # a queue keeps its size
+
+
+def test_crd_keyed_memory_runs_through_the_engine_with_sample_indices() -> None:
+    cfg = {"name": "distill", "teacher": {"model": "cnn_small"}, "student": {"model": "cnn_tiny"},
+           "terms": [{"loss": "ce"}, {"loss": "crd", "student_tap": "pool", "memory": "keyed", "num_negatives": 32,
+                      "feat_dim": 16}]}
+    m = build_method(cfg, DataInfo(10, 1, 8))
+    assert m.batch_fields == ("index",)
+    assert build_method({**cfg, "terms": [{"loss": "ce"}]}, DataInfo(10, 1, 8)).batch_fields == ()
+    r = {"name": "t", "seed": 0, "method": cfg, "optim": {"lr": 0.05}, "sched": {"name": "constant"},
+         "data": {"name": "digits", "batch_size": 32, "limit_train": 96, "val_fraction": 0.0, "augment": False},
+         "train": {"epochs": 2, "progress": "never"}}
+    recipe = kd.Recipe.from_dict(r)
+    res = kd.Trainer(m, kd.load_data(recipe.data), recipe).fit()
+    crd = m.terms[1].loss
+    assert crd.mem_s.shape == (96, 16)  # a row per training sample
+    assert (crd.mem_y >= 0).all()  # every sample's row was visited and labelled
+    assert torch.allclose(crd.mem_s.norm(dim=1), torch.ones(96), atol=1e-5)
+    data = kd.load_data(recipe.data)
+    assert crd.mem_y.tolist() == [int(data.train[i][1]) for i in range(96)]  # rows keyed by sample index
+    assert all(math.isfinite(h["train_loss_crd"]) for h in res.history)
 
 
 def test_crd_bank_is_restored_from_state_dict() -> None:

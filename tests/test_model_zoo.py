@@ -11,13 +11,11 @@ from kdforge.registry import MODELS
 
 # Millions of parameters with 100 classes as published for the KD benchmarks (RepDistiller / CRD tables),
 # kept as strings because their rounding is part of the figure. resnet14 and resnet44 are not in those
-# tables: theirs are this architecture's counts, rounded the same way.
+# tables: test_cifar_resnet_param_count_from_formula checks them (and every depth) by the formula.
 PUBLISHED_M = {
     "resnet8": "0.08",
-    "resnet14": "0.18",
     "resnet20": "0.278",
     "resnet32": "0.47",
-    "resnet44": "0.67",
     "resnet56": "0.861",
     "resnet110": "1.74",
     "resnet8x4": "1.23",
@@ -32,7 +30,25 @@ PUBLISHED_M = {
     "shufflenetv1": "0.95",
     "shufflenetv2": "1.36",
 }
-NAMES = sorted(PUBLISHED_M)
+NAMES = sorted([*PUBLISHED_M, "resnet14", "resnet44"])
+
+
+def _cifar_resnet_formula(depth: int, num_classes: int, in_chans: int = 3, widths: tuple[int, ...] = (16, 16, 32, 64)
+                          ) -> int:
+    """He et al.'s CIFAR ResNet by hand: 3×3 stem conv + BN, (depth − 2)/6 basic blocks per stage (two bias-free
+    3×3 convs, each with a BN of 2·C parameters), a 1×1 conv + BN shortcut where the width or stride changes,
+    and a linear head."""
+    n = (depth - 2) // 6
+    stem, *stages = widths
+    total = in_chans * stem * 9 + 2 * stem
+    cin = stem
+    for i, c in enumerate(stages):
+        for b in range(n):
+            total += cin * c * 9 + 2 * c + c * c * 9 + 2 * c
+            if b == 0 and (cin != c or i > 0):
+                total += cin * c + 2 * c
+            cin = c
+    return total + cin * num_classes + num_classes
 
 
 def _n_params(model: nn.Module) -> int:
@@ -45,7 +61,20 @@ def test_all_registered() -> None:
     assert not missing
 
 
-@pytest.mark.parametrize("name", NAMES)
+# resnet14 (n = 2), 100 classes, by hand: stem 432 + 32 = 464; stage 1: 2·(2·2304 + 64) = 9,344;
+# stage 2: (4608 + 9216 + 128 + 576) + (2·9216 + 128) = 33,088; stage 3: (18432 + 36864 + 256 + 2176)
+# + (2·36864 + 256) = 131,712; fc 6,500 → 181,108. resnet44 (n = 7): 464 + 7·4672 + (14528 + 6·18560)
+# + (57728 + 6·73984) + 6500 = 667,188. With 10 classes the fc has 650: −5,850.
+@pytest.mark.parametrize(("depth", "num_classes", "expected"), [(14, 100, 181_108), (44, 100, 667_188),
+                                                                 (14, 10, 175_258), (44, 10, 661_338),
+                                                                 (20, 100, 278_324), (56, 100, 861_620)])
+def test_cifar_resnet_param_count_from_formula(depth: int, num_classes: int, expected: int) -> None:
+    """resnet14/44 counts from the architecture's formula (worked by hand above), not from the code's output."""
+    assert _cifar_resnet_formula(depth, num_classes) == expected
+    assert _n_params(MODELS.get(f"resnet{depth}")(num_classes=num_classes, in_chans=3)) == expected
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_M))
 def test_param_count(name: str) -> None:
     """Parameter count within 2 % of the published one, or within its rounding (resnet8's '0.08 M')."""
     model = MODELS.get(name)(num_classes=100, in_chans=3)

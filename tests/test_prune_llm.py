@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -112,6 +114,34 @@ def test_text_blocks_and_heal() -> None:
     losses = heal_kd(student, teacher, calib, steps=12, lr=3e-3, batch_size=4)
     assert losses[-1] < losses[0]
     assert all(p.requires_grad for p in teacher.parameters()) and all(p.requires_grad for p in student.parameters())
+
+
+def test_heal_kd_resumed_mid_way_equals_uninterrupted(tmp_path: Path) -> None:
+    from kdforge.engine.callbacks import Callback
+    from kdforge.prune.llm import heal_recipe
+
+    calib = token_blocks(ByteTokenizer(), pydoc_text(), 32, max_tokens=32 * 9)
+    teacher = tiny_llama(4)
+    recipe = heal_recipe(steps=6, lr=3e-3, batch_size=4, seed=3, save_checkpoints=True, save_every_steps=1)
+    full = prune_decoder_layers(teacher, [0, 3])
+    losses = heal_kd(full, teacher, calib, recipe=recipe)
+    assert len(losses) == 6
+
+    class Kill(Callback):
+        def on_step_end(self, trainer, out) -> None:  # type: ignore[no-untyped-def]
+            if trainer.global_step == 3:  # inside epoch 2 (two steps per epoch)
+                raise KeyboardInterrupt
+
+    student = prune_decoder_layers(teacher, [0, 3])
+    with pytest.raises(KeyboardInterrupt):
+        heal_kd(student, teacher, calib, recipe=recipe, run_dir=tmp_path / "heal", callbacks=[Kill()])
+    resumed = prune_decoder_layers(teacher, [0, 3])
+    rest = heal_kd(resumed, teacher, calib, recipe=recipe, run_dir=tmp_path / "heal", resume=True)
+    assert rest == losses[3:]
+    assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), full.state_dict().values(),
+                                                   strict=True))
+    assert not torch.equal(full.model.layers[0].mlp.up_proj.weight, teacher.model.layers[0].mlp.up_proj.weight)
+    assert (tmp_path / "heal" / "metrics.csv").read_text().count("\n") == 4  # header + 3 epochs
 
 
 def test_optional_evaluators_fail_clearly(monkeypatch) -> None:

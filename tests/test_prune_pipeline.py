@@ -43,6 +43,34 @@ def test_recipe_validation(tmp_path: Path) -> None:
     assert r.budget.keep_ratio == 0.5 and r.is_llm
 
 
+def test_recipe_errors_are_one_line_and_shared_sections() -> None:
+    with pytest.raises(KdforgeError, match=r"^unknown key 'optim.lrr'.*did you mean 'lr'") as e:
+        PruneRecipe.from_dict(_cnn_recipe(optim={"lrr": 0.1}))
+    assert "\n" not in str(e.value)
+    with pytest.raises(KdforgeError, match=r"^bad value for 'train.epochs'"):
+        PruneRecipe.from_dict(_cnn_recipe(), ["train.epochs=two"])
+    with pytest.raises(KdforgeError, match=r"^bad value for 'train.max_steps'"):
+        PruneRecipe.from_dict(_cnn_recipe(), ["train.max_steps=1.5"])
+    with pytest.raises(KdforgeError, match=r"^recipe key 'heal.lr' moved to optim.lr"):
+        PruneRecipe.from_dict(_cnn_recipe(heal={"mode": "kd", "lr": 0.1}))
+    with pytest.raises(KdforgeError, match=r"^recipe key 'device' moved to train.device"):
+        PruneRecipe.from_dict(_cnn_recipe(device="cpu"))
+    cnn = PruneRecipe.from_dict(_cnn_recipe(optim={"lr": 0.05}))
+    assert (cnn.optim.name, cnn.optim.weight_decay, cnn.sched.name, cnn.train.epochs) == ("sgd", 5e-4, "cosine", 1)
+    llm = load_recipe(RECIPES / "sglp-tiny-llama.yaml", ["optim.lr=0.01"])
+    assert (llm.optim.name, llm.optim.lr, llm.train.max_steps, llm.train.grad_clip) == ("adamw", 0.01, 5, 1.0)
+    assert llm.heal_recipe("llm-kd", 2).data.batch_size == 2
+
+
+def test_fsdp_heal_on_the_cpu_is_one_line_before_any_work(tmp_path: Path) -> None:
+    r = load_recipe(RECIPES / "sglp-tiny-llama.yaml", ["train.distributed=fsdp", "train.fsdp.shard_teacher=true",
+                                                       "train.device=cpu"])
+    assert r.train.fsdp is not None and r.train.fsdp.shard_teacher
+    with pytest.raises(KdforgeError, match=r"^train.distributed 'fsdp' needs CUDA GPUs") as e:
+        run_prune(r, tmp_path / "run", verbose=False)
+    assert "\n" not in str(e.value) and not (tmp_path / "run").exists()
+
+
 def _validate(d: dict) -> PruneRecipe:
     from kdforge.config import validate
 
@@ -71,11 +99,11 @@ def test_calibration_uses_training_data_only() -> None:
 
 
 def test_cnn_pipeline_end_to_end(tmp_path: Path) -> None:
-    r = _validate(_cnn_recipe(heal={"mode": "kd", "epochs": 1, "lr": 0.05}))
+    r = _validate(_cnn_recipe(heal={"mode": "kd"}, optim={"lr": 0.05}, train={"epochs": 1, "progress": "never"}))
     res = run_prune(r, tmp_path / "run", verbose=False)
     out = tmp_path / "run"
     for f in ("report.md", "results.json", "cka.png", "importance.png", "pruned/model.safetensors",
-              "pruned/pruned.yaml"):
+              "pruned/pruned.yaml", "config.yaml", "heal/metrics.csv", "heal/checkpoints/last.safetensors"):
         assert (out / f).is_file(), f
     assert res.after["params"] < res.before["params"] and res.after["flops"] < res.before["flops"]
     assert res.healed is not None and "top1" in res.healed
@@ -107,7 +135,7 @@ def test_llm_pipeline_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     from kdforge.prune.cli import prune_command
 
     out = tmp_path / "llm"
-    prune_command(RECIPES / "sglp-tiny-llama.yaml", out, ["heal.steps=2"], False)
+    prune_command(RECIPES / "sglp-tiny-llama.yaml", out, ["train.max_steps=2"], False)
     text = capsys.readouterr().out
     assert "kept 6/8" in text and "ppl" in text
     reloaded = AutoModelForCausalLM.from_pretrained(out / "pruned").eval()

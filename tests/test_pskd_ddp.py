@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
 from kdforge.distill.self_kd_baselines import PSKD
+from kdforge.engine.trainer import _Fields
 
 N, C = 10, 3
 
@@ -32,7 +33,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         method, data = _setup()
-        ds = method.wrap_train_data(data)
+        ds = _Fields(method.wrap_train_data(data), method.batch_fields)  # the engine's dict batches with indices
         sampler = DistributedSampler(ds, num_replicas=2, rank=rank, shuffle=True, seed=0)
         method.on_epoch_start(0)
         with torch.no_grad():

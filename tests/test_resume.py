@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -60,3 +61,77 @@ def test_kill_and_resume_is_bit_identical(tmp_path: Path) -> None:
     assert len(rows_a) == len(rows_b) == RECIPE["train"]["epochs"] + 1
     col = rows_a[0].split(",").index("val_top1")
     assert [r.split(",")[col] for r in rows_a] == [r.split(",")[col] for r in rows_b]
+
+
+def test_kill_inside_the_first_epoch_resumes_bit_identical(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    r = {**RECIPE, "train": {**RECIPE["train"], "epochs": 2, "save_every_steps": 5}}
+    recipe.write_text(yaml.safe_dump(r))
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    state = killed / "checkpoints" / "state" / "trainer.pt"
+    proc = subprocess.Popen(_cmd("train", str(recipe), "-o", str(killed)), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not state.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert _epochs_done(killed) == 0, "the run must be killed inside epoch 1"
+    st = torch.load(state, weights_only=True)
+    assert st["epoch"] == 0 and st["batch_in_epoch"] > 0
+    subprocess.run(_cmd("train", str(killed), "--resume"), env=env, check=True, capture_output=True)
+    subprocess.run(_cmd("train", str(recipe), "-o", str(full)), env=env, check=True, capture_output=True)
+    a = load_file(str(full / "checkpoints" / "last.safetensors"))
+    b = load_file(str(killed / "checkpoints" / "last.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    assert not list(killed.rglob(".*.tmp*")) and not list((killed / "checkpoints").glob(".state.*"))
+
+
+def test_ctrl_c_says_where_and_how_to_resume(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({**RECIPE, "train": {**RECIPE["train"], "epochs": 30}}))
+    run = tmp_path / "run"
+    # a background job inherits SIGINT ignored; a user's terminal delivers it
+    proc = subprocess.Popen(_cmd("train", str(recipe), "-o", str(run)), env={**os.environ, "PYTHONHASHSEED": "0"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 300
+    while _epochs_done(run) < 1 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("interrupted at epoch ")
+    assert f"resume with: kdforge train {run} --resume" in lines[0]
+    assert (run / "checkpoints" / "state" / "trainer.pt").is_file()
+
+
+@pytest.mark.slow
+def test_kill_loop_every_folder_resumes_or_restarts_cleanly(tmp_path: Path) -> None:
+    """kill -9 at random moments of 30 short runs: each resumes to the uninterrupted end, no temp file left."""
+    import random
+
+    r = {**RECIPE, "data": {**RECIPE["data"], "limit_train": 384},
+         "train": {**RECIPE["train"], "epochs": 3, "save_every_steps": 4}}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(r))
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    subprocess.run(_cmd("train", str(recipe), "-o", str(tmp_path / "full")), env=env, check=True,
+                   capture_output=True)
+    want = load_file(str(tmp_path / "full" / "checkpoints" / "last.safetensors"))
+    rng = random.Random(0)
+    for i in range(30):
+        run = tmp_path / f"k{i}"
+        proc = subprocess.Popen(_cmd("train", str(recipe), "-o", str(run)), env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.5, 6.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        subprocess.run(_cmd("train", str(run), "--resume"), env=env, check=True, capture_output=True)
+        got = load_file(str(run / "checkpoints" / "last.safetensors"))
+        assert all(torch.equal(want[k], got[k]) for k in want), f"run {i} did not end bit-identical"
+        leftovers = [p for p in run.rglob(".*") if p.name not in (".kdforge-run", ".lock")]
+        assert not leftovers, f"run {i} left {leftovers}"

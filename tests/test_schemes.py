@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from torch import nn
 
 import kdforge as kd
 from kdforge.data import load_data
-from kdforge.distill.adversarial import AdversarialKD, BufferAdam
+from kdforge.distill.adversarial import AdversarialKD, discriminator_loss
 from kdforge.distill.attention import attention_map_loss, unfuse_attention
 from kdforge.distill.cross_modal import View, ViewSpec, lowres
 from kdforge.distill.data_free import DAFL, BNStatHook, DeepInversion, info_entropy_loss
@@ -21,11 +22,19 @@ from kdforge.distill.multi_teacher import kd_to_probs, min_norm_weights, soft_ta
 from kdforge.distill.online import DML, minlogit_teacher, mutual_kl
 from kdforge.errors import KdforgeError
 from kdforge.losses import kd_loss
-from kdforge.method import DataInfo, build_method
+from kdforge.method import DataInfo, Method, build_method
 from tests.conftest import digits_recipe
 
 DIGITS = DataInfo(10, 1, 8)
 STUDENT = {"model": "cnn_tiny"}
+
+
+def _engine(m: Method, n: int = 64, batch_size: int = 16, val_fraction: float = 0.0) -> kd.Trainer:
+    """A Trainer around ``m`` on ``n`` digits (side networks step only inside the engine)."""
+    r = digits_recipe({"name": "supervised", "model": STUDENT}, epochs=1, sched={"name": "constant"})
+    r["data"].update(batch_size=batch_size, limit_train=n, val_fraction=val_fraction, augment=False)
+    recipe = kd.Recipe.from_dict(r)
+    return kd.Trainer(m, kd.load_data(recipe.data), recipe)
 
 
 def _teacher(ck: Path) -> dict[str, Any]:
@@ -203,33 +212,42 @@ def test_at_scheme_pairs_stage_outputs() -> None:
 def test_discriminator_is_registered_and_optimised_in_alternation() -> None:
     m = build_method({"name": "adversarial", "teacher": {"model": "cnn_small"}, "student": STUDENT}, DIGITS)
     assert isinstance(m, AdversarialKD)
-    batch = (torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,)))
-    m.setup(batch)
-    assert not any(p.requires_grad for p in m.disc.parameters())  # kept out of the engine's optimizer
-    state = m.state_dict()
-    assert any(k.startswith("disc.") for k in state) and "opt_d.steps" in state
+    t = _engine(m)
+    disc = t.optimizers["disc"]
+    assert disc.manual and {id(p) for p in disc.params} == {id(p) for p in m.disc.parameters()}
+    assert isinstance(disc.opt, torch.optim.Adam) and disc.opt.param_groups[0]["betas"] == (0.5, 0.999)
+    assert disc.opt.param_groups[0]["weight_decay"] == 0.0 and disc.clip is None
+    assert not any(p.requires_grad for p in m.disc.parameters())  # out of autograd outside its update
+    assert any(k.startswith("disc.") for k in m.resumable_state())
     before = [p.detach().clone() for p in m.disc.parameters()]
-    out = m.training_step(batch, 0)
-    out["loss"].backward()
+    t.train_steps(1)
     assert all(not torch.equal(a, b) for a, b in zip(before, m.disc.parameters(), strict=True))
     assert all(p.grad is None for p in m.disc.parameters())  # the student's loss does not train D
     assert all(p.grad is not None for p in m.student.parameters())
-    assert int(m.state_dict()["opt_d.steps"]) == 1
+    assert disc.steps == 1 and len(t.state()["optimizers"]["disc"]["opt"]["state"]) == len(disc.params)
+    with pytest.raises(KdforgeError, match="not running in the engine"):
+        build_method({"name": "adversarial", "teacher": {"model": "cnn_small"}, "student": STUDENT},
+                     DIGITS).training_step((torch.randn(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)), 0)
 
 
-def test_buffer_adam_matches_torch_adam() -> None:
+def test_discriminator_step_is_torch_adam_on_the_discriminator_loss() -> None:
     torch.manual_seed(0)
-    a, b = nn.Linear(4, 3), nn.Linear(4, 3)
-    b.load_state_dict(a.state_dict())
-    mine, ref = BufferAdam(list(a.parameters()), lr=0.01), torch.optim.Adam(b.parameters(), lr=0.01)
-    for _ in range(3):
-        x = torch.randn(5, 4)
-        for net in (a, b):
-            net.zero_grad()
-            net(x).pow(2).sum().backward()
-        mine.step()
-        ref.step()
-    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    m = build_method({"name": "adversarial", "teacher": {"model": "cnn_small"}, "student": STUDENT,
+                      "lr_d": 0.01}, DIGITS)
+    t = _engine(m)
+    ref = {k: v.clone() for k, v in m.disc.state_dict().items()}
+    batch = next(iter(t._batches()))  # the batch of the first engine step
+    m.train()
+    with torch.no_grad():  # the student in train mode, as in the engine's step (BN batch statistics)
+        s_in, t_in = m.student(batch[0]), m.teacher(batch[0])
+    d = copy.deepcopy(m.disc).requires_grad_(True)
+    opt = torch.optim.Adam(d.parameters(), lr=0.01, betas=(0.5, 0.999))
+    discriminator_loss(d(t_in), d(s_in)).backward()
+    opt.step()
+    t.train_steps(1)
+    assert any(not torch.equal(ref[k], v) for k, v in m.disc.state_dict().items())
+    for (k, got), want in zip(m.disc.state_dict().items(), d.state_dict().values(), strict=True):
+        assert torch.allclose(got, want, atol=1e-6), k
 
 
 # -- data-free ---------------------------------------------------------------------------------------
@@ -262,8 +280,6 @@ def test_data_free_methods_never_read_the_training_split(name: str, digits_teach
     m = build_method(cfg, DIGITS)
     assert isinstance(m, (DAFL, DeepInversion))
     m.setup(None)  # structurally: no batch is needed or looked at
-    out = m.training_step(None, 0)
-    assert torch.isfinite(out["loss"])
     # through the engine: the training split is poisoned (NaN images); every tensor a model sees must be finite
     data = load_data(name="digits", val_fraction=0.0)
     n = 64
@@ -284,14 +300,39 @@ def test_data_free_methods_never_read_the_training_split(name: str, digits_teach
     assert all(torch.isfinite(b).all() for b in m.student.buffers())
 
 
-def test_generator_is_outside_the_engine_optimizer_but_in_the_state(digits_teacher: Path) -> None:
+def test_generator_is_a_manual_engine_optimizer_and_in_the_state(digits_teacher: Path) -> None:
     m = build_method(_schemes(digits_teacher)["dafl"], DIGITS)
+    t = _engine(m)
+    gen = t.optimizers["generator"]
+    assert gen.manual and {id(p) for p in gen.params} == {id(p) for p in m.generator.parameters()}
+    assert isinstance(gen.opt, torch.optim.Adam) and gen.lr == pytest.approx(0.02)
     assert not any(p.requires_grad for p in m.generator.parameters())
     assert all(p.requires_grad for p in m.student.parameters())
     before = [p.detach().clone() for p in m.generator.parameters()]
-    m.training_step(None, 0)
+    t.train_steps(1)
     assert any(not torch.equal(a, b) for a, b in zip(before, m.generator.parameters(), strict=True))
+    assert all(p.grad is None for p in m.generator.parameters()) and gen.steps == 1
     state = m.resumable_state()
-    assert any(k.startswith("generator.") for k in state) and "opt_g.steps" in state
+    assert any(k.startswith("generator.") for k in state) and "generator" in t.state()["optimizers"]
     assert not any(k.startswith("teacher.") for k in state)
     assert F.softmax(m.teacher(m.synthesize(4)), -1).shape == (4, 10)
+
+
+def test_deepinversion_pixels_are_a_reset_manual_optimizer_and_leave_the_student_alone(digits_teacher: Path) -> None:
+    cfg = dict(_schemes(digits_teacher)["deepinversion"], batch_size=8, synth_iters=3, adi_weight=1.0)
+    m = build_method(cfg, DIGITS)
+    assert isinstance(m, DeepInversion)
+    t = _engine(m)
+    pix = t.optimizers["pixels"]
+    assert pix.manual and pix.params == [m.pixels] and pix.opt.param_groups[0]["betas"] == (0.5, 0.9)
+    assert (pix.cfg.name, pix.cfg.lr, pix.cfg.weight_decay, pix.sched.name) == ("adam", 0.05, 0.0, "constant")
+    images, labels, parts = m.synthesize()
+    assert images.shape == (8, 1, 8, 8) and labels.shape == (8,) and torch.isfinite(parts).all()
+    assert pix.steps == 3 and int(pix.opt.state[m.pixels]["step"]) == 3
+    # the adversarial (ADI) term runs the student, yet only the pixels get gradients
+    assert all(p.grad is None for p in m.student.parameters())
+    assert all(p.requires_grad for p in m.student.parameters())
+    m.synthesize(iters=2)
+    assert pix.steps == 2 and int(pix.opt.state[m.pixels]["step"]) == 2  # a fresh Adam per synthesis
+    t.train_steps(1)
+    assert int(m.filled) == 1 and "pool" in m.resumable_state() and "pixels" in m.resumable_state()

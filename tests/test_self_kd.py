@@ -21,12 +21,10 @@ from kdforge.distill.self_kd import (
     mixup_ce,
     plan_stages,
     sample_mixup,
-    split_labels,
 )
 from kdforge.distill.self_kd_baselines import (
     BYOT,
     PSKD,
-    IndexedDataset,
     byot_loss,
     cskd_loss,
     same_class_partners,
@@ -34,8 +32,10 @@ from kdforge.distill.self_kd_baselines import (
     tfkd_loss,
     virtual_teacher,
 )
+from kdforge.engine.checkpoint import load_state
+from kdforge.engine.trainer import _Fields
 from kdforge.errors import KdforgeError
-from kdforge.method import DataInfo, build_method
+from kdforge.method import DataInfo, Method, build_method
 from kdforge.profile import count_params
 from tests.conftest import digits_recipe
 
@@ -62,6 +62,26 @@ def _mixskd(**cfg: object) -> MixSKD:
     m = build_method({"name": "mixskd", "model": SMALL, **cfg}, INFO)
     m.setup(_batch())
     return m  # type: ignore[return-value]
+
+
+class _Record(kd.Callback):
+    """Every step's outputs, as floats."""
+
+    def __init__(self) -> None:
+        self.outs: list[dict[str, float]] = []
+
+    def on_step_end(self, trainer: kd.Trainer, out: dict[str, torch.Tensor]) -> None:
+        self.outs.append({k: float(v.detach().float().mean()) for k, v in out.items()})
+
+
+def _engine(m: Method, n: int = 64, batch_size: int = 16, epochs: int = 1, callbacks: tuple = (),
+            **recipe: object) -> kd.Trainer:
+    """A Trainer around ``m`` on ``n`` un-augmented digits (manual optimizers step only inside the engine)."""
+    r = digits_recipe({"name": "supervised", "model": SMALL}, epochs=epochs, sched={"name": "constant"}, **recipe)
+    r["data"].update(batch_size=batch_size, limit_train=n, val_fraction=0.0, augment=False)
+    r["train"]["eval_every"] = 1000
+    rec = kd.Recipe.from_dict(r)
+    return kd.Trainer(m, kd.load_data(rec.data), rec, callbacks=callbacks)
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -94,14 +114,16 @@ def test_sample_mixup_draws_one_beta_lambda_and_a_permutation() -> None:
     assert all(sorted(d[1].tolist()) == list(range(8)) for d in draws[:20])
 
 
-def test_split_labels_and_indexed_dataset() -> None:
-    base = torch.utils.data.TensorDataset(torch.randn(5, 1, 8, 8), torch.tensor([3, 1, 4, 1, 5]))
-    ds = IndexedDataset(base)
-    x, packed = ds[2]
-    assert packed.tolist() == [4, 2] and torch.equal(x, base[2][0])
-    y, idx = split_labels(torch.stack([ds[i][1] for i in range(5)]))
-    assert y.tolist() == [3, 1, 4, 1, 5] and idx is not None and idx.tolist() == [0, 1, 2, 3, 4]
-    assert split_labels(torch.tensor([1, 2]))[1] is None
+def test_pskd_batches_carry_sample_indices_through_the_engine() -> None:
+    m = PSKD(kd.create_model("cnn_small", 10, 1), 10, epochs=2)
+    assert m.batch_fields == ("index",) and PSKD(nn.Linear(2, 2), 2, source="snapshot").batch_fields == ()
+    t = _engine(m, n=48)
+    first = next(iter(t.train_loader))
+    assert set(first) == {"x", "y", "index"}
+    t.train_steps(1)
+    assert m.past_probs is not None and m.past_probs.shape == (48, 10)
+    written = m.past_probs.sum(-1) > 0  # exactly the rows of the samples the step saw
+    assert set(written.nonzero().flatten().tolist()) == set(first["index"].tolist())
 
 
 # -- loss terms on crafted tensors -----------------------------------------------------------------
@@ -231,17 +253,19 @@ def test_discriminators_train_only_in_their_own_step() -> None:
     m = _mixskd(adv_mode="minimax")
     assert m.discriminators is not None
     d_params = list(m.discriminators.parameters())
-    trainable = {id(p) for p in m.parameters() if p.requires_grad}  # what the engine's optimizer gets
-    assert not any(id(p) in trainable for p in d_params)
+    t = _engine(m)
+    disc = t.optimizers["disc"]
+    assert disc.manual and {id(p) for p in disc.params} == {id(p) for p in d_params}
+    assert not any(id(p) in {id(q) for q in t.optimizers["main"].params} for p in d_params)
+    assert isinstance(disc.opt, torch.optim.Adam) and disc.opt.param_groups[0]["betas"] == (0.5, 0.999)
+    assert not any(p.requires_grad for p in d_params)  # out of autograd outside their own update
     assert any(k.startswith("discriminators.") for k in m.resumable_state())
     before = [p.detach().clone() for p in d_params]
-    m.train()
-    out = m.training_step(_batch(), 0)
-    assert "loss_disc" in out and math.isfinite(float(out["loss_disc"]))
-    assert all(p.grad is None for p in d_params)
+    out = t.train_steps(1)
+    assert "loss_disc" in out and math.isfinite(out["loss_disc"]) and disc.steps == 1
     assert any(not torch.equal(a, p) for a, p in zip(before, d_params, strict=True))  # D took its step
-    out["loss"].backward()
     assert all(p.grad is None for p in d_params)  # the network's loss never reaches D
+    assert any(p.grad is not None for p in m.model.parameters())
     x, y = _batch()
     m.zero_grad(set_to_none=True)
     m.loss_terms(m.views(x, 0.5, torch.randperm(16)), y, 0.5, torch.randperm(16))["adv"].backward()
@@ -250,16 +274,17 @@ def test_discriminators_train_only_in_their_own_step() -> None:
 
 
 def test_discriminator_learns_to_separate_in_minimax_mode() -> None:
-    m = _mixskd(adv_mode="minimax", disc_lr=1e-2)
-    m.train()
-    losses = [float(m.training_step(_batch(32, seed=i % 4), i)["loss_disc"]) for i in range(30)]
-    assert min(losses[-5:]) < losses[0]
+    rec = _Record()
+    _engine(_mixskd(adv_mode="minimax", disc_lr=1e-2), n=128, batch_size=32, epochs=8, callbacks=(rec,)).fit()
+    losses = [o["loss_disc"] for o in rec.outs]
+    assert len(losses) == 32 and min(losses[-5:]) < losses[0]
 
 
 def test_code_mode_keeps_random_discriminators_frozen_and_code_compat_preset() -> None:
-    m = _mixskd(code_compat=True)
-    assert m.adv_mode == "code" and m.weights["mix"] == 0.0 and m.disc_opt is None
+    m = _mixskd(compat="official")
+    assert m.adv_mode == "code" and m.weights["mix"] == 0.0
     assert m.discriminators is not None
+    assert [s.name for s in m.configure_optimizers()] == ["main"]  # no discriminator optimizer
     before = [p.detach().clone() for p in m.discriminators.parameters()]
     m.train()
     for i in range(3):
@@ -267,33 +292,11 @@ def test_code_mode_keeps_random_discriminators_frozen_and_code_compat_preset() -
     assert all(torch.equal(a, p) for a, p in zip(before, m.discriminators.parameters(), strict=True))
     assert all(p.grad is None for p in m.discriminators.parameters())
     with pytest.raises(KdforgeError, match="code_compat"):
-        build_method({"name": "mixskd", "model": SMALL, "code_compat": True, "adv_mode": "minimax"}, INFO)
+        build_method({"name": "mixskd", "model": SMALL, "compat": "official", "adv_mode": "minimax"}, INFO)
     with pytest.raises(KdforgeError, match="unknown key"):
         build_method({"name": "mixskd", "model": SMALL, "adv": "off"}, INFO)
     off = _mixskd(adv_mode="off")
     assert off.discriminators is None and float(off.training_step(_batch(), 0)["loss_adv"]) == 0.0
-
-
-def test_discriminator_optimizer_state_survives_a_state_dict_round_trip() -> None:
-    m = _mixskd()
-    m.train()
-    for i in range(2):
-        m.training_step(_batch(seed=i), i)
-    sd = {k: v.clone() for k, v in m.state_dict().items()}
-    assert "disc_opt._extra_state" in sd
-    m2 = _mixskd()
-    m2.load_state_dict(sd)
-    assert m.disc_opt is not None and m2.disc_opt is not None
-    for p, q in zip(m.disc_opt.params, m2.disc_opt.params, strict=True):
-        a, b = m.disc_opt.opt.state[p], m2.disc_opt.opt.state[q]
-        assert float(a["step"]) == float(b["step"]) == 2.0
-        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
-    m2.train()
-    for mm in (m, m2):
-        torch.manual_seed(5)
-        mm.training_step(_batch(seed=9), 2)
-    assert all(torch.equal(p, q) for p, q in zip(m.discriminators.parameters(), m2.discriminators.parameters(),
-                                                 strict=True))
 
 
 def test_mixskd_resume_continues_the_minimax_game_exactly(tmp_path: Path) -> None:
@@ -305,11 +308,14 @@ def test_mixskd_resume_continues_the_minimax_game_exactly(tmp_path: Path) -> Non
     kd.train(recipe(3), tmp_path / "full")
     kd.train(recipe(2), tmp_path / "cut")
     kd.train(recipe(3), tmp_path / "cut", resume=True)
-    sa = load_file(str(tmp_path / "full" / "checkpoints" / "state" / "method.safetensors"))
-    sb = load_file(str(tmp_path / "cut" / "checkpoints" / "state" / "method.safetensors"))
-    assert "disc_opt._extra_state" in sa and any(k.startswith("discriminators.") for k in sa)
-    assert float(sa["disc_opt._extra_state"][0]) == 3 * 3  # Adam steps: 3 epochs of 3 batches
+    sa, ta = load_state(tmp_path / "full" / "checkpoints" / "state")
+    sb, tb = load_state(tmp_path / "cut" / "checkpoints" / "state")
+    assert any(k.startswith("discriminators.") for k in sa)
+    assert ta["optimizers"]["disc"]["steps"] == tb["optimizers"]["disc"]["steps"] == 3 * 3  # 3 epochs of 3 batches
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    da, db = ta["optimizers"]["disc"]["opt"]["state"], tb["optimizers"]["disc"]["opt"]["state"]
+    assert da.keys() == db.keys()
+    assert all(torch.equal(da[k][n], db[k][n]) for k in da for n in ("exp_avg", "exp_avg_sq"))
 
 
 # -- deployment ----------------------------------------------------------------------------------------
@@ -317,10 +323,8 @@ def test_mixskd_resume_continues_the_minimax_game_exactly(tmp_path: Path) -> Non
 def test_deployable_is_the_plain_backbone(name: str) -> None:
     torch.manual_seed(0)
     m = build_method({"name": name, "model": SMALL}, INFO)
-    x, y = _batch()
-    m.setup((x, y))
-    m.train()
-    m.training_step((x, y), 0)["loss"].backward()
+    x, _ = _batch()
+    _engine(m).train_steps(1)
     plain = kd.create_model("cnn_small", 10, 1)
     dep = m.deployable()
     assert count_params(dep) == count_params(plain) < count_params(m)
@@ -337,14 +341,13 @@ def test_deployable_is_the_plain_backbone(name: str) -> None:
 def test_pskd_targets_schedule_and_buffer_round_trip() -> None:
     m = PSKD(kd.create_model("cnn_small", 10, 1), 10, epochs=4)
     base = torch.utils.data.TensorDataset(torch.randn(20, 1, 8, 8), torch.randint(0, 10, (20,)))
-    ds = m.wrap_train_data(base)
-    assert isinstance(ds, IndexedDataset) and m.indexed and m.past_probs is not None
+    assert m.wrap_train_data(base) is base and m.indexed and m.past_probs is not None
     assert m.alpha_t(1) == pytest.approx(0.8 * 2 / 4)
+    ds = _Fields(base, m.batch_fields)  # what the engine gives a method with batch_fields
     batch = torch.utils.data.default_collate([ds[i] for i in range(8)])
     m.train()
     m.on_epoch_start(0)
-    x, packed = batch
-    y, idx = split_labels(packed)
+    x, y, idx = batch["x"], batch["y"], batch["index"]
     assert torch.equal(m.targets(x, y, idx), F.one_hot(y, 10).float())
     m.training_step(batch, 0)
     stored = m.past_probs[:8].clone()
@@ -420,23 +423,12 @@ def test_short_digits_run_lowers_the_loss(name: str, tmp_path: Path) -> None:
 
 
 def test_mixskd_overfits_32_images_with_finite_terms() -> None:
-    torch.manual_seed(0)
-    data = kd.load_data(name="digits", augment=False)
-    x = torch.stack([data.train[i][0] for i in range(32)])
-    y = torch.tensor([int(data.train[i][1]) for i in range(32)])
-    m = _mixskd()
-    opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=3e-3)
-    m.train()
-    first = last = 0.0
-    for i in range(120):
-        out = m.training_step((x, y), i)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        opt.step()
-        assert all(math.isfinite(float(v.detach())) for v in out.values())
-        first = first or float(out["loss"].detach())
-        last = float(out["loss"].detach())
-    assert last < 0.5 * first
+    rec = _Record()
+    t = _engine(_mixskd(), n=32, batch_size=32, epochs=120, callbacks=(rec,),
+                optim={"name": "adam", "lr": 3e-3, "weight_decay": 0.0})
+    t.fit()
+    assert len(rec.outs) == 120 and all(math.isfinite(v) for o in rec.outs for v in o.values())
+    assert rec.outs[-1]["loss"] < 0.5 * rec.outs[0]["loss"]
 
 
 def test_mixskd_recipe_reports_per_exit_accuracy() -> None:
@@ -456,9 +448,8 @@ def test_cifar100_mixskd_recipe_has_the_spec_defaults_and_runs_one_step() -> Non
     torch.manual_seed(0)
     m = build_method(r.method.model_dump(), DataInfo(100, 3, 32))
     assert isinstance(m, MixSKD) and (m.alpha, m.T, m.adv_mode) == (0.4, 3.0, "minimax")
-    batch = (torch.randn(4, 3, 32, 32), torch.randint(0, 100, (4,)))
-    m.setup(batch)
-    m.train()
-    out = m.training_step(batch, 0)
-    out["loss"].backward()
-    assert math.isfinite(float(out["loss"].detach())) and m.exits is not None and m.exits.num_exits == 4
+    images = torch.utils.data.TensorDataset(torch.randn(4, 3, 32, 32), torch.randint(0, 100, (4,)))
+    data = kd.DataBundle(images, None, images, 100, 3, 32, [str(i) for i in range(100)])
+    r.train.progress = "never"
+    out = kd.Trainer(m, data, r).train_steps(1)
+    assert math.isfinite(out["loss"]) and m.exits is not None and m.exits.num_exits == 4

@@ -4,8 +4,10 @@ from kdforge import clip, continual, distill, losses, models  # noqa: F401 - reg
 from kdforge.config import Recipe
 from kdforge.data import DataBundle, load_data
 from kdforge.distill import Distill, Term
+from kdforge.engine.callbacks import Callback
 from kdforge.engine.checkpoint import load_weights, save_weights
-from kdforge.engine.trainer import FitResult, Trainer
+from kdforge.engine.optim import OptimizerSpec
+from kdforge.engine.trainer import FitResult, StepSource, Trainer
 from kdforge.errors import KdforgeError
 from kdforge.evaluate import load_deployable
 from kdforge.losses import DistillLoss, KDLoss, build_loss, kd_loss
@@ -18,8 +20,8 @@ from kdforge.taps import FeatureTaps
 __version__ = "0.1.0"
 
 __all__ = [
-    "DataBundle", "DataInfo", "Distill", "DistillLoss", "FeatureTaps", "FitResult", "KDLoss", "KdforgeError",
-    "Method", "Recipe", "Supervised", "Term", "Trainer", "build_loss", "count_flops", "count_params",
-    "create_model", "kd_loss", "load_data", "load_deployable", "load_weights", "measure_latency", "profile",
-    "save_weights", "train",
+    "Callback", "DataBundle", "DataInfo", "Distill", "DistillLoss", "FeatureTaps", "FitResult", "KDLoss",
+    "KdforgeError", "Method", "OptimizerSpec", "Recipe", "StepSource", "Supervised", "Term", "Trainer", "build_loss",
+    "count_flops", "count_params", "create_model", "kd_loss", "load_data", "load_deployable", "load_weights",
+    "measure_latency", "profile", "save_weights", "train",
 ]

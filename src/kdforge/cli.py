@@ -39,15 +39,33 @@ def train(
     if resume and recipe.is_dir():
         out = out or recipe
         recipe = recipe / "config.yaml"
+        if not recipe.is_file():
+            raise KdforgeError(f"cannot resume {str(out)!r}: it has no config.yaml (the run stopped before it "
+                               "started); start it again: kdforge train RECIPE -o " + str(out))
     r = Recipe.from_yaml(recipe, set_)
     if dry_run:
         res = run_dry(r)
         typer.echo(f"recipe {str(recipe)!r} is valid; one step: " + ", ".join(f"{k}={v:.4f}" for k, v in res.items()))
         return
     run_dir = out or Path("runs") / r.name
-    result = run_train(r, run_dir, resume=resume, overwrite=overwrite)
-    typer.echo(f"test top-1 {result.test_last['top1']:.2f}% (last), {result.test_best['top1']:.2f}% "
-               f"(best by val, epoch {result.best_epoch + 1}); run folder: {run_dir}")
+    from kdforge.engine.run_dir import check_writable_dir
+
+    check_writable_dir(run_dir, "run folder")  # before data and model are built
+    from kdforge.engine.trainer import TrainingInterrupted
+
+    try:
+        result = run_train(r, run_dir, resume=resume, overwrite=overwrite)
+    except TrainingInterrupted as e:
+        print(str(e), file=sys.stderr)
+        raise typer.Exit(130) from None
+    key = result.monitor
+    last = result.test_last.get(key)
+    line = f"test {key} {last:.2f} (last)" if last is not None else "done"
+    if result.test_best is not None and result.test_best.get(key) is not None:
+        line += f", {result.test_best[key]:.2f} (best by val, epoch {result.best_epoch + 1})"
+    elif result.best_epoch < 0:
+        line += " (no validation split: only the last checkpoint is kept)"
+    typer.echo(f"{line}; run folder: {run_dir}")
 
 
 @app.command("eval")
@@ -55,10 +73,11 @@ def eval_(
     source: Annotated[Path, typer.Argument(help="run folder or .safetensors checkpoint")],
     data: Annotated[str | None, typer.Option(help="data set name (default: the one it was trained on)")] = None,
     split: Annotated[str, typer.Option(help="test, val or train")] = "test",
-    which: Annotated[str, typer.Option(help="best or last (run folders)")] = "best",
+    which: Annotated[str, typer.Option(help="best or last (run folders; best falls back to last where a run "
+                                              "kept no best)")] = "best",
     set_: SetOpt = None,
 ) -> None:
-    """Evaluate a trained model: top-1, top-5 and loss."""
+    """Evaluate a trained model with its method's metrics (as in results.json: test_best or test_last)."""
     from kdforge.evaluate import evaluate_source
 
     if which not in ("best", "last"):
@@ -112,27 +131,33 @@ def list_(what: Annotated[str, typer.Argument(help="models, datasets, methods, l
 @app.command()
 def bench(
     name: Annotated[str, typer.Argument(help="benchmark name ('kdforge list benches')")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="where to write tables/plots")] = None,
-    quick: Annotated[bool, typer.Option(help="tiny budget, for smoke tests")] = False,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="where to write (default runs/bench/NAME)")] = None,
+    quick: Annotated[bool, typer.Option(help="tiny budget, a smoke run (never published)")] = False,
+    publish: Annotated[bool, typer.Option(help="also update docs/benchmarks/NAME.{md,json,png}")] = False,
 ) -> None:
-    """Run a named benchmark and write its table."""
-    from kdforge.bench import load_benches
+    """Run a named benchmark; writes runs/bench/NAME (or --out), and with --publish the docs page."""
+    from kdforge.bench.common import run_bench
 
-    load_benches().get(name)(out=out, quick=quick)
+    typer.echo(str(run_bench(name, out, quick=quick, publish=publish)))
 
 
 @app.command()
 def cil(
     recipe: Annotated[Path, typer.Argument(help="class-incremental recipe (recipes/continual/*.yaml)")],
-    run_dir: Annotated[Path | None, typer.Option("--run-dir", "-r", help="save per task here; resumes")] = None,
+    run_dir: Annotated[Path | None, typer.Option("--run-dir", "-r", help="save every stage here; resumes")] = None,
+    set_: SetOpt = None,
 ) -> None:
     """Run an exemplar-free class-incremental recipe and print its accuracy matrix and metrics."""
-    from kdforge.continual import run_recipe
+    from kdforge.continual.driver import run
+    from kdforge.continual.recipe import CilRecipe
 
-    res = run_recipe(recipe, run_dir)
+    r = CilRecipe.from_yaml(recipe, set_)
+    _check_cil(run_dir)
+    res = run(r, run_dir)
     for row in res.matrix:
         typer.echo(" ".join("   -  " if v is None else f"{v:6.2f}" for v in row))
     typer.echo(" ".join(f"{k}={v:.2f}" for k, v in res.metrics.items()))
+    typer.echo("time per task (s): " + " ".join(f"{s:.1f}" for s in res.task_time_s))
 
 
 @app.command()
@@ -148,22 +173,77 @@ def prune(
     prune_command(recipe, out, set_, overwrite)
 
 
+_CIL_FILES = ("config.yaml", "stages.json", "stages", "result.json")
+
+
+def _check_cil(run_dir: Path | None) -> None:
+    """What `kdforge cil -r` refuses before it starts: a file, a train run, a folder holding something else."""
+    from kdforge.engine.run_dir import MARKER, check_writable_dir
+
+    if run_dir is None:
+        return
+    check_writable_dir(run_dir, "cil run folder")
+    if run_dir.is_dir():
+        foreign = [p.name for p in run_dir.iterdir() if not p.name.lstrip(".").startswith(_CIL_FILES)]
+        if (run_dir / MARKER).exists() or (foreign and (run_dir / "config.yaml").exists()):
+            what = "a 'kdforge train' run"
+        elif foreign:
+            what = f"not a cil run folder (it holds {foreign[0]!r})"
+        else:
+            return
+        raise KdforgeError(f"cil -r {str(run_dir)!r}: that folder is {what}; give a new or a cil run folder")
+
+
+def _one_line(msg: str) -> str:
+    """A message on one line; an error re-raised from a DataLoader worker keeps only its own last line."""
+    lines = [line.strip() for line in msg.splitlines() if line.strip()]
+    if "Original Traceback" in msg and lines:
+        last = lines[-1]
+        return last.split(": ", 1)[1] if last.startswith("kdforge.errors.KdforgeError: ") else last
+    return " ".join(lines)
+
+
+def _is_main_rank() -> bool:
+    """Whether this process is rank 0 of a launch (or not launched at all)."""
+    import os
+
+    return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
+
+
+def _settle_runs(ok: bool) -> None:
+    """Run folders this command replaced: keep the new run if it worked, else put the old one back."""
+    from kdforge.engine import run_dir
+
+    (run_dir.commit_pending if ok else run_dir.rollback_pending)()
+    run_dir.release_all()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: every user error is one line on stderr and exit code 2."""
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="kdforge")
+        _settle_runs(ok=True)
         return rv if isinstance(rv, int) else 0
     except KdforgeError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _settle_runs(ok=False)
+        if _is_main_rank():  # under DDP every rank fails the same way; one of them speaks
+            print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     except click.UsageError as e:
         print(f"error: {e.format_message()}", file=sys.stderr)
         return 2
     except typer.Exit as e:
         return e.exit_code
-    except typer.Abort:
-        print("aborted", file=sys.stderr)
+    except (typer.Abort, KeyboardInterrupt) as e:
+        from kdforge.engine.trainer import TrainingInterrupted
+
+        cause = e if isinstance(e, TrainingInterrupted) else e.__cause__ or e.__context__
+        if _is_main_rank():
+            print(str(cause) if isinstance(cause, TrainingInterrupted) else "interrupted", file=sys.stderr)
         return 130
+    except Exception:
+        _settle_runs(ok=False)
+        raise
 
 
 if __name__ == "__main__":

@@ -3,19 +3,65 @@
 from __future__ import annotations
 
 import copy
+import types
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from kdforge.errors import KdforgeError, closest
 
 
 class Strict(BaseModel):
-    """A schema that rejects unknown keys."""
+    """A schema that rejects unknown keys, booleans where numbers belong and text where integers or booleans do.
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    Floats stay lax on purpose: YAML reads ``1e-3`` as the string "1e-3", which pydantic parses.
+    """
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _strict_scalars(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        for name, f in cls.model_fields.items():
+            key = f.alias or name
+            if key in data:
+                bad = _scalar_mismatch(f.annotation, data[key])
+                if bad:
+                    raise PydanticCustomError("strict_scalar", "{want}", {"field": key, "want": bad,
+                                                                          "value": repr(data[key])[:60]})
+        return data
+
+
+def _scalar_mismatch(ann: Any, value: Any) -> str:
+    """Why ``value`` must not be coerced to the field type ``ann`` ('' if it may be validated as usual)."""
+    if value is None:
+        return ""
+    origin, args = get_origin(ann), get_args(ann)
+    if origin in (Union, types.UnionType):
+        opts = [a for a in args if a is not type(None)]
+        if len(opts) == 1:
+            return _scalar_mismatch(opts[0], value)
+        return ""
+    if origin in (list, tuple) and isinstance(value, (list, tuple)):
+        elems = [a for a in args if a is not Ellipsis]
+        for i, v in enumerate(value):
+            elem = elems[min(i, len(elems) - 1)] if elems else Any
+            bad = _scalar_mismatch(elem, v)
+            if bad:
+                return f"item {i}: {bad}"
+        return ""
+    if ann is bool and not isinstance(value, bool):
+        return "should be true or false"
+    if ann is int and (isinstance(value, (bool, str)) or (isinstance(value, float) and not value.is_integer())):
+        return "should be a whole number"
+    if ann is float and isinstance(value, bool):
+        return "should be a number"
+    return ""
 
 
 class ModelSpec(Strict):
@@ -33,9 +79,9 @@ class DataConfig(Strict):
     root: str | None = None
     download: bool = False
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    split_seed: int = 0
-    pad_to: int | None = None
-    resize: int | None = None
+    split_seed: int = Field(0, ge=0)
+    pad_to: int | None = Field(None, ge=1, le=4096)
+    resize: int | None = Field(None, ge=1, le=4096)
     augment: bool = True
     batch_size: int = Field(128, ge=1)
     eval_batch_size: int = Field(512, ge=1)
@@ -44,41 +90,74 @@ class DataConfig(Strict):
 
 
 class OptimConfig(Strict):
-    """Optimizer: SGD (momentum, Nesterov) or AdamW."""
+    """Optimizer: SGD (momentum, Nesterov), AdamW (decoupled decay) or Adam (coupled L2, as many papers use)."""
 
-    name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(0.05, gt=0)
-    momentum: float = 0.9
+    name: Literal["sgd", "adamw", "adam"] = "sgd"
+    lr: float = Field(0.05, gt=0, allow_inf_nan=False)
+    momentum: float = Field(0.9, ge=0, allow_inf_nan=False)
     nesterov: bool = False
-    weight_decay: float = 5e-4
+    weight_decay: float = Field(5e-4, ge=0, allow_inf_nan=False)
     betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0, allow_inf_nan=False)
+    #: parameters without weight decay: "norm" (normalisation layers), "bias" (biases), "scalar" (0-d
+    #: parameters such as CLIP's logit scale), or a substring of the parameter's name
+    no_decay: list[str] = Field(default_factory=list)
 
 
 class SchedConfig(Strict):
-    """Learning-rate schedule per optimizer step, with optional linear warm-up."""
+    """Learning-rate schedule, set every optimizer step, with optional linear warm-up.
 
-    name: Literal["constant", "step", "multistep", "cosine"] = "cosine"
-    warmup_epochs: float = Field(0.0, ge=0)
+    ``relative`` is a table of ``[epoch, factor]`` rows: the lr is ``factor`` of the last row whose
+    epoch is at most the current fractional epoch (the "steps with relative LRs" policy).
+    """
+
+    name: Literal["constant", "step", "multistep", "cosine", "linear", "relative"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0, allow_inf_nan=False)
     step_size: int = Field(30, ge=1)
     milestones: list[int] = Field(default_factory=list)
-    gamma: float = 0.1
-    min_lr: float = 0.0
+    gamma: float = Field(0.1, gt=0, allow_inf_nan=False)
+    min_lr: float = Field(0.0, ge=0, allow_inf_nan=False)
+    relative: list[tuple[float, float]] = Field(default_factory=list)
+
+
+class FsdpConfig(Strict):
+    """FSDP through Accelerate (GPUs): how the trained model is sharded, and whether a frozen teacher is too."""
+
+    sharding: Literal["full", "shard_grad_op", "no_shard", "hybrid"] = "full"
+    auto_wrap: Literal["transformer", "size", "none"] = "transformer"
+    min_params: int = Field(100_000, ge=1)
+    cpu_offload: bool = False
+    shard_teacher: bool = False
+
+
+class EmaConfig(Strict):
+    """An exponential moving average of the deployable model's weights (and buffers)."""
+
+    decay: float = Field(0.9999, gt=0, lt=1)
+    every: int = Field(1, ge=1)
+    evaluate: bool = True
 
 
 class TrainConfig(Strict):
-    """Loop settings: epochs, device, precision, accumulation, logging, checkpoints."""
+    """Loop settings: epochs or steps, device, precision, accumulation, logging, checkpoints."""
 
     epochs: int = Field(10, ge=1)
+    max_steps: int | None = Field(None, ge=1)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     grad_accum: int = Field(1, ge=1)
-    grad_clip: float | None = Field(None, gt=0)
+    grad_clip: float | None = Field(None, gt=0, allow_inf_nan=False)
     log_every: int = Field(20, ge=1)
     eval_every: int = Field(1, ge=1)
     save_checkpoints: bool = True
+    save_every_steps: int | None = Field(None, ge=1)
+    nonfinite: Literal["stop", "skip"] = "stop"
+    ema: EmaConfig | None = None
     progress: Literal["auto", "always", "never"] = "auto"
     threads: int | None = Field(None, ge=1)
     find_unused_parameters: bool = False
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    fsdp: FsdpConfig | None = None
 
 
 class MethodConfig(BaseModel):
@@ -92,7 +171,7 @@ class Recipe(Strict):
     """A whole run: data, method, optimizer, schedule and loop."""
 
     name: str = "run"
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**31)
     data: DataConfig = Field(default_factory=DataConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
@@ -167,6 +246,11 @@ def describe_error(schema: type[BaseModel], err: ValidationError, prefix: str = 
     """One line for the first error: the key, what is wrong, and what would be valid."""
     first = err.errors()[0]
     loc = [str(x) for x in first["loc"]]
+    if first["type"] == "strict_scalar":
+        ctx = first.get("ctx") or {}
+        loc.append(str(ctx.get("field")))
+        key = ".".join([prefix, *loc] if prefix else loc)
+        return f"bad value for {key!r}: {ctx.get('value')} ({ctx.get('want')})"
     key = ".".join([prefix, *loc] if prefix else loc)
     if first["type"] == "extra_forbidden":
         valid = sorted(_fields_at(schema, loc[:-1]))

@@ -10,6 +10,10 @@ from kdforge.errors import KdforgeError, closest
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+# Registry kind -> the word `kdforge list` takes for it; other kinds name their entries in the message.
+LISTED = {"model": "models", "dataset": "datasets", "method": "methods", "loss": "losses", "bench": "benches"}
+
+
 class Registry(Generic[F]):
     """A named table of factories; ``get`` fails with the closest valid names."""
 
@@ -34,10 +38,10 @@ class Registry(Generic[F]):
         try:
             return self._items[name]
         except KeyError:
-            raise KdforgeError(
-                f"unknown {self.kind} {name!r}{closest(name, self._items)} "
-                f"(run 'kdforge list {self.kind}s' for all {len(self._items)})"
-            ) from None
+            listed = LISTED.get(self.kind)
+            where = (f"run 'kdforge list {listed}' for all {len(self._items)}" if listed
+                     else f"valid: {', '.join(self.names())}")
+            raise KdforgeError(f"unknown {self.kind} {name!r}{closest(name, self._items)} ({where})") from None
 
     def names(self) -> list[str]:
         """All registered names, sorted."""

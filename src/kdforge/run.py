@@ -21,20 +21,10 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
 
 
 def dry_run(recipe: Recipe, steps: int = 1) -> dict[str, float]:
-    """Build everything and run ``steps`` training steps without writing anything."""
+    """Build everything and run ``steps`` training steps through the engine's real path, writing nothing."""
     r = recipe.model_copy(deep=True)
     r.train.progress = "never"
     seed_everything(r.seed)
     data = load_data(r.data)
     method = build_method(r.method.model_dump(), DataInfo(data.num_classes, data.in_chans, data.image_size))
-    t = Trainer(method, data, r, run_dir=None)
-    out: dict[str, float] = {}
-    for i, (x, y) in enumerate(t.train_loader):
-        if i >= steps:
-            break
-        t.optimizer.zero_grad(set_to_none=True)
-        res = t.model((x.to(t.acc.device), y.to(t.acc.device)), i)
-        t.acc.backward(res["loss"])
-        t.optimizer.step()
-        out = {k: float(v.detach()) for k, v in res.items()}
-    return out
+    return Trainer(method, data, r, run_dir=None).train_steps(steps)

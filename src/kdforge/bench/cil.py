@@ -8,14 +8,22 @@ from pathlib import Path
 from typing import Any
 
 from kdforge.bench import BENCHES
-from kdforge.bench.common import fmt_mean_std, machine_note, markdown_table, mean_std, restores_threads, write_json
+from kdforge.bench.common import (
+    bench_dir,
+    fmt_mean_std,
+    machine_note,
+    markdown_table,
+    mean_std,
+    restores_threads,
+    write_json,
+)
 
 COMMAND = "kdforge bench cil"
 SEEDS = (0, 1, 2)  # class orders
 WORKERS = 2
 MODEL: dict[str, Any] = {"model": "cnn_small", "model_kwargs": {"width": 8}}
 SPLIT = {"base": 2, "increment": 2, "tasks": 4}
-#: per data set: epochs per task (more on the base task); eTag's generator trains as long as its solver
+#: per data set: epochs per task (more on the base task); eTag's generator trains ``epochs`` in every task
 DATASETS: dict[str, dict[str, Any]] = {
     "fashion_mnist_subset": {"epochs": 6, "base_epochs": 10},
     "digits": {"epochs": 15, "base_epochs": 20},
@@ -55,9 +63,10 @@ def run_one(dataset: str, learner: str, kwargs: dict[str, Any], seed: int, quick
     budget = (QUICK if quick else DATASETS)[dataset]
     extra = {"gen_epochs": budget["epochs"]} if learner == "etag" else {}
     t0 = time.perf_counter()
-    res = run_cil(learner, data=dataset, seed=seed, **SPLIT, **MODEL, **budget, **kwargs, **extra)
+    res = run_cil(learner, data=dataset, seed=seed, **SPLIT, **MODEL, **budget, **kwargs, **extra,
+                  train={"progress": "never", "device": "cpu"})
     return {"matrix": res.matrix, "metrics": res.metrics, "test_sizes": res.test_sizes,
-            "wall_s": time.perf_counter() - t0}
+            "task_time_s": res.task_time_s, "wall_s": time.perf_counter() - t0}
 
 
 @BENCHES.register("cil")
@@ -65,7 +74,7 @@ def run_one(dataset: str, learner: str, kwargs: dict[str, Any], seed: int, quick
 def run(out: Path | None = None, quick: bool = False) -> Path:
     """Every learner on two data sets and 3 class orders; writes cil.md, heatmaps and raw JSON."""
     seeds = SEEDS[:1] if quick else SEEDS
-    dest = Path(out) if out is not None else Path("docs/benchmarks")
+    dest = bench_dir("cil", out)
     t0 = time.perf_counter()
     tasks = sorted(((d, label, name, kw, s) for d in DATASETS for label, name, kw in LEARNERS for s in seeds),
                    key=lambda x: -COST.get(x[2], 1.0) * (4 if x[0] == "fashion_mnist_subset" else 1))
@@ -74,8 +83,9 @@ def run(out: Path | None = None, quick: bool = False) -> Path:
     def done(key: tuple[str, str, int], r: dict[str, Any]) -> None:
         results[key] = r
         m = r["metrics"]
+        per_task = sum(r["task_time_s"]) / max(len(r["task_time_s"]), 1)
         print(f"[cil] {key[0]} {key[1]} order {key[2]}: Ā {m['avg_inc_acc']:.1f} last {m['last_acc']:.1f} "
-              f"F {m['forgetting']:.1f} ({r['wall_s']:.0f} s) [{len(results)}/{len(tasks)}, "
+              f"F {m['forgetting']:.1f} ({r['wall_s']:.0f} s, {per_task:.1f} s/task) [{len(results)}/{len(tasks)}, "
               f"{(time.perf_counter() - t0) / 60:.1f} min]", file=sys.stderr, flush=True)
 
     if quick or WORKERS == 1:
@@ -120,8 +130,19 @@ def _rows(results: dict, d: str, seeds: tuple[int, ...]) -> list[dict[str, Any]]
                      "last acc A_T (%)": fmt_mean_std(m["last_acc"]),
                      "forgetting F (pts)": fmt_mean_std(m["forgetting"]),
                      "BWT (pts)": fmt_mean_std(m["bwt"]),
-                     "time / run (s)": f"{mean_std([results[(d, label, s)]['wall_s'] for s in seeds])[0]:.0f}"})
+                     "time / run (s)": f"{mean_std([results[(d, label, s)]['wall_s'] for s in seeds])[0]:.0f}",
+                     "time / task (s)": _per_task(results, d, label, seeds)})
     return rows
+
+
+def _per_task(results: dict, d: str, label: str, seeds: tuple[int, ...]) -> str:
+    """Mean seconds per task (base task first, then the mean of the later ones), over class orders."""
+    times = [results[(d, label, s)].get("task_time_s", []) for s in seeds]
+    if not all(times):
+        return "n/a"
+    base = mean_std([t[0] for t in times])[0]
+    later = mean_std([sum(t[1:]) / max(len(t) - 1, 1) for t in times])[0]
+    return f"{base:.1f} / {later:.1f}"
 
 
 def _verdict(results: dict, d: str, seeds: tuple[int, ...]) -> str:
@@ -180,13 +201,17 @@ Runs: {"one after another" if quick else f"{WORKERS} at a time in separate proce
 - Protocol: {SPLIT["base"]} base classes, then {SPLIT["tasks"]} tasks of {SPLIT["increment"]} classes; class orders
   from seeds {", ".join(map(str, seeds))}; task identity unknown at test time; no exemplar is stored by any
   learner except Joint (the upper bound, trained on all seen data).
-- Backbone: `cnn_small` width 8 (128-d embedding), the same for every learner; Adam lr 1e-3, weight decay
-  2e-4, batch 64, no input augmentation; epochs per task: {", ".join(f"{d} {b['epochs']} (base {b['base_epochs']})"
-  for d, b in budgets.items())}. eTag's generator stage trains as many epochs as its solver, lr 1e-3.
+- Backbone: `cnn_small` width 8 (128-d embedding), the same for every learner; every stage is a
+  `kdforge.Trainer` fit (Adam with coupled L2: lr 1e-3, weight decay 2e-4; batch 64; constant lr; CPU), no
+  input augmentation; epochs per task: {", ".join(f"{d} {b['epochs']} (base {b['base_epochs']})"
+  for d, b in budgets.items())}. eTag's generator stage trains the per-task epochs in every task (fewer
+  than its solver on the base task), lr 1e-3.
 - Learners at their defaults: LwF τ = 2, λ = 1 (shared head); FeTrIL with a softmax linear head instead of an SVM;
   IR with 4 rotations, `sq_mean` L_sm, λ_sm = 1, BN statistics frozen after the base task, L2 1-NN over
   prototypes; eTag with 3 auxiliary heads (+1 on the embedding), τ = 3, CVAE hidden 64 / latent 16,
   **`e_reduction: sq_mean`** (the faithful Frobenius form trails by about 3 points on digits at this scale).
+- Time / task: seconds of the base task / mean of the later tasks (training, prototypes and the accuracy
+  row), one torch thread per run.
 - Metrics: Ā = mean over steps of the class-weighted accuracy on all seen classes; A_T = its last value;
   F = average forgetting (Chaudhry et al.); BWT = backward transfer. Mean ± sample std over class orders.
 

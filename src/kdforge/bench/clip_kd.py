@@ -11,6 +11,7 @@ from typing import Any
 from kdforge.bench import BENCHES
 from kdforge.bench.common import (
     bar_chart,
+    bench_dir,
     fmt_mean_std,
     machine_note,
     markdown_table,
@@ -117,7 +118,7 @@ def train_teacher(dest: Path, epochs: int, limit: int | None) -> tuple[str, dict
 def run(out: Path | None = None, quick: bool = False) -> Path:
     """Teacher, then every student variant over 3 seeds; writes the table and plot, returns the table path."""
     t_ep, s_ep, pairs, seeds = (1, 1, 256, (0,)) if quick else (TEACHER_EPOCHS, STUDENT_EPOCHS, STUDENT_PAIRS, SEEDS)
-    dest = Path(out) if out is not None else Path("docs/benchmarks")
+    dest = bench_dir("clip-kd", out)
     t0 = time.perf_counter()
     results: dict[tuple[str, int], dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="clip-kd-") as tmp:
@@ -222,7 +223,9 @@ Method page: [docs/methods/clip-kd.md](../methods/clip-kd.md).
 
 ## Paper-scale recipe
 
-`recipes/clip/cc3m12m-vitb16-vitt16.yaml`: CC3M+CC12M, ViT-B/16 teacher → ViT-T/16 student, 32
+[`recipes/clip/cc3m12m_vitb16_vitt16.yaml`](../../recipes/clip/cc3m12m_vitb16_vitt16.yaml) (teacher:
+[`cc3m12m_teacher_vitb16.yaml`](../../recipes/clip/cc3m12m_teacher_vitb16.yaml)): CC3M+CC12M, ViT-B/16 teacher →
+ViT-T/16 student, 32
 epochs, batch 1,024, AdamW lr 1e-3 (β2 0.98, eps 1e-6, wd 0.1), 10k warm-up steps then cosine.
 Published zero-shot ImageNet top-1 (CLIP-KD README = paper tables):
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -129,3 +130,129 @@ def write_json(path: str | Path, data: Any) -> None:
     """Write raw benchmark results next to the table, for re-plotting."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(data, indent=2))
+
+
+BENCH_ROOT = Path("runs/bench")
+PUBLISHED = Path("docs/benchmarks")
+ANALYSIS_START, ANALYSIS_END = "<!-- analysis:start -->", "<!-- analysis:end -->"
+
+
+def bench_dir(name: str, out: str | Path | None = None) -> Path:
+    """Where a bench writes: ``out`` if given, else ``runs/bench/<name>`` (never the published docs)."""
+    return Path(out) if out is not None else BENCH_ROOT / name
+
+
+def prepare_bench_dir(dest: Path) -> Path:
+    """Create ``dest`` and prove it writable, so that a bad ``--out`` fails before hours of benchmarking."""
+    from kdforge.engine.run_dir import check_writable_dir
+    from kdforge.errors import KdforgeError
+
+    check_writable_dir(dest, "bench output folder")
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        probe = dest / f".kdforge-write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise KdforgeError(f"bench output folder {str(dest)!r} is not writable ({e.strerror or e}); "
+                           "choose another with --out") from None
+    return dest
+
+
+def run_bench(name: str, out: str | Path | None = None, quick: bool = False, publish: bool = False) -> Path:
+    """The one rule for every bench: write to ``runs/bench/NAME`` (or ``out``); ``publish`` updates the docs."""
+    from kdforge.bench import load_benches
+    from kdforge.errors import KdforgeError
+
+    fn = load_benches().get(name)
+    if quick and publish:
+        raise KdforgeError("--quick is a smoke run and is never published; drop --quick to publish, "
+                           "or drop --publish to keep the smoke run in runs/bench")
+    if publish and not PUBLISHED.is_dir():
+        raise KdforgeError(f"--publish updates {str(PUBLISHED)!r} of a kdforge checkout, which is not here; "
+                           "run it from the repository root")
+    dest = prepare_bench_dir(bench_dir(name, out))
+    fn(out=dest, quick=quick)
+    if quick:
+        label_smoke_run(dest, name)
+    if publish:
+        publish_bench(name, dest)
+    return dest
+
+
+def bench_files(name: str, directory: Path) -> list[Path]:
+    """A bench's outputs in ``directory``: NAME.md, NAME.json, NAME.png and NAME-*.png."""
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.is_file() and (
+        p.name in (f"{name}.md", f"{name}.json", f"{name}.png")
+        or (p.name.startswith(f"{name}-") and p.suffix == ".png")))
+
+
+def label_smoke_run(directory: Path, name: str) -> None:
+    """Mark a quick run's table title and charts as a smoke run, so that nobody mistakes them for results."""
+    md = directory / f"{name}.md"
+    if md.is_file():
+        lines = md.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if line.startswith("# ") and "smoke run" not in line.lower():
+                lines[i] = f"{line} (smoke run)"
+                break
+        md.write_text("\n".join(lines) + "\n")
+    for png in (p for p in bench_files(name, directory) if p.suffix == ".png"):
+        _stamp(png, "smoke run (--quick): not a result")
+
+
+def _stamp(png: Path, text: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    img = plt.imread(png)
+    h, w = img.shape[:2]
+    fig = plt.figure(figsize=(w / 100, h / 100), dpi=100)
+    fig.figimage(img, 0, 0)
+    fig.text(0.01, 0.99, text, color="#C00000", fontsize=10, fontweight="bold", va="top", ha="left",
+             bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "#C00000"})
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def analysis_block(text: str) -> str | None:
+    """The hand-written block between the analysis markers of a page (markers included), if any."""
+    a, b = text.find(ANALYSIS_START), text.find(ANALYSIS_END)
+    if a < 0 or b < a:
+        return None
+    return text[a: b + len(ANALYSIS_END)]
+
+
+def merge_analysis(new: str, old: str | None) -> str:
+    """The new generated page with the old page's analysis block kept (an empty block if there was none)."""
+    keep = analysis_block(old or "") or f"{ANALYSIS_START}\n{ANALYSIS_END}"
+    cur = analysis_block(new)
+    if cur is not None:
+        return new.replace(cur, keep)
+    return new.rstrip("\n") + "\n\n" + keep + "\n"
+
+
+def publish_bench(name: str, source: Path, docs: Path | None = None) -> list[Path]:
+    """Copy a finished bench's outputs into the docs; the page's analysis block is never overwritten."""
+    import shutil
+
+    from kdforge.errors import KdforgeError
+
+    docs = docs or PUBLISHED
+    files = bench_files(name, source)
+    if not any(p.suffix == ".md" for p in files):
+        raise KdforgeError(f"nothing to publish: {str(source / (name + '.md'))!r} was not written")
+    out = []
+    for p in files:
+        target = docs / p.name
+        if p.suffix == ".md":
+            old = target.read_text() if target.is_file() else None
+            target.write_text(merge_analysis(p.read_text(), old))
+        else:
+            shutil.copyfile(p, target)
+        out.append(target)
+    return out

@@ -1,7 +1,7 @@
 """``kdforge bench kd-zoo``: every KD loss and scheme on the embedded Fashion-MNIST subset, one teacher, 3 seeds.
 
 Sized for 2 CPU cores (about 20 minutes): the teacher, ``cnn_small`` width 16 (26 k parameters), trains once
-on all 4,860 training images for 30 epochs (cached by recipe hash); every student, ``cnn_small`` width 8
+on all 5,400 training images for 30 epochs (cached by recipe hash); every student, ``cnn_small`` width 8
 (6.9 k parameters), trains on a fixed 512-image subset without augmentation for 40 epochs (160 steps), a
 data-limited regime where a teacher that saw more data has something to give.
 """
@@ -20,6 +20,7 @@ import torch
 from kdforge.bench import BENCHES
 from kdforge.bench.common import (
     bar_chart,
+    bench_dir,
     cached_teacher,
     fmt_mean_std,
     machine_note,
@@ -30,7 +31,7 @@ from kdforge.bench.common import (
 )
 from kdforge.config import Recipe
 from kdforge.data import DataBundle, load_data
-from kdforge.engine.trainer import FitResult, Trainer, seed_everything
+from kdforge.engine.trainer import Trainer, seed_everything
 from kdforge.method import DataInfo, build_method
 from kdforge.profile import count_params
 
@@ -100,11 +101,11 @@ def methods(teacher_ck: str, teacher2_ck: str, quick: bool = False) -> list[tupl
         ("ab", "feature", feat("ab", 1.0, STAGES), "β 1, plain term"),
         ("fsp", "feature", feat("fsp", 5, STAGES), "β 5 (RD 50), plain term"),
         ("vid", "feature", feat("vid", 1.0, STAGES), "β 1 (RD)"),
-        ("ofd", "feature", feat("ofd", 2.0, "stage3"), "β 2"),
+        ("ofd", "feature", feat("ofd", 2.0, "stage3.1"), "β 2, pre-ReLU stage3 (BN margin)"),
         ("reviewkd", "feature", feat("reviewkd", 1.0, [*STAGES, "pool"], mid_channels=16), "β 1 (MD), mid 16"),
         ("rkd", "relation", feat("rkd", 0.2, "pool"), "β 0.2 (RD 1)"),
         ("sp", "relation", feat("sp", 3000, "stage3"), "β 3000 (RD)"),
-        ("cc", "relation", feat("cc", 0.02, "pool"), "β 0.02 (RD)"),
+        ("cc", "relation", feat("cc", 0.02, "pool", compat="repdistiller"), "β 0.02 (RD), RD's form"),
         ("pkt", "relation", feat("pkt", 30000, "pool"), "β 30000 (RD)"),
         ("crd", "relation", feat("crd", 0.1, "pool", **bank), "β 0.1 (RD 0.8), queue 2048, K 1024"),
         ("at", "attention", {"name": "at", "teacher": t, "student": STUDENT, "beta": 100}, "β 100 (RD 1000)"),
@@ -136,36 +137,12 @@ def _extra_params(method_cfg: dict[str, Any], info: DataInfo, batch: tuple[torch
     return sum(p.numel() for p in m.parameters() if id(p) not in deploy and id(p) not in frozen)
 
 
-class InMemoryBestTrainer(Trainer):
-    """A Trainer without a run folder that still reports the best-by-validation epoch's test accuracy.
-
-    It keeps the best deployable weights in memory instead of writing checkpoints and reports, which
-    would cost more than a tiny student's training here.
-    """
-
-    _best_state: dict[str, torch.Tensor] | None = None
-
-    def _save(self, epoch: int, improved: bool) -> None:
-        if improved:
-            self._best_state = {k: v.detach().clone() for k, v in self.method.deployable().state_dict().items()}
-
-    def _finish(self, train_time: float) -> FitResult:
-        last = self.evaluate(self.test_loader)
-        best = last
-        if self._best_state is not None and self.best_epoch != self.recipe.train.epochs - 1:
-            model = copy.deepcopy(self.method.deployable())
-            model.load_state_dict(self._best_state)
-            best = self.evaluate(self.test_loader, model)
-        return FitResult(None, self.recipe.train.epochs, self.best_epoch, self.best_val, last, best, self.history,
-                         train_time)
-
-
 def _run_one(method: dict[str, Any], seed: int, quick: bool, data: DataBundle) -> dict[str, float]:
     recipe = student_recipe("kdzoo", copy.deepcopy(method), seed, quick)
     seed_everything(recipe.seed)
     info = DataInfo(data.num_classes, data.in_chans, data.image_size)
     m = build_method(recipe.method.model_dump(), info)
-    return result_summary(InMemoryBestTrainer(m, data, recipe).fit())
+    return result_summary(Trainer(m, data, recipe, keep_best_in_memory=True).fit())
 
 
 @BENCHES.register("kd-zoo")
@@ -207,7 +184,7 @@ def run(out: Path | None = None, quick: bool = False) -> Path:
             "extra trained params": _extra_params(method, info, batch),
             "time/epoch (× student)": f"{statistics.fmean(r['epoch_s'] for r in rs) / base_epoch:.2f}",
         })
-    out_dir = Path(out) if out is not None else Path("docs/benchmarks")
+    out_dir = bench_dir("kd-zoo", out)
     out_dir.mkdir(parents=True, exist_ok=True)
     lasts = [mean_std([x["last"] for x in results[r["method"]]]) for r in table]
     png = bar_chart([r["method"] for r in table], [m for m, _ in lasts], [s for _, s in lasts],
@@ -236,8 +213,8 @@ def _markdown(table: list[dict[str, Any]], teachers: dict[str, float], seeds: tu
         + f"Seeds: {', '.join(map(str, seeds))}. Total wall time: {total / 60:.1f} min (teachers included when "
         + "they were not cached yet).",
         "",
-        "Data: the embedded Fashion-MNIST subset (`fashion_mnist_subset`, 28×28×1; 4,860 training images after "
-        "the 10 % validation split, 1,000 test images). Teachers (trained once, cached by recipe hash): "
+        "Data: the embedded Fashion-MNIST subset (`fashion_mnist_subset`, 28×28×1; 5,400 training images after "
+        "the 10 % (600-image) validation split, 1,000 test images). Teachers (trained once, cached by recipe hash): "
         + ", ".join(f"`{k}` {v:.2f} %" for k, v in teachers.items())
         + f" test top-1, {t_epochs} epochs on all training images with crop + flip. Student: `cnn_small` width 8 "
         f"(the same for every row), {epochs} epochs on a fixed {n_img}-image subset (`data.limit_train`) without "

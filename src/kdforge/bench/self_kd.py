@@ -11,6 +11,7 @@ from typing import Any
 from kdforge.bench import BENCHES
 from kdforge.bench.common import (
     bar_chart,
+    bench_dir,
     fmt_mean_std,
     machine_note,
     markdown_table,
@@ -32,8 +33,7 @@ LIMITED_EPOCHS = 60
 LIMITED_EVAL_EVERY = 5
 LIMITED_METHODS = ("CE", "label smoothing", "mixup", "MixSKD")
 LIMITED_COMMAND = "kdforge bench self-kd-limited"
-SECTION_FULL = "self-kd"
-SECTION_LIMITED = "self-kd-limited"
+LIMITED_NAME = "self-kd-limited"
 
 
 def methods(epochs: int) -> list[tuple[str, dict[str, Any]]]:
@@ -97,7 +97,7 @@ def train_one(method: dict[str, Any], seed: int, epochs: int, quick: bool, run_d
 def run(out: Path | None = None, quick: bool = False) -> Path:
     """Train every method on Fashion-MNIST (3 seeds) and write the table and plot; returns the table path."""
     epochs, seeds = (1, (0,)) if quick else (EPOCHS, SEEDS)
-    dest = Path(out) if out is not None else Path("docs/benchmarks")
+    dest = bench_dir("self-kd", out)
     t0 = time.perf_counter()
     raw: dict[str, Any] = {"epochs": epochs, "seeds": list(seeds), "backbone": BACKBONE, "workers": WORKERS,
                            "runs": {}}
@@ -156,7 +156,7 @@ def run(out: Path | None = None, quick: bool = False) -> Path:
                     baseline=ce_last)
     write_json(dest / "self-kd.json", raw)
     md = dest / "self-kd.md"
-    write_section(md, SECTION_FULL, _report(rows, raw, epochs, seeds, wall, quick, png.name))
+    md.write_text(_report(rows, raw, epochs, seeds, wall, quick, png.name))
     print(markdown_table(rows), file=sys.stderr)
     print(f"[self-kd] wrote {md} and {png} in {wall / 60:.1f} min", file=sys.stderr)
     return md
@@ -187,7 +187,7 @@ def _report(rows: list[dict[str, Any]], raw: dict[str, Any], epochs: int, seeds:
             quick: bool, png: str) -> str:
     r = recipe({"name": "…"}, 0, epochs, quick)
     cmd = COMMAND + (" --quick" if quick else "")
-    return f"""## Full training split: 5,400 images, {epochs} epochs
+    return f"""# Self-distillation on the embedded Fashion-MNIST subset
 
 {"**Quick smoke run (1 epoch, 128 images, 1 seed): not a result.**" if quick else ""}
 
@@ -205,7 +205,7 @@ Runs: {"one after another" if quick else f"{WORKERS} at a time in separate proce
   epoch with the best validation accuracy ("best"); mean ± sample std over the seeds.
 - Every method uses its spec defaults: label smoothing ε = 0.1; mixup α = 0.4; Tf-KD_reg paper
   form (a = 0.9, T = 20, α = 0.1); CS-KD T = 4, λ = 1, partners drawn within the batch; PS-KD
-  α_T = 0.8 with per-sample past predictions (IndexedDataset); BYOT α = 0.3, λ = 0.03, T = 3;
+  α_T = 0.8 with per-sample past predictions (keyed by sample index); BYOT α = 0.3, λ = 0.03, T = 3;
   MixSKD α = 0.4, T = 3, all weights 1, `adv_mode: minimax` (trained discriminators).
 - "params in training" counts exits, self-teacher and discriminators; they are dropped for deployment.
 
@@ -217,26 +217,6 @@ Runs: {"one after another" if quick else f"{WORKERS} at a time in separate proce
 
 Raw per-seed numbers: `self-kd.json`.
 """
-
-
-PAGE_TITLE = "# Self-distillation on the embedded Fashion-MNIST subset"
-
-
-def write_section(md: Path, key: str, body: str) -> None:
-    """Put ``body`` between this bench's markers in ``md``, leaving the rest of the page (written analysis) alone.
-
-    A page without the markers gets the section appended; a missing page is created with its title.
-    """
-    begin = f"<!-- begin generated: {key} (its command rewrites this part; write analysis outside it) -->"
-    end = f"<!-- end generated: {key} -->"
-    block = f"{begin}\n{body.strip()}\n{end}"
-    text = md.read_text() if md.is_file() else f"{PAGE_TITLE}\n"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    md.write_text(text)
 
 
 def train_limited(method: dict[str, Any], seed: int, epochs: int, quick: bool, run_dir: Path) -> dict[str, float]:
@@ -255,13 +235,13 @@ def train_limited(method: dict[str, Any], seed: int, epochs: int, quick: bool, r
 def run_limited(out: Path | None = None, quick: bool = False) -> Path:
     """The data-limited regime: CE, label smoothing, mixup and MixSKD on 1,000 images for 60 epochs (3 seeds).
 
-    Runs one after another on one thread each, and writes its own section of ``self-kd.md`` (the 12-epoch table
-    and any written analysis stay), ``self-kd-limited.json`` and ``self-kd-limited.png``.
+    Runs one after another on one thread each; writes ``self-kd-limited.{md,json,png}`` to
+    ``runs/bench/self-kd-limited`` (or ``out``); ``kdforge bench self-kd-limited --publish`` copies them to the docs.
     """
     from kdforge.demo import format_interval, paired_interval
 
     epochs, seeds = (1, (0,)) if quick else (LIMITED_EPOCHS, SEEDS)
-    dest = Path(out) if out is not None else Path("docs/benchmarks")
+    dest = bench_dir(LIMITED_NAME, out)
     table = [(label, m) for label, m in methods(epochs) if label in LIMITED_METHODS]
     images = 128 if quick else LIMITED_IMAGES
     raw: dict[str, Any] = {"epochs": epochs, "seeds": list(seeds), "backbone": BACKBONE, "images": images,
@@ -302,8 +282,8 @@ def run_limited(out: Path | None = None, quick: bool = False) -> Path:
                     title=f"Self-KD, data-limited: {images} images, {epochs} epochs, {len(seeds)} seeds",
                     baseline=means[0])
     write_json(dest / "self-kd-limited.json", raw)
-    md = dest / "self-kd.md"
-    write_section(md, SECTION_LIMITED, _report_limited(rows, raw, wall, quick, png.name))
+    md = dest / f"{LIMITED_NAME}.md"
+    md.write_text(_report_limited(rows, raw, wall, quick, png.name))
     print(markdown_table(rows), file=sys.stderr)
     print(f"[self-kd-limited] wrote {md} and {png} in {wall / 60:.1f} min", file=sys.stderr)
     return md
@@ -314,15 +294,16 @@ def _report_limited(rows: list[dict[str, Any]], raw: dict[str, Any], wall: float
     steps = epochs * -(-images // 128)
     cmd = LIMITED_COMMAND + (" --quick" if quick else "")
     smoke = "**Quick smoke run (1 epoch, 128 images, 1 seed): not a result.**\n\n" if quick else ""
-    return f"""## Data-limited: {images:,} training images, {epochs} epochs
+    return f"""# Self-distillation, data-limited: {images:,} training images, {epochs} epochs
 
 {smoke}Command: `{cmd}` ({wall / 60:.1f} min in total). Machine: {machine_note()}.
 Runs: one after another, one torch thread each.
 
 - Data: the first {images:,} images of the same seeded training split (about {images // 10} per class), the same
   600 validation and 1,000 test images, crop-2 + flip augmentation, batch 128: {steps:,} steps in all.
-- Backbone, optimiser and method settings: as in the full-split table above (SGD 0.05, Nesterov, wd 5e-4,
-  cosine with 1 warm-up epoch); validation every {raw["eval_every"]} epochs for "best".
+- Backbone, optimiser and method settings: as in the full-split table ([self-kd.md](self-kd.md): `cnn_small`
+  width 16, SGD 0.05, Nesterov, wd 5e-4, cosine with 1 warm-up epoch); validation every {raw["eval_every"]}
+  epochs for "best".
 - "train top-1" is the last model on its own {images:,} training images without augmentation; "train − test"
   (last epoch, means) measures how far each method overfits.
 - Δ vs CE is paired by seed (same seed, same data order); the interval is a 95 % t-interval with

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from kdforge.bench import BENCHES
-from kdforge.bench.common import fmt_mean_std, machine_note, markdown_table, mean_std, write_json
+from kdforge.bench.common import bench_dir, fmt_mean_std, machine_note, markdown_table, mean_std, write_json
 
 
 def _log(msg: str) -> None:
@@ -72,7 +72,7 @@ def run_cnn(out: Path | None = None, quick: bool = False) -> dict[str, Any]:
         AnalysisConfig,
         BudgetConfig,
         CalibrationConfig,
-        HealConfig,
+        PruneRecipe,
         SelectionConfig,
         analyze,
         choose,
@@ -82,7 +82,7 @@ def run_cnn(out: Path | None = None, quick: bool = False) -> dict[str, Any]:
     from kdforge.prune.surgery import find_units, pinned_indices, prune_model
 
     s = _cnn_settings(quick)
-    out = Path(out) if out is not None else Path("docs/benchmarks")
+    out = bench_dir("sglp-cnn", out)
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
     cache = Path(s["cache"]) if s["cache"] else Path(tempfile.mkdtemp(prefix="sglp-cache-"))
@@ -134,8 +134,11 @@ def run_cnn(out: Path | None = None, quick: bool = False) -> dict[str, Any]:
                "removed": [names[i] for i in sel.removed], "select_s": sel.seconds, "n_evals": sel.n_evals,
                "top1_noheal": evaluate(pruned, test_loader)["top1"], **prof}
         for mode_h in ("ce", "kd"):
-            heal = HealConfig(mode=mode_h, epochs=s["heal_epochs"], lr=0.02)  # type: ignore[arg-type]
-            _, info = heal_cnn(pruned, model, heal_bundle, heal_data, heal, seed)
+            heal = PruneRecipe.from_dict({"seed": seed, "model": {"model": s["model"]}, "data": heal_data.model_dump(),
+                                          "heal": {"mode": mode_h}, "optim": {"lr": 0.02},
+                                          "train": {"epochs": s["heal_epochs"], "progress": "never",
+                                                    "save_checkpoints": False}})
+            _, info = heal_cnn(pruned, model, heal_bundle, heal)
             row[f"top1_{mode_h}"] = info["test_top1"]
             row[f"heal_{mode_h}_s"] = info["train_time_s"]
         rows.append(row)
@@ -263,7 +266,7 @@ def run_llm(out: Path | None = None, quick: bool = False) -> dict[str, Any]:
     from kdforge.prune.surgery import find_units, prune_model
 
     s = _llm_settings(quick)
-    out = Path(out) if out is not None else Path("docs/benchmarks")
+    out = bench_dir("sglp-llm", out)
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
     if quick:

@@ -5,8 +5,8 @@ captions).
 A pair set yields ``(image, caption_id)``: ids index its ``captions`` table, and with several caption
 options per image one is drawn per visit (torch RNG, so seeded loops repeat). Validation and test sets
 yield ``(image, class)`` for zero-shot accuracy; their ``prompts`` attribute holds each class's prompts
-and ``pair_captions`` one caption per image for retrieval. CSV/folder test sets treat every caption as
-its own class, so the engine's "top-1" there is image→text recall@1.
+and ``pair_captions`` one caption per image for retrieval. CSV/folder data have no classes
+(``zero_shot`` is False): their validation and test sets are scored by retrieval recall alone.
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ class PairDataset(Dataset):
     """(image, caption id) pairs over a base image set; ``options[i]`` lists caption ids of sample i."""
 
     def __init__(self, base: Dataset, captions: list[str], options: Tensor, prompts: list[list[str]] | None = None,
-                 class_names: list[str] | None = None) -> None:
+                 class_names: list[str] | None = None, zero_shot: bool = True) -> None:
         self.base, self.captions, self.options = base, captions, options.long()
-        self.prompts, self.class_names = prompts, class_names
+        self.prompts, self.class_names, self.zero_shot = prompts, class_names, zero_shot
 
     def __len__(self) -> int:
         return len(self.options)
@@ -59,12 +59,17 @@ class PairDataset(Dataset):
 
 
 class EvalImages(Dataset):
-    """(image, class) for zero-shot accuracy, with per-class prompts and one caption per image."""
+    """(image, class) for zero-shot accuracy, with per-class prompts and one caption per image.
+
+    ``zero_shot`` False: the "classes" are the images' own captions (CSV/folder data), so only
+    retrieval is meaningful.
+    """
 
     def __init__(self, base: Dataset, labels: Tensor, prompts: list[list[str]], pair_captions: list[str],
-                 class_names: list[str]) -> None:
+                 class_names: list[str], zero_shot: bool = True) -> None:
         self.base, self.labels = base, labels.long()
         self.prompts, self.pair_captions, self.class_names = prompts, pair_captions, class_names
+        self.zero_shot = zero_shot
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -246,7 +251,11 @@ def read_pairs_folder(root: Path) -> tuple[list[Path], list[str]]:
 
 def file_pairs(paths: list[Path], captions: list[str], cfg: DataConfig, test: tuple[list[Path], list[str]] | None
                ) -> DataBundle:
-    """Train pairs and a retrieval-style test set (each test caption is its own zero-shot class)."""
+    """Train pairs, a validation split held out of them (``val_fraction``) and a test split, for retrieval.
+
+    Without a test file a seeded ``max(val_fraction, 1 %)`` of the pairs is the test split; the
+    validation split is then drawn from the rest, so model selection never sees a test pair.
+    """
     size = cfg.resize or 224
     if test is None:  # hold out a seeded fraction as the test split
         n_te = max(1, round(len(paths) * max(cfg.val_fraction, 0.01)))
@@ -254,11 +263,24 @@ def file_pairs(paths: list[Path], captions: list[str], cfg: DataConfig, test: tu
         te, tr = perm[:n_te].tolist(), perm[n_te:].tolist()
         test = [paths[i] for i in te], [captions[i] for i in te]
         paths, captions = [paths[i] for i in tr], [captions[i] for i in tr]
+    n_va = max(1, round(len(paths) * cfg.val_fraction)) if cfg.val_fraction > 0 else 0
+    val = None
+    if n_va and len(paths) - n_va >= 1:  # (load_data would otherwise split pairs, not retrieval items)
+        perm = np.random.default_rng(cfg.split_seed + 1).permutation(len(paths))
+        va, tr = sorted(perm[:n_va].tolist()), sorted(perm[n_va:].tolist())
+        val = _retrieval_set([paths[i] for i in va], [captions[i] for i in va], size)
+        paths, captions = [paths[i] for i in tr], [captions[i] for i in tr]
     te_paths, te_caps = test
-    prompts = [[c] for c in te_caps]
-    train = PairDataset(FileImages(paths, size, cfg.augment), captions, torch.arange(len(paths)).unsqueeze(1), prompts)
-    evalset = EvalImages(FileImages(te_paths, size, False), torch.arange(len(te_paths)), prompts, te_caps, te_caps)
-    return DataBundle(train, evalset, evalset, len(te_caps), 3, size, te_caps)
+    evalset = _retrieval_set(te_paths, te_caps, size)
+    train = PairDataset(FileImages(paths, size, cfg.augment), captions, torch.arange(len(paths)).unsqueeze(1),
+                        evalset.prompts, zero_shot=False)
+    return DataBundle(train, val, evalset, len(te_caps), 3, size, te_caps)
+
+
+def _retrieval_set(paths: list[Path], captions: list[str], size: int) -> EvalImages:
+    """Images with their captions; each caption is its own "class" (retrieval only)."""
+    return EvalImages(FileImages(paths, size, False), torch.arange(len(paths)), [[c] for c in captions], captions,
+                      captions, zero_shot=False)
 
 
 @DATASETS.register("clip_csv")

@@ -16,11 +16,20 @@ from torch import Tensor, nn
 
 from kdforge.engine.gather import gather, gather_no_grad
 from kdforge.errors import KdforgeError
+from kdforge.losses.base import check_compat, deprecated_key
 from kdforge.registry import LOSSES
 
 MAX_SCALE = 100.0
 INIT_LOGIT_SCALE = math.log(1 / 0.07)
 TERMS = ("task", "crd", "fd", "gd", "icl", "afd")
+#: the released CLIP-KD code's independent quirks that ``compat`` can reproduce (``official``: all of them)
+CLIP_QUIRKS = ("mfd", "gd")
+
+
+def clip_quirks(compat: str | list[str]) -> frozenset[str]:
+    """The quirks a CLIP-KD ``compat`` value turns on: ``paper`` none, ``official`` all, or a list of them."""
+    q = check_compat("clip_kd", compat, ("official", *CLIP_QUIRKS))
+    return frozenset(CLIP_QUIRKS) if "official" in q else q
 
 
 def _targets(n: int, device: torch.device) -> Tensor:
@@ -80,8 +89,14 @@ def gd_loss(v: Tensor, s: Tensor, t_v: Tensor, t_s: Tensor, scale: Tensor | floa
     return sum((F.mse_loss(a, b) for a, b in zip(s_grads, t_grads, strict=True)), torch.zeros((), device=v.device))
 
 
-def afd_loss(f_img: Tensor, f_txt: Tensor, fusion_scale: Tensor | float) -> Tensor:
-    """Augmented feature distillation: the CLIP loss on fused, normalised embeddings."""
+def afd_loss(v: Tensor, s: Tensor, t_v: Tensor, t_s: Tensor, fuse_v: nn.Module, fuse_s: nn.Module,
+             fusion_scale: Tensor | float) -> Tensor:
+    """Augmented feature distillation: the CLIP loss on fused embeddings.
+
+    f^I = normalise(U_v [ṽ ; v^T]), f^T = normalise(U_s [s̃ ; s^T]), then ½[CE(κ_f f^I f^Tᵀ) + CE(κ_f f^T f^Iᵀ)].
+    """
+    f_img = F.normalize(fuse_v(torch.cat([v, t_v.detach()], 1)), dim=-1)
+    f_txt = F.normalize(fuse_s(torch.cat([s, t_s.detach()], 1)), dim=-1)
     return clip_loss(f_img, f_txt, fusion_scale)
 
 
@@ -113,11 +128,22 @@ class ClipKDLoss(nn.Module):
 
     Owns what the losses train: the projections W_v, W_s (only when d_S ≠ d_T and a projected term
     is on), the cross logit scale κ_x (ICL) and the fusion layers U_v, U_s with κ_f (AFD).
+    ``compat``: ``paper``, ``official`` or ``[gd]`` (GD as the released code: κ passed as a temperature);
+    ``gd_compat: true`` is its old spelling.
     """
 
     def __init__(self, student_dim: int, teacher_dim: int, weights: Mapping[str, float],
-                 scale_param: str = "exp", gd_compat: bool = False, gather_batch: bool = True) -> None:
+                 scale_param: str = "exp", gd_compat: bool | None = None, gather_batch: bool = True,
+                 compat: str | list[str] = "paper") -> None:
         super().__init__()
+        try:
+            quirks = clip_quirks(compat)
+        except ValueError as e:
+            raise KdforgeError(str(e)) from None
+        if gd_compat is not None:
+            deprecated_key("gd_compat", "compat: [gd]")
+            quirks = quirks | {"gd"} if gd_compat else quirks - {"gd"}
+        gd_compat = "gd" in quirks
         bad = sorted(set(weights) - set(TERMS))
         if bad:
             raise KdforgeError(f"unknown CLIP-KD loss term {bad[0]!r} (valid: {', '.join(TERMS)})")
@@ -166,8 +192,6 @@ class ClipKDLoss(nn.Module):
             if self.w["icl"] > 0:
                 out["icl"] = icl_loss(pv, ps, t_img, t_txt, self.cross_scale())
             if self.w["afd"] > 0:
-                fi = F.normalize(self.fuse_v(torch.cat([pv, t_img], 1)), dim=-1)
-                ft = F.normalize(self.fuse_s(torch.cat([ps, t_txt], 1)), dim=-1)
-                out["afd"] = afd_loss(fi, ft, self.fusion_scale())
+                out["afd"] = afd_loss(pv, ps, t_img, t_txt, self.fuse_v, self.fuse_s, self.fusion_scale())
         out["loss"] = sum((self.w[k] * out[k] for k in out), torch.zeros((), device=v.device))
         return out

@@ -114,7 +114,7 @@ class FeTrILStep(TaskMethod):
         x, y = batch
         with torch.no_grad():
             f = self.net(x)
-            old = torch.randint(0, self.lo, (len(y),))
+            old = torch.randint(0, self.lo, (len(y),), device=y.device)
             pseudo = f + self.means[old] - self.means[y]
         feats, labels = torch.cat([f, pseudo]), torch.cat([y, old])
         loss = F.cross_entropy(self.head(feats)[:, :self.hi], labels)

@@ -53,7 +53,7 @@ class CVAE(nn.Module):
 
     def sample(self, y: Tensor) -> Tensor:
         """Features of classes ``y`` from z ~ N(0, I)."""
-        return self.decode(torch.randn(len(y), self.latent), y)
+        return self.decode(torch.randn(len(y), self.latent, device=y.device), y)
 
 
 def kl_normal(mu: Tensor, logvar: Tensor) -> Tensor:
@@ -115,7 +115,7 @@ class SolverStep(TaskMethod):
             w_cur, w_old = balance(self.f)
             with torch.no_grad():
                 e_old, s_old = self.old(xr)
-                c = torch.randint(0, self.lo, (len(y),))
+                c = torch.randint(0, self.lo, (len(y),), device=y.device)
                 h = self.gen.sample(c)  # type: ignore[union-attr]
             ed = sum(kd_loss(s[k], s_old[k], self.tau) for k in range(self.distill_heads))
             out = {"ce_cur": w_cur * F.cross_entropy(logits, y),
@@ -153,8 +153,8 @@ class GeneratorStep(TaskMethod):
         if self.task_oriented:
             out["tc"] = self.tradeoff * w_cur * F.cross_entropy(self.classifier(rec), y)
         if self.gen_old is not None:
-            c = torch.randint(0, self.lo, (n,))
-            z = torch.randn(n, self.gen.latent)
+            c = torch.randint(0, self.lo, (n,), device=y.device)
+            z = torch.randn(n, self.gen.latent, device=y.device)
             h = self.gen.decode(z, c)
             with torch.no_grad():
                 h_old = self.gen_old.decode(z, c)

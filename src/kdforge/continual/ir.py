@@ -52,13 +52,14 @@ def mixup_class(x: Tensor, y: Tensor, n: int, alpha: float = 1.0, rho: float = 0
                 gen: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """Class mixup (IL2A-style): mix pairs of different classes into a virtual class per pair; appends to the batch."""
     k = round(rho * len(y))
-    perm = torch.randperm(len(y), generator=gen)[:k]
-    partner = torch.randperm(len(y), generator=gen)[:k]
+    perm = torch.randperm(len(y), generator=gen)[:k].to(y.device)
+    partner = torch.randperm(len(y), generator=gen)[:k].to(y.device)
     keep = y[perm] != y[partner]
     i, j = perm[keep], partner[keep]
-    lam = torch.distributions.Beta(alpha, alpha).sample((len(i),)).clamp(0.4, 0.6).view(-1, *[1] * (x.dim() - 1))
+    lam = torch.distributions.Beta(alpha, alpha).sample((len(i),)).clamp(0.4, 0.6).to(x)
+    lam = lam.view(-1, *[1] * (x.dim() - 1))
     mixed = lam * x[i] + (1 - lam) * x[j]
-    return torch.cat([x, mixed]), torch.cat([y, pair_index(n)[y[i], y[j]]])
+    return torch.cat([x, mixed]), torch.cat([y, pair_index(n).to(y.device)[y[i], y[j]]])
 
 
 def n_aug(n: int, aug: str, rotations: Sequence[int]) -> int:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import copy
 from abc import ABCMeta, abstractmethod
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from kdforge.continual.protocol import CILSplit, batches
 from kdforge.errors import KdforgeError
@@ -23,14 +24,14 @@ LEARNERS: Registry[Any] = Registry("learner")
 
 @dataclass(frozen=True)
 class TrainCfg:
-    """Optimisation of every stage: Adam, a fixed number of epochs (more on the base task)."""
+    """What a learner knows of the recipe: epochs per task (more on the base task) and the lr of its stages.
+
+    The optimizer, schedule, batch size and device are the recipe's ``optim``/``sched``/``data``/``train``.
+    """
 
     epochs: int = 10
     base_epochs: int | None = None
     lr: float = 1e-3
-    weight_decay: float = 2e-4
-    batch_size: int = 64
-    lr_step_epochs: int | None = None  # StepLR ×0.1 every this many epochs (eTag/IR: 30)
 
     def epochs_for(self, t: int) -> int:
         return self.base_epochs if t == 0 and self.base_epochs is not None else self.epochs
@@ -38,7 +39,7 @@ class TrainCfg:
 
 @dataclass
 class Stage:
-    """One training pass of a task: a Method trained for ``epochs`` with Adam at ``lr`` on ``data``."""
+    """One training pass of a task: a Method the engine trains for ``epochs`` at ``lr`` on ``data``."""
 
     method: Method
     epochs: int
@@ -125,6 +126,39 @@ class TaskMethod(Method):
                     b.eval()
         return self
 
+    #: a stage's validation is its own loss: stages keep their last weights, "best" is only reported
+    monitor: ClassVar[tuple[str, str]] = ("loss", "min")
+
+    @torch.no_grad()
+    def evaluate(self, loader: DataLoader | None, trainer: Any, model: nn.Module) -> dict[str, float]:
+        """Mean of every term of :meth:`training_step` in eval mode over ``loader`` (``model``'s weights)."""
+        if loader is None:
+            return {}
+        dep = self.deployable()
+        mine = [id(p) for p in dep.parameters()] == [id(p) for p in model.parameters()]
+        saved = None if mine else {k: v.clone() for k, v in dep.state_dict().items()}
+        if saved is not None:
+            dep.load_state_dict(model.state_dict())
+        was = self.training
+        self.eval()
+        dev = trainer.acc.device
+        sums: dict[str, Tensor] = {}
+        n = torch.zeros((), dtype=torch.float64, device=dev)
+        try:
+            with trainer.acc.autocast():
+                for x, y in loader:
+                    out = self.training_step((x.to(dev), y.to(dev)), trainer.global_step)
+                    for k, v in out.items():
+                        sums[k] = sums.get(k, 0) + v.detach().double() * len(y)
+                    n += len(y)
+        finally:
+            self.train(was)
+            if saved is not None:
+                dep.load_state_dict(saved)
+        keys = sorted(sums)
+        total = trainer.acc.reduce(torch.stack([sums[k] for k in keys] + [n]), "sum") if keys else n
+        return {k: float(total[i] / total[-1]) for i, k in enumerate(keys)} if keys else {}
+
 
 class Learner(nn.Module, metaclass=ABCMeta):
     """A class-incremental learner: its state_dict is everything it carries between tasks.
@@ -159,15 +193,41 @@ class Learner(nn.Module, metaclass=ABCMeta):
 
     @torch.no_grad()
     def features(self, data: Dataset, batch_size: int = 256) -> tuple[Tensor, Tensor]:
-        """Eval-mode embeddings and labels of a data set (test transforms)."""
+        """Eval-mode embeddings and labels of a data set on its un-augmented view (no random crop or flip).
+
+        Class prototypes and NCM / FeTrIL class means are taken here, so they never average augmented images.
+        """
         was = self.net.training
         self.net.eval()
+        dev = next(self.net.parameters()).device
         fs, ys = [], []
-        for x, y in batches(data, batch_size, shuffle=False):
-            fs.append(self.net(x))
-            ys.append(y)
+        with without_augmentation(data):
+            for x, y in batches(data, batch_size, shuffle=False):
+                fs.append(self.net(x.to(dev)))
+                ys.append(y.to(dev))
         self.net.train(was)
         return torch.cat(fs), torch.cat(ys)
+
+
+@contextmanager
+def without_augmentation(data: Dataset) -> Iterator[Dataset]:
+    """Switch off the ``augment`` flag of a data set and of the sets it wraps (views, subsets), then restore it."""
+    switched, seen, stack = [], set(), [data]
+    while stack:
+        d = stack.pop()
+        if id(d) in seen:
+            continue
+        seen.add(id(d))
+        if getattr(d, "augment", None) is True:
+            d.augment = False
+            switched.append(d)
+        stack += [c for c in (getattr(d, "base", None), getattr(d, "dataset", None)) if isinstance(c, Dataset)]
+        stack += [c for c in getattr(d, "datasets", ()) if isinstance(c, Dataset)]
+    try:
+        yield data
+    finally:
+        for d in switched:
+            d.augment = True
 
 
 class HeadMixin:

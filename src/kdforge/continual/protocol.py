@@ -83,6 +83,8 @@ def dataset_labels(ds: Dataset) -> np.ndarray:
             return np.asarray(torch.as_tensor(getattr(ds, attr)).cpu(), dtype=np.int64)
     if hasattr(ds, "dataset") and hasattr(ds, "indices"):
         return dataset_labels(ds.dataset)[np.asarray(ds.indices)]
+    if hasattr(ds, "base") and hasattr(ds, "indices"):  # kdforge.data's un-augmented validation view
+        return dataset_labels(ds.base)[np.asarray(ds.indices)]
     return np.array([int(ds[i][1]) for i in range(len(ds))], dtype=np.int64)
 
 

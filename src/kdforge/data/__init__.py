@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import gzip
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -135,8 +138,8 @@ def fashion_mnist(cfg: DataConfig) -> DataBundle:
     if cfg.download:
         from torchvision.datasets import FashionMNIST
 
-        tr = FashionMNIST(str(root), train=True, download=True)
-        te = FashionMNIST(str(root), train=False, download=True)
+        tr, te = _fetch("Fashion-MNIST", root, lambda: (FashionMNIST(str(root), train=True, download=True),
+                                                        FashionMNIST(str(root), train=False, download=True)))
         return _bundle(tr.data.numpy(), tr.targets.numpy(), te.data.numpy(), te.targets.numpy(), cfg,
                        FASHION_MEAN, FASHION_STD, FASHION_CLASSES)
     raise KdforgeError(f"Fashion-MNIST IDX files not found in {str(root)!r}; run 'apt-get install -y "
@@ -158,17 +161,38 @@ def digits(cfg: DataConfig) -> DataBundle:
                    [str(i) for i in range(10)], flip=False, crop_pad=1)
 
 
+def _first(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text[:160] if text else type(e).__name__
+
+
+def _fetch(what: str, root: Path, get: Callable[[], tuple[Any, Any]]) -> tuple[Any, Any]:
+    """Run a torchvision download; on failure remove the folders it created and fail in one line."""
+    made = [p for p in (root, *root.parents) if not p.exists()]
+    try:
+        return get()
+    except Exception as e:  # URLError, socket errors, HTTP errors, corrupt archives: all mean "no data here"
+        for p in made:  # deepest first: only the folders this call created
+            shutil.rmtree(p, ignore_errors=True)
+        raise KdforgeError(f"downloading {what} into {str(root)!r} failed ({_first(e)}); without network, set "
+                           "data.root to a folder that already holds it") from None
+
+
 def _torchvision_cifar(cfg: DataConfig, cls_name: str) -> DataBundle:
     from torchvision import datasets
 
     cls = getattr(datasets, cls_name)
     root = Path(cfg.root or "data")
-    try:
-        tr = cls(str(root), train=True, download=cfg.download)
-        te = cls(str(root), train=False, download=cfg.download)
-    except RuntimeError:
-        raise KdforgeError(f"{cls_name} not found or corrupt in {str(root)!r}; set data.download=true "
-                           "(needs network) or data.root to a folder holding it") from None
+    if cfg.download:
+        tr, te = _fetch(cls_name, root, lambda: (cls(str(root), train=True, download=True),
+                                                 cls(str(root), train=False, download=True)))
+    else:
+        try:
+            tr = cls(str(root), train=True, download=False)
+            te = cls(str(root), train=False, download=False)
+        except (RuntimeError, OSError, ValueError, EOFError) as e:
+            raise KdforgeError(f"{cls_name} not found or corrupt in {str(root)!r} ({_first(e)}); set "
+                               "data.download=true (needs network) or data.root to a folder holding it") from None
     mean, std = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)) if cls_name == "CIFAR10" else \
         ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
     return _bundle(tr.data, np.array(tr.targets), te.data, np.array(te.targets), cfg, mean, std,
@@ -202,9 +226,33 @@ def imagefolder(cfg: DataConfig) -> DataBundle:
     train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), norm]) \
         if cfg.augment else T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), norm])
     eval_tf = T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), norm])
-    tr = datasets.ImageFolder(str(root / "train"), train_tf)
-    te = datasets.ImageFolder(str(root / "val"), eval_tf)
+    try:
+        tr = datasets.ImageFolder(str(root / "train"), train_tf, loader=_read_image)
+        te = datasets.ImageFolder(str(root / "val"), eval_tf, loader=_read_image)
+    except (FileNotFoundError, OSError) as e:
+        raise KdforgeError(f"imagefolder {str(root)!r}: {_first(e)}") from None
+    extra = sorted(set(te.classes) - set(tr.classes))
+    if extra:
+        raise KdforgeError(f"imagefolder {str(root / 'val')!r} has classes that train lacks: {extra[:3]} "
+                           f"(their labels would be out of range; valid classes: {tr.classes[:5]}...)")
+    if te.class_to_idx != {c: tr.class_to_idx[c] for c in te.classes}:
+        # val lacks some classes: relabel by train's class order so that label k means the same class
+        te.samples = [(p, tr.class_to_idx[te.classes[y]]) for p, y in te.samples]
+        te.targets = [y for _, y in te.samples]
+        te.imgs = te.samples
     return DataBundle(tr, None, te, len(tr.classes), 3, size, list(tr.classes))
+
+
+def _read_image(path: str) -> Any:
+    """PIL loader whose failure names the file (a corrupt image is a one-line error, not a traceback)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            return img.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        raise KdforgeError(f"cannot read image {path!r} ({_first(e)}); remove or replace it") from None
 
 
 __all__ = ["DATASETS", "DataBundle", "TensorImages", "load_data", "make_loader", "split_train_val"]

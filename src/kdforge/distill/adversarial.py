@@ -1,15 +1,14 @@
 """Adversarial KD: a discriminator tells teacher from student outputs; it and the student train in turn.
 
-The engine has one optimizer for everything that requires grad when it is built. Auxiliary networks
-(this discriminator, the data-free generators) therefore keep ``requires_grad=False`` outside their
-own update, which happens inside ``training_step`` with a :class:`BufferAdam` whose moments are
-registered buffers — so the auxiliary optimizer state is saved and restored with the resumable state.
+The discriminator is a manual engine optimizer ("disc", Adam β = (0.5, 0.999)): ``training_step`` steps it
+through ``self.optimizer("disc")`` before the student's loss, which the engine optimizes ("main"). The
+engine keeps the discriminator's parameters out of autograd outside that update, saves and resumes its
+optimizer state, and averages its gradients across processes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -18,6 +17,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from kdforge.config import ModelSpec, Strict, validate
+from kdforge.engine.optim import OptimizerSpec
 from kdforge.errors import KdforgeError
 from kdforge.losses.response import kd_loss
 from kdforge.method import DataInfo, Method, build_model
@@ -25,58 +25,10 @@ from kdforge.registry import METHODS
 from kdforge.taps import FeatureTaps
 
 
-class BufferAdam(nn.Module):
-    """Adam over a fixed list of parameters, with its moments and step count held in buffers."""
-
-    def __init__(self, params: list[nn.Parameter], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
-        super().__init__()
-        self.params = list(params)  # owned (and registered) by another module; kept here unregistered
-        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
-        for i, p in enumerate(self.params):
-            self.register_buffer(f"exp_avg{i}", torch.zeros_like(p, memory_format=torch.preserve_format))
-            self.register_buffer(f"exp_avg_sq{i}", torch.zeros_like(p, memory_format=torch.preserve_format))
-        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
-
-    def zero_grad(self) -> None:
-        """Drop the parameters' gradients."""
-        for p in self.params:
-            p.grad = None
-
-    @torch.no_grad()
-    def step(self) -> None:
-        """One Adam update of every parameter that has a gradient (averaged across processes if distributed)."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            world = torch.distributed.get_world_size()
-            for p in self.params:
-                if p.grad is not None:
-                    torch.distributed.all_reduce(p.grad)
-                    p.grad /= world
-        self.steps += 1
-        t = int(self.steps)
-        b1, b2 = self.betas
-        c1, c2 = 1 - b1**t, 1 - b2**t
-        for i, p in enumerate(self.params):
-            if p.grad is None:
-                continue
-            g = p.grad if not self.weight_decay else p.grad + self.weight_decay * p
-            m, v = getattr(self, f"exp_avg{i}"), getattr(self, f"exp_avg_sq{i}")
-            m.mul_(b1).add_(g, alpha=1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            p.addcdiv_(m / c1, (v / c2).sqrt_().add_(self.eps), value=-self.lr)
-
-
-@contextmanager
-def trainable(module: nn.Module) -> Iterator[None]:
-    """Let ``module``'s parameters require grad inside the block only (kept out of the engine's optimizer)."""
-    params = list(module.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(False)
+def side_adam(lr: float, betas: tuple[float, float]) -> dict[str, Any]:
+    """OptimizerSpec keywords of a side network's plain Adam: constant lr, no weight decay, no clipping."""
+    return {"optim": {"name": "adam", "lr": lr, "betas": betas, "eps": 1e-8, "weight_decay": 0.0, "no_decay": []},
+            "sched": {"name": "constant", "warmup_epochs": 0.0}, "clip": 0.0}
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -152,8 +104,7 @@ class AdversarialKD(Method):
             self.disc: Discriminator | None = None
             self.proj: nn.Module | None = None
         else:
-            self.disc = freeze(Discriminator(num_classes, hidden))
-            self.opt_d = BufferAdam(list(self.disc.parameters()), lr_d, betas=(0.5, 0.999))
+            self.disc = Discriminator(num_classes, hidden)
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], info: DataInfo) -> AdversarialKD:
@@ -178,10 +129,16 @@ class AdversarialKD(Method):
         self.student.train(was)
         ds = self.s_taps[self.s_tap].flatten(1).shape[1]
         dt = self.t_taps[self.t_tap].flatten(1).shape[1]
-        # the projection trains with the student (engine optimizer); D trains in its own step
+        # the projection trains with the student ("main"); D in its own manual step ("disc")
         self.proj = nn.Linear(ds, dt).to(x.device)
-        self.disc = freeze(Discriminator(dt, self.hidden)).to(x.device)
-        self.opt_d = BufferAdam(list(self.disc.parameters()), self.lr_d, betas=(0.5, 0.999)).to(x.device)
+        self.disc = Discriminator(dt, self.hidden).to(x.device)
+
+    def configure_optimizers(self) -> Sequence[OptimizerSpec]:
+        """The student (and projection) in "main"; the discriminator's Adam β = (0.5, 0.999), stepped manually."""
+        if self.disc is None:
+            raise KdforgeError("adversarial: call setup(batch) first (builds the discriminator for features)")
+        return [OptimizerSpec("main"),
+                OptimizerSpec("disc", self.disc, manual=True, **side_adam(self.lr_d, (0.5, 0.999)))]
 
     def _d_input(self, logits: Tensor, student: bool) -> Tensor:
         if self.input == "logits":
@@ -201,14 +158,11 @@ class AdversarialKD(Method):
             t_in = self._d_input(t_logits, student=False)
         s_logits = self.student(x)
         s_in = self._d_input(s_logits, student=True)
-        with trainable(self.disc):
-            for _ in range(self.d_steps):
-                self.opt_d.zero_grad()
-                d_loss = discriminator_loss(self.disc(t_in.detach()), self.disc(s_in.detach()))
-                d_loss.backward()
-                self.opt_d.step()
-            self.opt_d.zero_grad()
-        d_s = self.disc(s_in)  # D frozen again: gradients reach the student only
+        disc, t_d, s_d = self.disc, t_in.detach(), s_in.detach()
+        h = self.optimizer("disc")
+        for _ in range(self.d_steps):
+            d_loss = h.update(lambda: discriminator_loss(disc(t_d), disc(s_d)))
+        d_s = self.disc(s_in)  # D is out of autograd again: gradients reach the student only
         adv = generator_loss(d_s)
         ce = F.cross_entropy(s_logits, y)
         kd = kd_loss(s_logits, t_logits, self.T)

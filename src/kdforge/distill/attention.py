@@ -85,6 +85,8 @@ class ATConfig(Strict):
     ce_weight: float = 1.0
     kd_weight: float = 0.0
     T: float = Field(4.0, gt=0)
+    #: ``paper`` or ``torchdistill`` (its ATLoss ``mode: paper``); see the AT loss
+    compat: str = "paper"
 
 
 def stage_taps(model: nn.Module) -> list[str]:
@@ -114,5 +116,5 @@ class AttentionTransfer(Distill):
         terms = [Term(build_loss("ce"), c.ce_weight, name="ce")]
         if c.kd_weight:
             terms.append(Term(build_loss("kd", T=c.T), c.kd_weight, name="kd"))
-        terms.append(Term(build_loss("at", p=c.p), c.beta, s_taps[-n:], t_taps[-n:], name="at"))
+        terms.append(Term(build_loss("at", p=c.p, compat=c.compat), c.beta, s_taps[-n:], t_taps[-n:], name="at"))
         return cls(student, teacher, terms)

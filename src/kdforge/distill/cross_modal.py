@@ -124,6 +124,13 @@ class CrossModal(Distill):
         super().__init__(attach_view(student, student_view), attach_view(teacher, teacher_view), terms)
         self.teacher_view, self.student_view = teacher_view, student_view
 
+    def deployable_spec(self) -> dict[str, Any] | None:
+        """The student's spec with its input view (the deployed model sees that view too)."""
+        spec = super().deployable_spec()
+        if spec is None or self.student_view.spec.kind == "identity":
+            return spec
+        return {**spec, "view": self.student_view.spec.model_dump()}
+
     @classmethod
     def from_config(cls, cfg: dict[str, Any], info: DataInfo) -> CrossModal:
         c = validate(CrossModalConfig, cfg, prefix="method")

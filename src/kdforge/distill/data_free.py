@@ -6,14 +6,17 @@ synthesised from noise. The engine still iterates its training loader (that only
 steps per epoch: use ``data.limit_train`` to choose it); evaluation uses the real test set. Set
 ``data.val_fraction: 0`` so that no training image is used even for model selection.
 
-The generator (DAFL) has its own Adam (:class:`BufferAdam`, state in buffers, resumable), stepped
-inside ``training_step``; its parameters do not require grad outside that step, so the engine's
-optimizer holds only the student.
+Side optimizers are manual engine optimizers, stepped inside ``training_step`` through their handles:
+DAFL's generator ("generator", Adam) and DeepInversion's pixels ("pixels", Adam β = (0.5, 0.9), a
+parameter of the batch's shape re-initialised and its optimizer state reset before each synthesis).
+The engine saves and resumes them with the student's optimizer ("main").
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -22,7 +25,8 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from kdforge.config import ModelSpec, Strict, validate
-from kdforge.distill.adversarial import BufferAdam, freeze, trainable
+from kdforge.distill.adversarial import freeze, side_adam
+from kdforge.engine.optim import OptimizerSpec
 from kdforge.errors import KdforgeError
 from kdforge.losses.response import kd_loss
 from kdforge.method import DataInfo, Method, build_model
@@ -111,8 +115,8 @@ class DAFL(Method):
         self.student, self.teacher = student, freeze(teacher).eval()
         self.batch_size, self.T, self.latent_dim = batch_size, T, latent_dim
         self.oh, self.ie, self.a = oh, ie, a
-        self.generator = freeze(Generator(latent_dim, info.in_chans, info.image_size, gen_width))
-        self.opt_g = BufferAdam(list(self.generator.parameters()), lr_g)
+        self.lr_g = lr_g
+        self.generator = Generator(latent_dim, info.in_chans, info.image_size, gen_width)
         self.t_feature = _penultimate_tap(teacher, teacher_feature, "dafl")
         self.t_taps = FeatureTaps(teacher, [self.t_feature])
 
@@ -130,6 +134,11 @@ class DAFL(Method):
     def setup(self, batch: Any = None) -> None:
         """Nothing to build from data: the generator is sized from DataInfo."""
 
+    def configure_optimizers(self) -> Sequence[OptimizerSpec]:
+        """The student in "main"; the generator's Adam (β = (0.9, 0.999), constant lr ``lr_g``), stepped manually."""
+        return [OptimizerSpec("main"), OptimizerSpec("generator", self.generator, manual=True,
+                                                     **side_adam(self.lr_g, (0.9, 0.999)))]
+
     def synthesize(self, n: int | None = None) -> Tensor:
         """A batch of generated images (no grad)."""
         z = torch.randn(n or self.batch_size, self.latent_dim, device=self.generator.fc.weight.device)
@@ -140,21 +149,24 @@ class DAFL(Method):
         del batch  # data-free: the real batch is never looked at
         device = self.generator.fc.weight.device
         z = torch.randn(self.batch_size, self.latent_dim, device=device)
-        with trainable(self.generator):
-            self.opt_g.zero_grad()
-            images = self.generator(z)
-            t_logits = self.teacher(images)
+        parts: dict[str, Tensor] = {}
+
+        def generator_loss() -> Tensor:
+            parts["images"] = images = self.generator(z)
+            parts["t_logits"] = t_logits = self.teacher(images)
             feats = self.t_taps[self.t_feature].flatten(1)
-            l_oh, l_a, l_ie = one_hot_loss(t_logits), activation_loss(feats), info_entropy_loss(t_logits)
-            loss_g = self.oh * l_oh + self.a * l_a + self.ie * l_ie
-            loss_g.backward()
-            self.opt_g.step()
-            self.opt_g.zero_grad()
-        images, t_logits = images.detach(), t_logits.detach()
+            parts["oh"], parts["a"], parts["ie"] = one_hot_loss(t_logits), activation_loss(feats), \
+                info_entropy_loss(t_logits)
+            return self.oh * parts["oh"] + self.a * parts["a"] + self.ie * parts["ie"]
+
+        loss_g = self.optimizer("generator").update(generator_loss)
+        # the images of the generator before its step, as DAFL's loop trains the student on them
+        images, t_logits = parts["images"].detach(), parts["t_logits"].detach()
+        l_oh, l_a, l_ie = parts["oh"], parts["a"], parts["ie"]
         s_logits = self.student(images)
         loss = kd_loss(s_logits, t_logits, self.T)
         agree = (s_logits.argmax(-1) == t_logits.argmax(-1)).float().mean()
-        return {"loss": loss, "loss_g": loss_g.detach(), "loss_oh": l_oh.detach(), "loss_a": l_a.detach(),
+        return {"loss": loss, "loss_g": loss_g, "loss_oh": l_oh.detach(), "loss_a": l_a.detach(),
                 "loss_ie": l_ie.detach(), "agree": agree.detach()}
 
     def deployable(self) -> nn.Module:
@@ -200,6 +212,19 @@ def js_divergence(p_logits: Tensor, q_logits: Tensor) -> Tensor:
     return (0.5 * (kl(p) + kl(q))).mean()
 
 
+@contextmanager
+def _out_of_autograd(module: nn.Module) -> Iterator[None]:
+    """Parameters of ``module`` that require grad stop doing so inside the block."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 class DeepInversionConfig(DataFreeConfig):
     """Recipe schema of ``method: {name: deepinversion}`` (CIFAR-10 prior weights; fewer iterations)."""
 
@@ -220,9 +245,9 @@ class DeepInversionConfig(DataFreeConfig):
 class DeepInversion(Method):
     """DeepInversion (Yin et al., CVPR 2020): pixels optimised to match the teacher's BN statistics and labels.
 
-    Every ``synth_every`` steps a new batch is synthesised (``synth_iters`` Adam steps on the pixels) into a
-    pool of the last ``pool_batches`` batches; each student step uses a random pooled batch with fresh jitter.
-    The pool is not saved (a resumed run synthesises anew).
+    Every ``synth_every`` steps a new batch is synthesised (``synth_iters`` Adam steps on the pixels, the
+    manual optimizer "pixels", reset each time) into a pool of the last ``pool_batches`` batches; each student
+    step uses a random pooled batch with fresh jitter. The pool is part of the resumable state.
     """
 
     Config = DeepInversionConfig
@@ -242,11 +267,13 @@ class DeepInversion(Method):
         if not self.hooks and bn_weight:
             raise KdforgeError("deepinversion: the teacher has no BatchNorm2d layers to invert (set bn_weight: 0)")
         shape = (pool_batches, batch_size, info.in_chans, info.image_size, info.image_size)
-        self.register_buffer("pool", torch.zeros(shape), persistent=False)
-        self.register_buffer("pool_y", torch.zeros(shape[:2], dtype=torch.long), persistent=False)
-        self.filled = 0
-        self.next_slot = 0
-        self.last_parts = {"synth_ce": 0.0, "synth_bn": 0.0}
+        #: the images being synthesised: a parameter of the manual optimizer "pixels"
+        self.pixels = nn.Parameter(torch.zeros(shape[1:]))
+        self.register_buffer("pool", torch.zeros(shape))
+        self.register_buffer("pool_y", torch.zeros(shape[:2], dtype=torch.long))
+        self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+        self.register_buffer("next_slot", torch.zeros((), dtype=torch.long))
+        self.register_buffer("last_parts", torch.zeros(2))  # CE and BN terms at the last synthesis step
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], info: DataInfo) -> DeepInversion:
@@ -263,6 +290,11 @@ class DeepInversion(Method):
     def setup(self, batch: Any = None) -> None:
         """Nothing to build from data."""
 
+    def configure_optimizers(self) -> Sequence[OptimizerSpec]:
+        """The student in "main"; the pixels' Adam (β = (0.5, 0.9), constant ``synth_lr``), stepped manually."""
+        return [OptimizerSpec("main"), OptimizerSpec("pixels", [self.pixels], manual=True,
+                                                     **side_adam(self.synth_lr, (0.5, 0.9)))]
+
     def _augment(self, x: Tensor) -> Tensor:
         if self.jitter:
             dx, dy = torch.randint(-self.jitter, self.jitter + 1, (2,)).tolist()
@@ -271,57 +303,61 @@ class DeepInversion(Method):
             x = x.flip(3)
         return x
 
-    def synthesize(self, n: int | None = None, iters: int | None = None) -> tuple[Tensor, Tensor, dict[str, float]]:
-        """Optimise a batch of images from N(0, 1) for the teacher: (images, labels, last loss parts)."""
-        n = n or self.batch_size
-        device = self.pool.device
-        x = torch.randn(n, self.info.in_chans, self.info.image_size, self.info.image_size, device=device,
-                        requires_grad=True)
-        y = torch.randint(0, self.info.num_classes, (n,), device=device)
-        opt = torch.optim.Adam([x], lr=self.synth_lr, betas=(0.5, 0.9))
+    def synthesize(self, iters: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Optimise a batch of images from N(0, 1) for the teacher: (images, labels, last CE and BN terms)."""
+        h = self.optimizer("pixels")
+        x = self.pixels
+        with torch.no_grad():
+            x.copy_(torch.randn(x.shape, device=x.device))
+        y = torch.randint(0, self.info.num_classes, (len(x),), device=x.device)
+        h.reset()  # a fresh Adam for every synthesised batch
         was = self.student.training
         self.student.eval()
-        parts: dict[str, float] = {}
-        for h in self.hooks:
-            h.active = True
+        parts = x.new_zeros(2)
+
+        def loss_fn() -> Tensor:
+            xa = self._augment(x)
+            t_logits = self.teacher(xa)
+            ce = F.cross_entropy(t_logits, y)
+            bn = sum((hk.loss for hk in self.hooks if hk.loss is not None), x.new_zeros(()))
+            loss = ce + self.bn_weight * bn + self.tv_weight * tv_l2(xa) + self.l2_weight * xa.pow(2).sum()
+            if self.adi_weight:
+                loss = loss + self.adi_weight * (1 - js_divergence(t_logits, self.student(xa)))
+            parts.copy_(torch.stack([ce.detach(), bn.detach()]))
+            return loss
+
+        for hook in self.hooks:
+            hook.active = True
         try:
-            for _ in range(iters or self.synth_iters):
-                opt.zero_grad(set_to_none=True)
-                xa = self._augment(x)
-                t_logits = self.teacher(xa)
-                ce = F.cross_entropy(t_logits, y)
-                bn = sum((h.loss for h in self.hooks if h.loss is not None), x.new_zeros(()))
-                loss = ce + self.bn_weight * bn + self.tv_weight * tv_l2(xa) + self.l2_weight * xa.pow(2).sum()
-                if self.adi_weight:
-                    loss = loss + self.adi_weight * (1 - js_divergence(t_logits, self.student(xa)))
-                # grad w.r.t. the pixels only: nothing may leak into the student's (engine-stepped) gradients
-                (x.grad,) = torch.autograd.grad(loss, [x])
-                opt.step()
-                parts = {"synth_ce": float(ce.detach()), "synth_bn": float(bn.detach())}
+            # gradients reach the pixels only: the student's (engine-stepped) gradients must stay untouched
+            with _out_of_autograd(self.student):
+                for _ in range(iters or self.synth_iters):
+                    h.update(loss_fn)
         finally:
-            for h in self.hooks:
-                h.active = False
-                h.loss = None
+            for hook in self.hooks:
+                hook.active = False
+                hook.loss = None
             self.student.train(was)
-        return x.detach(), y, parts
+        return x.detach().clone(), y, parts
 
     def training_step(self, batch: Any, step: int) -> dict[str, Tensor]:
         del batch  # data-free: the real batch is never looked at
-        if self.filled == 0 or step % self.synth_every == 0:
-            images, labels, self.last_parts = self.synthesize()
-            self.pool[self.next_slot] = images
-            self.pool_y[self.next_slot] = labels
-            self.next_slot = (self.next_slot + 1) % self.pool.shape[0]
-            self.filled = min(self.filled + 1, self.pool.shape[0])
-        i = int(torch.randint(0, self.filled, ()))
+        if int(self.filled) == 0 or step % self.synth_every == 0:
+            images, labels, parts = self.synthesize()
+            slot = int(self.next_slot)
+            self.pool[slot] = images
+            self.pool_y[slot] = labels
+            self.last_parts.copy_(parts)
+            self.next_slot.fill_((slot + 1) % self.pool.shape[0])
+            self.filled.fill_(min(int(self.filled) + 1, self.pool.shape[0]))
+        i = int(torch.randint(0, int(self.filled), ()))
         x = self._augment(self.pool[i])
         with torch.no_grad():
             t_logits = self.teacher(x)
         s_logits = self.student(x)
         loss = kd_loss(s_logits, t_logits, self.T)
-        out = {k: torch.tensor(v) for k, v in self.last_parts.items()}
-        out.update({"loss": loss, "agree": (s_logits.argmax(-1) == t_logits.argmax(-1)).float().mean().detach()})
-        return out
+        return {"loss": loss, "synth_ce": self.last_parts[0].clone(), "synth_bn": self.last_parts[1].clone(),
+                "agree": (s_logits.argmax(-1) == t_logits.argmax(-1)).float().mean().detach()}
 
     def deployable(self) -> nn.Module:
         return self.student

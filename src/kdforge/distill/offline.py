@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from pydantic import ConfigDict, Field
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from kdforge.config import ModelSpec, Strict, validate
 from kdforge.errors import KdforgeError
@@ -48,11 +49,19 @@ class Term(nn.Module):
                 raise KdforgeError(f"loss {self.name!r}: student_tap and teacher_tap need the same length, "
                                    f"got {len(self.student_taps)} and {len(self.teacher_taps)}")
 
+    @property
+    def needs_indices(self) -> bool:
+        """Whether the loss reads the batch's sample indices (CRD's keyed memory)."""
+        return bool(getattr(self.loss, "needs_indices", False))
+
     def inputs(self, s_logits: Tensor, t_logits: Tensor | None, targets: Tensor,
-               s_feats: FeatureTaps, t_feats: FeatureTaps) -> tuple[tuple[Any, ...], dict[str, Any]]:
+               s_feats: FeatureTaps, t_feats: FeatureTaps,
+               indices: Tensor | None = None) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """The positional and keyword arguments this term's loss takes."""
         kind = self.loss.inputs
-        kw = {"targets": targets} if self.loss.needs_targets else {}
+        kw: dict[str, Any] = {"targets": targets} if self.loss.needs_targets else {}
+        if self.needs_indices:
+            kw["indices"] = indices
         if kind == "labels":
             return (s_logits, targets), {}
         if kind == "logits":
@@ -61,6 +70,13 @@ class Term(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         return self.loss(*args, **kwargs)
+
+
+def unpack(batch: tuple[Tensor, Tensor] | dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Images, labels and (dict batches with ``batch_fields``) sample indices of a batch."""
+    if isinstance(batch, dict):
+        return batch["x"], batch["y"], batch.get("index")
+    return batch[0], batch[1], None
 
 
 class DistillConfig(Strict):
@@ -107,6 +123,18 @@ class Distill(Method):
             terms.append(Term(loss, t.weight, t.student_tap, t.teacher_tap, name=t.loss))
         return cls(build_model(c.student, info), build_model(c.teacher, info), terms)
 
+    @property
+    def batch_fields(self) -> tuple[str, ...]:  # type: ignore[override]
+        """Sample indices in every batch when a term needs them (CRD's keyed memory)."""
+        return ("index",) if any(t.needs_indices for t in self.terms) else ()
+
+    def wrap_train_data(self, dataset: Dataset) -> Dataset:
+        """Size per-sample state (CRD's keyed memory: one row per training sample)."""
+        for t in self.terms:
+            if hasattr(t.loss, "set_num_data"):
+                t.loss.set_num_data(len(dataset))  # type: ignore[arg-type]
+        return dataset
+
     def train(self, mode: bool = True) -> Distill:
         super().train(mode)
         self.teacher.eval()
@@ -115,21 +143,23 @@ class Distill(Method):
     def on_epoch_start(self, epoch: int) -> None:
         super().on_epoch_start(epoch)
         for t in self.terms:
+            t.loss.total_epochs = self.total_epochs
             t.loss.set_epoch(epoch)
 
     @torch.no_grad()
-    def setup(self, batch: tuple[Tensor, Tensor]) -> None:
-        x, y = batch
+    def setup(self, batch: tuple[Tensor, Tensor] | dict[str, Tensor]) -> None:
+        x, y, _ = unpack(batch)
         was = self.student.training
         self.student.eval()
         s_logits, t_logits = self.student(x), self.teacher(x)
         self.student.train(was)
         for t in self.terms:
+            t.loss.bind(self.student, self.teacher, t.student_taps, t.teacher_taps)
             args, _ = t.inputs(s_logits, t_logits, y, self.s_taps, self.t_taps)
             t.loss.setup(*args) if t.loss.inputs == "features" else t.loss.setup([args[0]], [args[1]])
 
-    def training_step(self, batch: tuple[Tensor, Tensor], step: int) -> dict[str, Tensor]:
-        x, y = batch
+    def training_step(self, batch: tuple[Tensor, Tensor] | dict[str, Tensor], step: int) -> dict[str, Tensor]:
+        x, y, idx = unpack(batch)
         t_logits = None
         if self._needs_teacher:
             with torch.no_grad():
@@ -138,7 +168,7 @@ class Distill(Method):
         out: dict[str, Tensor] = {}
         total = s_logits.new_zeros(())
         for t in self.terms:
-            args, kw = t.inputs(s_logits, t_logits, y, self.s_taps, self.t_taps)
+            args, kw = t.inputs(s_logits, t_logits, y, self.s_taps, self.t_taps, idx)
             value = t(*args, **kw)
             out[f"loss_{t.name}"] = value.detach()
             total = total + t.weight * value

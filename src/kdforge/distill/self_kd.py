@@ -7,7 +7,7 @@ The auxiliary exits, self-teacher and discriminators are built from the backbone
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -17,7 +17,10 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from kdforge.config import ModelSpec, Strict, validate
+from kdforge.distill.adversarial import side_adam
+from kdforge.engine.optim import OptimizerSpec
 from kdforge.errors import KdforgeError
+from kdforge.losses.base import deprecated_key
 from kdforge.losses.response import kd_loss
 from kdforge.method import DataInfo, Method, build_model
 from kdforge.registry import METHODS
@@ -27,13 +30,6 @@ _POOL_LEAVES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.Fla
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-def split_labels(y: Tensor) -> tuple[Tensor, Tensor | None]:
-    """Labels and sample indices from a batch of targets (``IndexedDataset`` packs ``[label, index]`` rows)."""
-    if y.ndim == 2 and y.shape[1] == 2:
-        return y[:, 0], y[:, 1]
-    return y, None
-
-
 def sample_mixup(batch_size: int, alpha: float, device: torch.device | str = "cpu") -> tuple[float, Tensor]:
     """One λ ~ Beta(α, α) for the whole batch and a random permutation π of the batch."""
     a = torch.tensor(float(alpha))
@@ -226,61 +222,6 @@ def discriminator(channels: int, hidden: int = 128) -> nn.Sequential:
     return nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(), nn.Linear(hidden, 2))
 
 
-class DiscOptimizer(nn.Module):
-    """Adam over the discriminators; its state rides in the state_dict (``_extra_state``) to survive a resume."""
-
-    def __init__(self, params: list[nn.Parameter], lr: float = 1e-3, betas: tuple[float, float] = (0.5, 0.999)) -> None:
-        super().__init__()
-        self.params = list(params)  # a plain list: the method registers the discriminators themselves
-        self.opt = torch.optim.Adam(self.params, lr=lr, betas=betas)
-
-    def step(self, closure: Callable[[], Tensor]) -> Tensor:
-        """One optimizer step on the loss ``closure()`` computes; the gradients exist only inside this call."""
-        for p in self.params:
-            p.requires_grad_(True)
-        try:
-            self.opt.zero_grad(set_to_none=True)
-            loss = closure()
-            loss.backward()
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                # the discriminators are outside DDP's reducer (they do not require grad when it is built)
-                world = torch.distributed.get_world_size()
-                for p in self.params:
-                    if p.grad is not None:
-                        torch.distributed.all_reduce(p.grad)
-                        p.grad /= world
-            self.opt.step()
-        finally:
-            self.opt.zero_grad(set_to_none=True)
-            for p in self.params:
-                p.requires_grad_(False)
-        return loss.detach()
-
-    def get_extra_state(self) -> Tensor:
-        n = sum(p.numel() for p in self.params)
-        if not all(p in self.opt.state and self.opt.state[p] for p in self.params):
-            return torch.zeros(1 + 2 * n)
-        st = [self.opt.state[p] for p in self.params]
-        step = float(st[0]["step"])
-        m = torch.cat([s["exp_avg"].detach().flatten().float().cpu() for s in st])
-        v = torch.cat([s["exp_avg_sq"].detach().flatten().float().cpu() for s in st])
-        return torch.cat([torch.tensor([step]), m, v])
-
-    def set_extra_state(self, state: Tensor) -> None:
-        self.opt.state.clear()
-        if float(state[0]) == 0:
-            return
-        n = sum(p.numel() for p in self.params)
-        m, v = state[1:1 + n], state[1 + n:1 + 2 * n]
-        i = 0
-        for p in self.params:
-            k = p.numel()
-            self.opt.state[p] = {"step": torch.tensor(float(state[0])),
-                                 "exp_avg": m[i:i + k].view_as(p).to(p).clone(),
-                                 "exp_avg_sq": v[i:i + k].view_as(p).to(p).clone()}
-            i += k
-
-
 # -- MixSKD ----------------------------------------------------------------------------------------
 class MixSKDConfig(Strict):
     """Recipe schema of ``method: {name: mixskd}``."""
@@ -298,7 +239,9 @@ class MixSKDConfig(Strict):
     adv_mode: Literal["minimax", "code", "off"] = "minimax"
     disc_hidden: int = Field(128, ge=1)
     disc_lr: float = Field(1e-3, gt=0)
-    code_compat: bool = False
+    #: ``paper`` or ``official`` (SKL's CIFAR script: frozen random discriminators, no mixup-CE)
+    compat: Literal["paper", "official"] = "paper"
+    code_compat: bool | None = None  # deprecated: compat official
 
 
 @dataclass
@@ -339,20 +282,23 @@ class MixSKD(Method):
         self.exits: Exits | None = None
         self.self_teacher: SelfTeacher | None = None
         self.discriminators: nn.ModuleList | None = None
-        self.disc_opt: DiscOptimizer | None = None
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], info: DataInfo) -> MixSKD:
         c = validate(MixSKDConfig, cfg, prefix="method")
         weights = {k: getattr(c, f"w_{k}") for k in TERMS}
         adv_mode = c.adv_mode
-        if c.code_compat:
+        official = c.compat == "official"
+        if c.code_compat is not None:
+            deprecated_key("method.code_compat", "method.compat: official")
+            official = c.code_compat
+        if official:
             if "adv_mode" in c.model_fields_set and c.adv_mode != "code":
-                raise KdforgeError("method.code_compat reproduces SKL's frozen random discriminators: "
-                                   "leave adv_mode out (or set it to 'code')")
+                raise KdforgeError("method.compat official (formerly code_compat) reproduces SKL's frozen random "
+                                   "discriminators: leave adv_mode out (or set it to 'code')")
             if "w_mix" in c.model_fields_set and c.w_mix != 0:
-                raise KdforgeError("method.code_compat drops the mixup-CE as SKL's CIFAR script does: "
-                                   "leave w_mix out (or set it to 0)")
+                raise KdforgeError("method.compat official (formerly code_compat) drops the mixup-CE as SKL's CIFAR "
+                                   "script does: leave w_mix out (or set it to 0)")
             adv_mode, weights["mix"] = "code", 0.0
         return cls(build_model(c.model, info), info.num_classes, c.stages, c.alpha, c.T, weights, adv_mode,
                    c.disc_hidden, c.disc_lr)
@@ -369,10 +315,16 @@ class MixSKD(Method):
         self.self_teacher.to(x.device)
         if self.adv_mode != "off":
             self.discriminators = nn.ModuleList(discriminator(c, self.disc_hidden) for _ in range(k)).to(x.device)
-            # outside the engine's optimizer: trained only in their own step ("minimax") or never ("code")
-            self.discriminators.requires_grad_(False)
-            if self.adv_mode == "minimax":
-                self.disc_opt = DiscOptimizer(list(self.discriminators.parameters()), lr=self.disc_lr)
+            if self.adv_mode == "code":  # SKL's fixed random probes: never trained
+                self.discriminators.requires_grad_(False)
+
+    def configure_optimizers(self) -> Sequence[OptimizerSpec]:
+        """Backbone, exits and self-teacher in "main"; the discriminators' Adam (β = (0.5, 0.999)) in "disc"."""
+        specs = [OptimizerSpec("main")]
+        if self.adv_mode == "minimax" and self.discriminators is not None:
+            specs.append(OptimizerSpec("disc", self.discriminators, manual=True,
+                                       **side_adam(self.disc_lr, (0.5, 0.999))))
+        return specs
 
     def _built(self) -> tuple[Exits, SelfTeacher]:
         if self.exits is None or self.self_teacher is None:
@@ -416,12 +368,11 @@ class MixSKD(Method):
 
     def training_step(self, batch: tuple[Tensor, Tensor], step: int) -> dict[str, Tensor]:
         x, y = batch
-        y, _ = split_labels(y)
         lam, perm = sample_mixup(len(x), self.alpha, x.device)
         v = self.views(x, lam, perm)
         out: dict[str, Tensor] = {}
-        if self.disc_opt is not None and torch.is_grad_enabled():
-            out["loss_disc"] = self.disc_opt.step(lambda: self.discriminator_loss(v))
+        if self.adv_mode == "minimax" and self.discriminators is not None and torch.is_grad_enabled():
+            out["loss_disc"] = self.optimizer("disc").update(lambda: self.discriminator_loss(v))
         terms = self.loss_terms(v, y, lam, perm)
         total = v.hi.new_zeros(())
         for k, t in terms.items():

@@ -1,8 +1,7 @@
 """Self-KD baselines beside MixSKD: BYOT, CS-KD, Tf-KD (virtual teacher), PS-KD, plain mixup, label smoothing.
 
-PS-KD keys its previous-epoch predictions by sample index. The engine yields ``(x, y)`` only, so
-:class:`IndexedDataset` packs ``[label, index]`` into ``y``; PS-KD's ``wrap_train_data(dataset)``
-wraps the training set, and :class:`kdforge.Trainer` calls that hook (see docs/methods/self-kd.md).
+PS-KD keys its previous-epoch predictions by sample index: it declares ``batch_fields = ("index",)``,
+so the engine gives it dict batches ``{"x", "y", "index"}`` (see docs/methods/self-kd.md).
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from kdforge.config import ModelSpec, Strict, validate
-from kdforge.distill.self_kd import Exits, interpolate, kl_t, mixup_ce, plan_stages, sample_mixup, split_labels
+from kdforge.distill.self_kd import Exits, interpolate, kl_t, mixup_ce, plan_stages, sample_mixup
 from kdforge.engine.gather import gather_no_grad
 from kdforge.errors import KdforgeError
 from kdforge.method import DataInfo, Method, Supervised, build_model
@@ -31,21 +30,6 @@ def _acc(logits: Tensor, y: Tensor) -> Tensor:
 def soft_ce(logits: Tensor, target: Tensor) -> Tensor:
     """−Σ target·log softmax(logits), mean over the batch."""
     return -(target * F.log_softmax(logits, -1)).sum(-1).mean()
-
-
-# -- data hook for per-sample state ----------------------------------------------------------------
-class IndexedDataset(Dataset):
-    """A dataset view whose items are ``(x, tensor([label, index]))``, so a Method can key per-sample state."""
-
-    def __init__(self, base: Dataset) -> None:
-        self.base = base
-
-    def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
-
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        x, y = self.base[i]
-        return x, torch.tensor([int(y), i])
 
 
 # -- BYOT ------------------------------------------------------------------------------------------
@@ -104,7 +88,6 @@ class BYOT(Method):
         if self.exits is None:
             raise KdforgeError("BYOT.setup(batch) must run before training (the engine does this)")
         x, y = batch
-        y, _ = split_labels(y)
         logits, maps = self.exits(self.model, x)
         terms = byot_loss(logits, maps, y, self.alpha, self.feat_weight, self.T)
         out = {f"loss_{k}": v.detach() for k, v in terms.items() if k != "loss"}
@@ -160,7 +143,6 @@ class CSKD(Method):
 
     def training_step(self, batch: tuple[Tensor, Tensor], step: int) -> dict[str, Tensor]:
         x, y = batch
-        y, _ = split_labels(y)
         logits = self.model(x)
         partner, has = same_class_partners(y)
         terms = cskd_loss(logits, y, partner, has, self.T, self.lam)
@@ -222,7 +204,6 @@ class TFKD(Method):
 
     def training_step(self, batch: tuple[Tensor, Tensor], step: int) -> dict[str, Tensor]:
         x, y = batch
-        y, _ = split_labels(y)
         logits = self.model(x)
         terms = tfkd_loss(logits, y, self.variant, self.a, self.T, self.alpha)
         return {"loss": terms["loss"], "loss_ce": terms["ce"].detach(), "loss_reg": terms["reg"].detach(),
@@ -248,10 +229,10 @@ class PSKD(Method):
     """Progressive self-KD (Kim et al., ICCV 2021): targets (1−α_t)·onehot + α_t·P_prev, α_t = α_T·(e+1)/E.
 
     ``indexed``: P_prev[idx] are the softmax outputs recorded for each sample in the previous
-    epoch, kept in the buffer ``past_probs`` (N×C, resumable); needs :class:`IndexedDataset`
-    through ``wrap_train_data`` (the Trainer calls it). ``snapshot``: P_prev is the softmax of
+    epoch, kept in the buffer ``past_probs`` (N×C, resumable, allocated by ``wrap_train_data``);
+    batches then carry sample indices (``batch_fields``). ``snapshot``: P_prev is the softmax of
     a frozen copy of the model taken at the start of the epoch (needs no indices; one extra
-    forward). ``auto`` uses ``indexed`` when the training set was wrapped.
+    forward). ``auto`` is ``indexed`` once ``wrap_train_data`` has run (the Trainer calls it).
     """
 
     Config = PSKDConfig
@@ -272,18 +253,22 @@ class PSKD(Method):
         return cls(build_model(c.model, info), info.num_classes, c.epochs, c.alpha_T, c.source)
 
     @property
+    def batch_fields(self) -> tuple[str, ...]:  # type: ignore[override]
+        """Sample indices in every batch, unless the targets come from the snapshot."""
+        return () if self.source == "snapshot" else ("index",)
+
+    @property
     def indexed(self) -> bool:
         """Whether targets come from the per-sample buffer (else from the epoch-start snapshot)."""
         return self.past_probs is not None
 
     def wrap_train_data(self, dataset: Dataset) -> Dataset:
-        """Data hook: batches carry sample indices; allocates the N×C buffer of past predictions."""
-        if self.source == "snapshot":
-            return dataset
-        n = len(dataset)  # type: ignore[arg-type]
-        device = next(self.model.parameters()).device
-        self.past_probs = torch.zeros(n, self.num_classes, device=device)
-        return IndexedDataset(dataset)
+        """Data hook: allocates the N×C buffer of past predictions (indexed targets)."""
+        if self.source != "snapshot":
+            n = len(dataset)  # type: ignore[arg-type]
+            device = next(self.model.parameters()).device
+            self.past_probs = torch.zeros(n, self.num_classes, device=device)
+        return dataset
 
     def alpha_t(self, epoch: int | None = None) -> float:
         """α_t = α_T·(epoch + 1)/E, held at α_T past epoch E (the target is one-hot in epoch 0 regardless)."""
@@ -303,7 +288,7 @@ class PSKD(Method):
     def on_epoch_start(self, epoch: int) -> None:
         super().on_epoch_start(epoch)
         if self.source == "indexed" and not self.indexed:
-            raise KdforgeError("pskd source 'indexed' needs sample indices: pass the training set through "
+            raise KdforgeError("pskd source 'indexed' needs its buffer: pass the training set through "
                                "wrap_train_data (kdforge's Trainer does), or use source 'snapshot'")
         if not self.indexed and epoch > 0:
             self.prev = copy.deepcopy(self.model).eval().requires_grad_(False)
@@ -315,7 +300,7 @@ class PSKD(Method):
             return onehot
         if self.past_probs is not None:
             if idx is None:
-                raise KdforgeError("pskd: the training set was wrapped but a batch carries no indices")
+                raise KdforgeError("pskd: indexed targets need batches with sample indices (batch_fields)")
             past = self.past_probs[idx]
         elif self.prev is not None:
             with torch.no_grad():
@@ -325,9 +310,11 @@ class PSKD(Method):
         a = self.alpha_t()
         return (1 - a) * onehot + a * past
 
-    def training_step(self, batch: tuple[Tensor, Tensor], step: int) -> dict[str, Tensor]:
-        x, y = batch
-        y, idx = split_labels(y)
+    def training_step(self, batch: dict[str, Tensor] | tuple[Tensor, Tensor], step: int) -> dict[str, Tensor]:
+        if isinstance(batch, dict):
+            x, y, idx = batch["x"], batch["y"], batch.get("index")
+        else:
+            (x, y), idx = batch, None
         target = self.targets(x, y, idx)
         logits = self.model(x)
         loss = soft_ce(logits, target)
@@ -367,7 +354,6 @@ class Mixup(Method):
 
     def training_step(self, batch: tuple[Tensor, Tensor], step: int) -> dict[str, Tensor]:
         x, y = batch
-        y, _ = split_labels(y)
         lam, perm = sample_mixup(len(x), self.alpha, x.device)
         logits = self.model(interpolate(x, lam, perm))
         return {"loss": mixup_ce(logits, y, lam, perm), "acc": _acc(logits, y if lam >= 0.5 else y[perm])}
@@ -397,8 +383,8 @@ class LabelSmoothing(Supervised):
 
     def training_step(self, batch: tuple[Tensor, Tensor], step: int) -> dict[str, Tensor]:
         x, y = batch
-        return super().training_step((x, split_labels(y)[0]), step)
+        return super().training_step((x, y), step)
 
 
-__all__ = ["BYOT", "CSKD", "PSKD", "TFKD", "IndexedDataset", "LabelSmoothing", "Mixup", "byot_loss", "cskd_loss",
+__all__ = ["BYOT", "CSKD", "PSKD", "TFKD", "LabelSmoothing", "Mixup", "byot_loss", "cskd_loss",
            "same_class_partners", "soft_ce", "tfkd_loss", "virtual_teacher"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import shutil
 import tempfile
@@ -18,21 +20,65 @@ from kdforge.errors import KdforgeError
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a text file so that readers see the old or the new file, never a partial one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    _mkdir(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise _write_error(path, e) from None
+    finally:
+        _remove(Path(tmp))
 
 
 def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """Save a model's state as safetensors (atomically; shared tensors handled)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _mkdir(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
-    save_model(model, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
-    os.replace(tmp, path)
+    try:
+        save_model(model, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
+        os.replace(tmp, path)
+    except (OSError, SafetensorError, RuntimeError) as e:
+        if isinstance(e, OSError) or _disk_full(e):
+            raise _write_error(path, e) from None
+        raise
+    finally:
+        _remove(Path(tmp))
+
+
+def _mkdir(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise KdforgeError(f"cannot create folder {str(directory)!r}: {e.strerror or e}") from None
+
+
+def _remove(p: Path) -> None:
+    """Delete a temp file or folder if it is still there (after a failure, or already renamed)."""
+    if p.is_dir():
+        shutil.rmtree(p, ignore_errors=True)
+    elif p.exists():
+        p.unlink(missing_ok=True)
+
+
+def _disk_full(e: BaseException) -> bool:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    return any(s in text for s in ("No space left", "StorageFull", "os error 28", "file write failed"))
+
+
+def _write_error(path: Path, e: BaseException) -> KdforgeError:
+    """One line for a failed write; nothing was replaced, so the previous file is intact."""
+    if _disk_full(e):
+        return KdforgeError(f"disk full while writing {str(path)!r}: nothing was replaced, the previous checkpoint "
+                            "is intact; free some space, then continue with 'kdforge train RUN_DIR --resume'")
+    why = e.strerror if isinstance(e, OSError) and e.strerror else _first_line(e)
+    return KdforgeError(f"cannot write {str(path)!r}: {why} (the previous file is intact)")
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -49,14 +95,28 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> nn.
     p = Path(path)
     if not p.is_file():
         raise KdforgeError(f"checkpoint not found: {str(p)!r} (train one with 'kdforge train' first)")
+    name = type(model).__name__
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise KdforgeError(f"cannot read checkpoint {str(p)!r}: not a complete safetensors file "
+                           f"({_first_line(e)})") from None
+    own = {k: list(v.shape) for k, v in model.state_dict().items()}
+    bad = [k for k in own if k in shapes and shapes[k] != own[k]]
+    if bad:
+        k = bad[0]
+        raise KdforgeError(f"checkpoint {str(p)!r} does not fit {name}: {k!r} has shape {shapes[k]} in the file "
+                           f"but {own[k]} in the model ({len(bad)} of {len(own)} tensors differ; was it trained "
+                           "with other model kwargs?)")
     try:
         missing, unexpected = load_model(model, str(p), strict=False)
     except (SafetensorError, RuntimeError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise KdforgeError(f"checkpoint {str(p)!r} does not fit {type(model).__name__}: {first}") from None
+        raise KdforgeError(f"cannot read checkpoint {str(p)!r}: {_first_line(e)}") from None
     if strict and (missing or unexpected):
-        raise KdforgeError(f"checkpoint {str(p)!r} does not fit {type(model).__name__}: "
-                           f"missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+        raise KdforgeError(f"checkpoint {str(p)!r} does not fit {name}: {len(missing)} model keys missing from "
+                           f"the file (e.g. {sorted(missing)[:2]}), {len(unexpected)} file keys unknown to the model "
+                           f"(e.g. {sorted(unexpected)[:2]}); is it a checkpoint of another architecture?")
     return model
 
 
@@ -64,19 +124,62 @@ def save_state(directory: Path, method_state: dict[str, torch.Tensor], trainer_s
     """Write the resumable state folder atomically (write aside, then swap)."""
     from safetensors.torch import save_file
 
-    directory.parent.mkdir(parents=True, exist_ok=True)
+    _mkdir(directory.parent)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
-    tensors = {k: v.detach().contiguous().cpu() for k, v in method_state.items()}
-    save_file(_unshare(tensors), str(tmp / "method.safetensors"))
-    torch.save(trainer_state, tmp / "trainer.pt")
+    try:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in method_state.items()}
+        save_file(_unshare(tensors), str(tmp / "method.safetensors"))
+        buf = io.BytesIO()  # serialised in memory so that a full disk surfaces as an OSError, not torch's own
+        torch.save(trainer_state, buf)
+        (tmp / "trainer.pt").write_bytes(buf.getbuffer())
+        old = directory.with_name(f".{directory.name}.old")
+        if directory.exists():
+            _remove(old)
+            os.replace(directory, old)
+        os.replace(tmp, directory)  # a kill between the two renames is repaired by recover_state()
+        _remove(old)
+    except (OSError, SafetensorError, RuntimeError) as e:
+        if isinstance(e, OSError) or _disk_full(e):
+            raise _write_error(directory, e) from None
+        raise
+    finally:
+        _remove(tmp)
+    from kdforge.engine.run_dir import commit_pending
+
+    commit_pending(under=directory)  # a run replacing an older one (--overwrite) now works: drop the old one
+
+
+def recover_state(directory: Path) -> None:
+    """Repair what a kill during a checkpoint write leaves: temp files, and the state-swap window."""
+    from kdforge.engine.run_dir import remove_temp_files
+
+    directory = Path(directory)
+    remove_temp_files(directory.parent)
     old = directory.with_name(f".{directory.name}.old")
-    if directory.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    if old.exists():
-        shutil.rmtree(old)
+    if not old.exists():
+        return
+    if directory.exists() and _state_complete(directory):
+        _remove(old)
+    elif _state_complete(old):
+        _remove(directory)
+        os.replace(old, directory)
+    elif not directory.exists():
+        _remove(old)
+
+
+def _state_complete(directory: Path) -> bool:
+    """Both state files present and readable to the end (headers and zip directory intact)."""
+    import zipfile
+
+    tensors, trainer = directory / "method.safetensors", directory / "trainer.pt"
+    if not (tensors.is_file() and trainer.is_file() and zipfile.is_zipfile(trainer)):
+        return False
+    try:
+        with safe_open(str(tensors), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError):
+        return False
+    return True
 
 
 def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -92,10 +195,37 @@ def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a state folder written by :func:`save_state`."""
+    """Read a state folder written by :func:`save_state`; a missing or damaged file is a one-line error."""
     from safetensors.torch import load_file
 
-    if not (directory / "trainer.pt").is_file():
-        raise KdforgeError(f"no resumable state in {str(directory)!r} (the run saved no checkpoint yet)")
-    return load_file(str(directory / "method.safetensors")), torch.load(
-        directory / "trainer.pt", weights_only=True, map_location="cpu")
+    if not directory.is_dir():
+        raise KdforgeError(f"no resumable state in {str(directory)!r} (the run saved no checkpoint yet); "
+                           "start it again with --overwrite")
+    tensors, trainer = directory / "method.safetensors", directory / "trainer.pt"
+    for f in (tensors, trainer):
+        if not f.is_file():
+            raise _damaged(f, "it is missing")
+        if f.stat().st_size == 0:
+            raise _damaged(f, "it is empty")
+    try:
+        method_state = load_file(str(tensors))
+    except Exception as e:  # safetensors raises several types for a cut file
+        raise _damaged(tensors, _first_line(e)) from None
+    try:
+        trainer_state = torch.load(trainer, weights_only=True, map_location="cpu")
+    except Exception as e:  # EOFError would otherwise read as Ctrl-C ("aborted") in the CLI
+        raise _damaged(trainer, _first_line(e)) from None
+    if not isinstance(trainer_state, dict):
+        raise _damaged(trainer, f"it holds a {type(trainer_state).__name__}, not the trainer state")
+    return method_state, trainer_state
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:160] if text else type(e).__name__
+
+
+def _damaged(path: Path, why: str) -> KdforgeError:
+    return KdforgeError(f"resumable state file {str(path)!r} is truncated or damaged ({why}); the run cannot "
+                        "continue from it (checkpoints/last.safetensors keeps the last weights); start it again "
+                        "with --overwrite")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
@@ -12,6 +13,29 @@ from kdforge.errors import KdforgeError
 from kdforge.registry import LOSSES
 
 LossInputs = Literal["labels", "logits", "features"]
+
+#: the ``compat`` value of a paper's own form (every loss and method accepts it, and it is the default)
+PAPER = "paper"
+
+
+def check_compat(owner: str, compat: str | Sequence[str], allowed: Sequence[str]) -> frozenset[str]:
+    """Validate a ``compat`` key: ``paper`` or the sources whose code conventions to reproduce.
+
+    A string is one source; a list names several independent code quirks (CLIP-KD's ``mfd``, ``gd``).
+    Returns the set of non-paper values, empty for ``paper``.
+    """
+    values = [compat] if isinstance(compat, str) else list(compat)
+    for v in values:
+        if v != PAPER and v not in allowed:
+            raise ValueError(f"{owner}: compat must be one of {', '.join((PAPER, *allowed))}, got {v!r}")
+    if not isinstance(compat, str) and PAPER in values and len(values) > 1:
+        raise ValueError(f"{owner}: compat 'paper' cannot be combined with {sorted(set(values) - {PAPER})}")
+    return frozenset(v for v in values if v != PAPER)
+
+
+def deprecated_key(old: str, new: str) -> None:
+    """One-line note that a recipe key is an old spelling of ``compat`` (still accepted for now)."""
+    warnings.warn(f"{old} is deprecated; use {new}", FutureWarning, stacklevel=3)
 
 
 class DistillLoss(nn.Module):
@@ -37,6 +61,13 @@ class DistillLoss(nn.Module):
 
     def set_epoch(self, epoch: int) -> None:
         """Hook for schedules inside a loss, e.g. DKD's warm-up (default: nothing)."""
+
+    #: the run's length in epochs when known (set by the method; for warm-ups scaled to the run)
+    total_epochs: int | None = None
+
+    def bind(self, student: nn.Module, teacher: nn.Module, student_taps: Sequence[str],
+             teacher_taps: Sequence[str]) -> None:
+        """Hook to read the networks themselves before :meth:`setup`, e.g. OFD's teacher BN (default: nothing)."""
 
 
 def build_loss(name: str, **kwargs: Any) -> DistillLoss:

@@ -1,15 +1,22 @@
 """Contrastive representation distillation (CRD) with a memory bank of negatives held in buffers.
 
-The engine's batches are ``(x, y)`` without sample indices, so by default the bank is a FIFO queue
-(MoCo-style): each step writes the batch's student and teacher embeddings (and labels) into the next
-``B`` slots, the positive of sample i is the other network's current embedding of i (detached, as
-RepDistiller's memory positive is), and negatives are drawn from bank slots of other classes
-("exact" mode). When a caller does have indices (a custom loop over an index-returning data set),
-``forward(..., indices=idx)`` switches to RepDistiller's keyed bank: the positive is ``M[i]`` and
-rows are momentum-updated, ``M[i] ← normalise(m·M[i] + (1 − m)·v_i)``. The momentum only applies
-in keyed mode, because a queue slot's old content belongs to a different sample. Bank, labels,
-write pointer and the normalising constants Z are registered buffers, so a resumed run continues
-with the same bank.
+Two banks, chosen by ``memory``:
+
+- ``queue`` (default; needs no sample indices): a FIFO queue (MoCo-style). Each step writes the batch's
+  student and teacher embeddings (and labels) into the next ``B`` slots; the positive of sample i is the
+  other network's current embedding of i (detached), and negatives are drawn from slots of other classes
+  ("exact" mode).
+- ``keyed``: RepDistiller's ``ContrastMemory``. One row per training sample (``bank_size`` = the number
+  of training samples; the Distill method sets it from the training set), keyed by the sample index
+  that the batch carries (the method then asks the engine for ``batch_fields = ("index",)``). The
+  positive of sample i is ``M[i]`` and rows are momentum-updated after the loss,
+  ``M[i] ← normalise(m·M[i] + (1 − m)·v_i)``; negatives are K rows of other classes (exact mode), never
+  row i. A row's class is known once its sample has been visited (RepDistiller knows every label up
+  front), so in the first epoch unvisited rows may be drawn as negatives. Under DDP the bank update is
+  all-gathered, so every process keeps the same bank.
+
+Bank, labels, write pointer and the normalising constants Z are registered buffers, so a resumed run
+continues with the same bank.
 """
 
 from __future__ import annotations
@@ -20,20 +27,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdforge.engine.gather import gather_no_grad
 from kdforge.errors import KdforgeError
+from kdforge.losses.base import check_compat
 from kdforge.losses.feature import FeatureLoss
 from kdforge.losses.relation import LinearEmbed
 from kdforge.registry import LOSSES
 
 
-def nce_loss(scores: Tensor, num_data: int) -> Tensor:
-    """CRD's NCE on normalised scores (B, 1+K), positive first, noise P_n = 1/N."""
+def nce_loss(scores: Tensor, num_data: int, eps: float = 0.0) -> Tensor:
+    """CRD's NCE on normalised scores (B, 1+K), positive first, noise P_n = 1/N.
+
+    ``eps`` is added to each denominator P + K·P_n (the released code's 1e-7; the paper has none).
+    """
     k = scores.shape[1] - 1
     kpn = k / num_data
     pos = scores[:, 0]
     neg = scores[:, 1:]
-    log_pos = torch.log(pos / (pos + kpn))
-    log_neg = torch.log(kpn / (neg + kpn))
+    log_pos = torch.log(pos / (pos + kpn + eps))
+    log_neg = torch.log(kpn / (neg + kpn + eps))
     return -(log_pos.sum() + log_neg.sum()) / scores.shape[0]
 
 
@@ -46,8 +58,15 @@ class CRDLoss(FeatureLoss):
     needs_targets = True
 
     def __init__(self, feat_dim: int = 128, bank_size: int = 16384, num_negatives: int = 16384,
-                 T: float = 0.07, momentum: float = 0.5, exact: bool = True) -> None:
+                 T: float = 0.07, momentum: float = 0.5, exact: bool = True, compat: str = "paper",
+                 memory: str = "queue") -> None:
         super().__init__()
+        if memory not in ("queue", "keyed"):
+            raise ValueError(f"memory must be 'queue' or 'keyed', got {memory!r}")
+        self.memory = memory
+        # RepDistiller (the authors' code) and torchdistill add 1e-7 to the NCE denominators
+        self.compat = compat
+        self.nce_eps = 1e-7 if check_compat("crd", compat, ("official", "repdistiller", "torchdistill")) else 0.0
         if bank_size < 2 or num_negatives < 1:
             raise ValueError(f"need bank_size >= 2 and num_negatives >= 1, got {bank_size} and {num_negatives}")
         if T <= 0 or not 0.0 <= momentum < 1.0:
@@ -63,6 +82,24 @@ class CRDLoss(FeatureLoss):
         self.register_buffer("z_t", torch.tensor(-1.0))
         self.embed_s: LinearEmbed | None = None
         self.embed_t: LinearEmbed | None = None
+
+    @property
+    def needs_indices(self) -> bool:
+        """Whether ``forward`` needs the batch's sample indices (the keyed bank)."""
+        return self.memory == "keyed"
+
+    def set_num_data(self, n: int) -> None:
+        """Keyed bank: one row per training sample (RepDistiller's ``n_data``); a queue keeps its size."""
+        if self.memory != "keyed" or n == self.bank_size:
+            return
+        if n < 2:
+            raise KdforgeError(f"crd: the keyed memory needs at least 2 training samples, got {n}")
+        stdv = 1.0 / (self.feat_dim / 3) ** 0.5
+        device = self.mem_s.device
+        self.bank_size = n
+        self.mem_s = torch.rand(n, self.feat_dim, device=device).mul_(2 * stdv).add_(-stdv)
+        self.mem_t = torch.rand(n, self.feat_dim, device=device).mul_(2 * stdv).add_(-stdv)
+        self.mem_y = torch.full((n,), -1, dtype=torch.long, device=device)
 
     def build(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> None:
         if len(student) != 1:
@@ -98,15 +135,17 @@ class CRDLoss(FeatureLoss):
         vs = F.normalize(self.embed_s(student[0]), dim=1)
         vt = F.normalize(self.embed_t(teacher[0].detach()), dim=1)
         b = vs.shape[0]
-        if indices is not None:
+        if self.memory == "keyed":
+            if indices is None:
+                raise KdforgeError("crd: memory 'keyed' needs the batch's sample indices (indices=...)")
             if int(indices.max()) >= self.bank_size:
                 raise KdforgeError(f"crd: sample index {int(indices.max())} >= bank_size {self.bank_size}")
             pos_t, pos_s = self.mem_t[indices], self.mem_s[indices]
         else:
-            pos_t, pos_s = vt.detach(), vs.detach()
+            pos_t, pos_s, indices = vt.detach(), vs.detach(), None
         neg = self.sample_negatives(targets, b, exclude=indices)
-        loss_s = nce_loss(self._scores(vs, pos_t, self.mem_t, neg, self.z_s), self.bank_size)
-        loss_t = nce_loss(self._scores(vt, pos_s, self.mem_s, neg, self.z_t), self.bank_size)
+        loss_s = nce_loss(self._scores(vs, pos_t, self.mem_t, neg, self.z_s), self.bank_size, self.nce_eps)
+        loss_t = nce_loss(self._scores(vt, pos_s, self.mem_s, neg, self.z_t), self.bank_size, self.nce_eps)
         if self.training:
             self.update_bank(vs.detach(), vt.detach(), targets, indices)
         return loss_s + loss_t
@@ -116,6 +155,8 @@ class CRDLoss(FeatureLoss):
         """Write embeddings into the bank: momentum rows at ``indices``, or the next FIFO slots."""
         labels = targets if targets is not None else torch.full((len(vs),), -1, device=vs.device)
         if indices is not None:
+            # every process applies every process's rows, so the banks stay identical under DDP
+            indices, vs, vt, labels = (gather_no_grad(t) for t in (indices, vs, vt, labels))
             m = self.momentum
             self.mem_s[indices] = F.normalize(m * self.mem_s[indices] + (1 - m) * vs, dim=1)
             self.mem_t[indices] = F.normalize(m * self.mem_t[indices] + (1 - m) * vt, dim=1)

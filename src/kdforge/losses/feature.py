@@ -7,6 +7,7 @@ connectors are built in :meth:`setup` from one example of those lists and are ne
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdforge.errors import KdforgeError
-from kdforge.losses.base import DistillLoss
+from kdforge.losses.base import DistillLoss, check_compat
 from kdforge.registry import LOSSES
 
 
@@ -154,28 +155,37 @@ def at_map(f: Tensor, p: float = 2.0) -> Tensor:
     return F.normalize(f.abs().pow(p).mean(1).flatten(1), dim=1)
 
 
-def at_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], p: float = 2.0) -> Tensor:
-    """Attention transfer (RepDistiller form): Σ_pairs mean_{b,hw} (A_s − A_t)²."""
+def at_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], p: float = 2.0, compat: str = "paper") -> Tensor:
+    """Attention transfer: Σ_pairs mean_{b,hw} (A_s − A_t)², the paper's β/(H·W·B) scaling as in the authors' code.
+
+    ``compat="torchdistill"`` is torchdistill's ``mode: paper``: Σ_pairs Σ_b ‖A_s − A_t‖₂ / B (unsquared).
+    """
     total = student[0].new_zeros(())
     for s, t in zip(student, teacher, strict=True):
         s, t = match_spatial(s, t.detach())
-        total = total + (at_map(s, p) - at_map(t, p)).pow(2).mean()
+        diff = at_map(s, p) - at_map(t, p)
+        total = total + (diff.norm(dim=1).sum() / len(diff) if compat == "torchdistill" else diff.pow(2).mean())
     return total
 
 
 @LOSSES.register("at")
 class ATLoss(FeatureLoss):
-    """Attention transfer (Zagoruyko & Komodakis, ICLR 2017) on spatial attention maps."""
+    """Attention transfer (Zagoruyko & Komodakis, ICLR 2017) on spatial attention maps.
 
-    def __init__(self, p: float = 2.0) -> None:
+    The default equals RepDistiller's and torchdistill's default ``mode: code``; ``compat: torchdistill``
+    reproduces torchdistill's ``mode: paper`` (per-sample unsquared L2 distance, batch mean).
+    """
+
+    def __init__(self, p: float = 2.0, compat: str = "paper") -> None:
         super().__init__()
         if p <= 0:
             raise ValueError(f"p must be > 0, got {p}")
-        self.p = p
+        check_compat("at", compat, ("torchdistill", "repdistiller"))
+        self.p, self.compat = p, compat
 
     def forward(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
         self.check(student, teacher)
-        return at_loss(student, teacher, self.p)
+        return at_loss(student, teacher, self.p, self.compat)
 
 
 # -- NST ---------------------------------------------------------------------------------------------
@@ -305,27 +315,42 @@ class ABLoss(FeatureLoss):
 
 
 # -- FSP ---------------------------------------------------------------------------------------------
-def fsp_matrix(a: Tensor, b: Tensor) -> Tensor:
-    """Flow of solution procedure: (B, C_a, C_b) Gram matrix of two maps over positions."""
+def fsp_matrix(a: Tensor, b: Tensor, pool: str = "avg") -> Tensor:
+    """Flow of solution procedure: (B, C_a, C_b) Gram matrix of two maps over positions.
+
+    The larger map is average-pooled to the smaller (``pool="max"``: max-pooled, torchdistill's choice).
+    """
+    if pool == "max" and a.shape[-2:] != b.shape[-2:]:
+        size = (min(a.shape[-2], b.shape[-2]), min(a.shape[-1], b.shape[-1]))
+        a, b = F.adaptive_max_pool2d(a, size), F.adaptive_max_pool2d(b, size)
     a, b = match_spatial(a, b)
     return a.flatten(2) @ b.flatten(2).transpose(1, 2) / (a.shape[-2] * a.shape[-1])
 
 
-def fsp_loss(student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
-    """FSP: Σ over consecutive tap pairs of mean (G_s − G_t)²."""
+def fsp_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], compat: str = "paper") -> Tensor:
+    """FSP: Σ over consecutive tap pairs of mean (G_s − G_t)² (the paper's squared L2, per element).
+
+    ``compat="torchdistill"``: max-pooling, and Σ_{b,j} ‖G_s[b,:,j] − G_t[b,:,j]‖₂ / B (unsquared column norms).
+    """
+    pool = "max" if compat == "torchdistill" else "avg"
     total = student[0].new_zeros(())
     for i in range(len(student) - 1):
-        g_s = fsp_matrix(student[i], student[i + 1])
-        g_t = fsp_matrix(teacher[i].detach(), teacher[i + 1].detach())
+        g_s = fsp_matrix(student[i], student[i + 1], pool)
+        g_t = fsp_matrix(teacher[i].detach(), teacher[i + 1].detach(), pool)
         if g_s.shape != g_t.shape:
             raise KdforgeError(f"fsp: FSP matrices differ in shape {tuple(g_s.shape)} vs {tuple(g_t.shape)}")
-        total = total + (g_s - g_t).pow(2).mean()
+        if compat == "torchdistill":
+            total = total + (g_s - g_t).norm(dim=1).sum() / len(g_s)
+        else:
+            total = total + (g_s - g_t).pow(2).mean()
     return total
 
 
 @LOSSES.register("fsp")
 class FSPLoss(FeatureLoss):
     """FSP (Yim et al., CVPR 2017): match Gram matrices between consecutive layers.
+
+    ``compat``: ``repdistiller`` is the default form; ``torchdistill`` takes unsquared norms after max-pooling.
 
     Where student and teacher channel counts differ, a trainable 1×1 conv maps the student's
     channels to the teacher's first.
@@ -334,8 +359,10 @@ class FSPLoss(FeatureLoss):
     has_connectors = True
     min_pairs = 2
 
-    def __init__(self) -> None:
+    def __init__(self, compat: str = "paper") -> None:
         super().__init__()
+        check_compat("fsp", compat, ("torchdistill", "repdistiller"))
+        self.compat = compat
         self.connectors = nn.ModuleList()
 
     def build(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> None:
@@ -345,7 +372,7 @@ class FSPLoss(FeatureLoss):
 
     def forward(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
         self.check(student, teacher)
-        return fsp_loss([c(s) for c, s in zip(self.connectors, student, strict=True)], teacher)
+        return fsp_loss([c(s) for c, s in zip(self.connectors, student, strict=True)], teacher, self.compat)
 
 
 # -- VID ---------------------------------------------------------------------------------------------
@@ -398,6 +425,29 @@ class VIDLoss(FeatureLoss):
 
 
 # -- OFD ---------------------------------------------------------------------------------------------
+def bn_margin(weight: Tensor, bias: Tensor, min_prob: float = 1e-3) -> Tensor:
+    """OFD's margin E[x | x < 0] for x ~ N(β, γ²) per channel: β − |γ|·φ(β/|γ|)/Φ(−β/|γ|).
+
+    As the official code, a channel whose negative part has probability ≤ ``min_prob`` gets −3|γ|.
+    """
+    s, m = weight.detach().abs().double().clamp(min=1e-12), bias.detach().double()
+    z = m / s
+    cdf = 0.5 * torch.erfc(z / math.sqrt(2))  # Φ(−z)
+    pdf = torch.exp(-z * z / 2) / math.sqrt(2 * math.pi)
+    margin = torch.where(cdf > min_prob, m - s * pdf / cdf.clamp(min=1e-300), -3 * s)
+    return margin.float()
+
+
+def bn_before_relu(model: nn.Module, tap: str) -> nn.BatchNorm2d | None:
+    """The BatchNorm whose statistics describe a pre-ReLU tap: the tapped module, or ``model.bn_before_relu``."""
+    modules = dict(model.named_modules())
+    if isinstance(modules.get(tap), nn.BatchNorm2d):
+        return modules[tap]  # type: ignore[return-value]
+    name = (getattr(model, "bn_before_relu", None) or {}).get(tap)
+    bn = modules.get(name) if name else None
+    return bn if isinstance(bn, nn.BatchNorm2d) else None
+
+
 def ofd_loss(student: Tensor, teacher: Tensor, margin: Tensor) -> Tensor:
     """Overhaul distillation: partial L2 to the margin-ReLU teacher, skipping where both are 'off'."""
     t = torch.maximum(teacher.detach(), margin.view(1, -1, 1, 1))
@@ -409,20 +459,46 @@ def ofd_loss(student: Tensor, teacher: Tensor, margin: Tensor) -> Tensor:
 class OFDLoss(FeatureLoss):
     """Overhaul of feature distillation (Heo et al., ICCV 2019): margin ReLU + partial L2 + connector.
 
-    The per-channel margin E[x | x < 0] is estimated from the teacher maps seen at set-up and kept as a
-    buffer; with post-ReLU taps it is 0 (tap pre-activation maps to use the paper's negative margin).
+    Tap pre-ReLU maps (the zoo's ``pre_relu_taps``, e.g. ``layer3.2.preact`` of a CIFAR ResNet or
+    ``stage3.1`` of ``cnn_small``). ``margin="bn"`` (the paper) takes the per-channel margin
+    E[x | x < 0] of N(β, γ²) from the BatchNorm before the teacher's ReLU (:func:`bn_margin`);
+    ``margin="batch"`` estimates it from the teacher maps of the set-up batch. Where no BatchNorm is
+    found for a tap, ``bn`` falls back to ``batch`` with a warning. Margins are buffers.
     """
 
     has_connectors = True
 
-    def __init__(self) -> None:
+    def __init__(self, margin: str = "bn") -> None:
         super().__init__()
+        if margin not in ("bn", "batch"):
+            raise ValueError(f"margin must be 'bn' or 'batch', got {margin!r}")
+        self.margin = margin
         self.connectors = nn.ModuleList()
+        self._bn_margins: list[Tensor | None] = []
+
+    def bind(self, student: nn.Module, teacher: nn.Module, student_taps: Sequence[str],
+             teacher_taps: Sequence[str]) -> None:
+        """Read the teacher BN (γ, β) before each tapped ReLU."""
+        self._bn_margins = []
+        if self.margin != "bn":
+            return
+        for tap in teacher_taps:
+            bn = bn_before_relu(teacher, tap)
+            if bn is None or bn.weight is None or bn.bias is None:
+                warnings.warn(f"ofd: no BatchNorm before the ReLU of teacher tap {tap!r}; margin from the "
+                              "set-up batch (tap a pre-ReLU map of the zoo's pre_relu_taps)", stacklevel=2)
+                self._bn_margins.append(None)
+            else:
+                self._bn_margins.append(bn_margin(bn.weight, bn.bias))
 
     def build(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> None:
         self.connectors = nn.ModuleList(regressor(s.shape[1:], t.shape[1:], relu=False)
                                         for s, t in zip(student, teacher, strict=True))
         for i, t in enumerate(teacher):
+            from_bn = self._bn_margins[i] if i < len(self._bn_margins) else None
+            if from_bn is not None and from_bn.numel() == t.shape[1]:
+                self.register_buffer(f"margin{i}", from_bn.to(t.device))
+                continue
             neg = t.detach().clamp(max=0).transpose(0, 1).flatten(1)
             count = (neg < 0).sum(1).clamp(min=1)
             self.register_buffer(f"margin{i}", (neg.sum(1) / count).float())
@@ -477,14 +553,20 @@ class ReviewKDLoss(FeatureLoss):
     """ReviewKD (Chen et al., CVPR 2021): deep-to-shallow fused student maps vs teacher maps, HCL loss.
 
     Give taps shallow to deep; (B, D) vectors such as ``pool`` are treated as 1×1 maps.
+    The weight ramps linearly over ``warmup`` epochs; by default mdistiller's 20 of 240 epochs,
+    scaled to the run's length (``round(epochs / 12)``, at least 1); ``warmup: 0`` switches it off.
     """
 
     ndims = (4, 2)
     has_connectors = True
+    #: mdistiller's ReviewKD warm-up: 20 epochs of a 240-epoch run
+    WARMUP_SHARE = 20 / 240
 
     def __init__(self, mid_channels: int | None = None, levels: tuple[int, ...] = (4, 2, 1),
-                 warmup: int = 0) -> None:
+                 warmup: int | None = None) -> None:
         super().__init__()
+        if warmup is not None and warmup < 0:
+            raise ValueError(f"warmup must be >= 0 epochs, got {warmup}")
         self.mid_channels, self.levels, self.warmup = mid_channels, tuple(levels), warmup
         self.epoch = 0
         self.abfs = nn.ModuleList()
@@ -492,6 +574,19 @@ class ReviewKDLoss(FeatureLoss):
     def set_epoch(self, epoch: int) -> None:
         """Remember the epoch for the linear warm-up."""
         self.epoch = epoch
+
+    def warmup_epochs(self) -> int:
+        """The warm-up length in epochs: the given one, or 1/12 of the run (20 if the run's length is unknown)."""
+        if self.warmup is not None:
+            return self.warmup
+        if self.total_epochs is None:
+            return 20
+        return max(1, round(self.total_epochs * self.WARMUP_SHARE))
+
+    def warmup_factor(self) -> float:
+        """min((epoch + 1) / warm-up, 1), with the epoch counted from 0."""
+        w = self.warmup_epochs()
+        return 1.0 if w == 0 else min((self.epoch + 1) / w, 1.0)
 
     def build(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> None:
         mid = self.mid_channels or min(64, max(t.shape[1] for t in teacher))
@@ -507,5 +602,4 @@ class ReviewKDLoss(FeatureLoss):
         residual = None
         for i in reversed(range(len(s_maps))):
             fused[i], residual = self.abfs[i](s_maps[i], residual, t_maps[i].shape[-2:])
-        factor = 1.0 if self.warmup == 0 else min((self.epoch + 1) / self.warmup, 1.0)
-        return factor * hcl_loss(fused, t_maps, self.levels)
+        return self.warmup_factor() * hcl_loss(fused, t_maps, self.levels)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdforge.errors import KdforgeError
+from kdforge.losses.base import check_compat, deprecated_key
 from kdforge.losses.feature import FeatureLoss
 from kdforge.registry import LOSSES
 
@@ -66,30 +67,46 @@ class RKDLoss(FeatureLoss):
 
 
 # -- SP ----------------------------------------------------------------------------------------------
-def sp_loss(student: Tensor, teacher: Tensor) -> Tensor:
-    """Similarity-preserving KD: ‖G̃_t − G̃_s‖_F² / B² with row-normalised batch Gram matrices."""
+def sp_loss(student: Tensor, teacher: Tensor, p: float = 2.0) -> Tensor:
+    """Similarity-preserving KD: ‖G̃_t − G̃_s‖_F² / B² with row-normalised batch Gram matrices.
+
+    ``p`` is the norm of the row normalisation: 2 in the paper and RepDistiller, 1 in torchdistill.
+    """
     b = student.shape[0]
     qs, qt = student.flatten(1), teacher.detach().flatten(1)
-    gs = F.normalize(qs @ qs.t(), dim=1)
-    gt = F.normalize(qt @ qt.t(), dim=1)
+    gs = F.normalize(qs @ qs.t(), p=p, dim=1)
+    gt = F.normalize(qt @ qt.t(), p=p, dim=1)
     return (gt - gs).pow(2).sum() / (b * b)
 
 
 @LOSSES.register("sp")
 class SPLoss(FeatureLoss):
-    """Similarity-preserving KD (Tung & Mori, ICCV 2019); student and teacher sizes may differ."""
+    """Similarity-preserving KD (Tung & Mori, ICCV 2019); student and teacher sizes may differ.
+
+    RepDistiller's Similarity is this form (L2-normalised Gram rows); ``compat="torchdistill"`` normalises
+    the rows with L1 as its SPKDLoss does (``normalize(G, 1)``: p = 1), then the same ‖·‖_F²/B².
+    """
 
     ndims = (2, 3, 4)
 
+    def __init__(self, compat: str = "paper") -> None:
+        super().__init__()
+        self.compat = compat
+        self.p = 1.0 if check_compat("sp", compat, ("torchdistill", "repdistiller")) & {"torchdistill"} else 2.0
+
     def forward(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
         self.check(student, teacher)
-        return sum(sp_loss(s, t) for s, t in zip(student, teacher, strict=True))  # type: ignore[return-value]
+        return sum(sp_loss(s, t, self.p) for s, t in zip(student, teacher, strict=True))  # type: ignore[return-value]
 
 
 # -- CC ----------------------------------------------------------------------------------------------
-def taylor_rbf(x: Tensor, gamma: float = 0.4, order: int = 2) -> Tensor:
-    """Correlation matrix k(x_i, x_j) ≈ Σ_{p≤P} e^{−2γ}(2γ)^p/p!·(x_iᵀx_j)^p for L2-normalised rows."""
-    x = F.normalize(x, dim=1)
+def taylor_rbf(x: Tensor, gamma: float = 0.4, order: int = 2, normalise: bool = True) -> Tensor:
+    """Correlation matrix k(x_i, x_j) ≈ Σ_{p≤P} e^{−2γ}(2γ)^p/p!·(x_iᵀx_j)^p for L2-normalised rows.
+
+    ``normalise=False`` takes the rows as they are (torchdistill's CCKDLoss on raw linear outputs).
+    """
+    if normalise:
+        x = F.normalize(x, dim=1)
     sim = x @ x.t()
     out = torch.zeros_like(sim)
     for p in range(order + 1):
@@ -98,11 +115,17 @@ def taylor_rbf(x: Tensor, gamma: float = 0.4, order: int = 2) -> Tensor:
 
 
 def cc_loss(student: Tensor, teacher: Tensor, variant: str = "paper", gamma: float = 0.4, order: int = 2) -> Tensor:
-    """CC on embeddings: paper ‖C_s − C_t‖²/B², or RepDistiller's mean_i Σ_d Δ_i,d·Δ_{i+1},d with Δ=|f_s−f_t|."""
+    """CC on embeddings: paper ‖C_s − C_t‖²/B², or RepDistiller's mean_i Σ_d Δ_i,d·Δ_{i+1},d with Δ=|f_s−f_t|.
+
+    ``variant="torchdistill"``: the kernel on un-normalised rows and the unsquared norm, ‖C_s − C_t‖_F / B².
+    """
     if variant == "repdistiller":
         delta = (student - teacher).abs()
         return (delta[:-1] * delta[1:]).sum(1).mean()
     b = student.shape[0]
+    if variant == "torchdistill":
+        diff = taylor_rbf(student, gamma, order, normalise=False) - taylor_rbf(teacher, gamma, order, normalise=False)
+        return diff.norm() / (b * b)
     return (taylor_rbf(student, gamma, order) - taylor_rbf(teacher, gamma, order)).pow(2).sum() / (b * b)
 
 
@@ -121,19 +144,23 @@ class LinearEmbed(nn.Module):
 class CCLoss(FeatureLoss):
     """Correlation congruence (Peng et al., ICCV 2019) on linear embeddings of student and teacher.
 
-    ``variant="repdistiller"`` reproduces RepDistiller's table; ``embed_dim=0`` compares the raw
-    features (they must then have the same size).
+    ``compat="repdistiller"`` reproduces RepDistiller's (the authors' released) form, ``"torchdistill"``
+    torchdistill's CCKDLoss (``reduction: batchmean``); ``embed_dim=0`` compares the raw features (they
+    must then have the same size). ``variant`` is the old spelling of ``compat``.
     """
 
     ndims = (2, 4)
     has_connectors = True
 
-    def __init__(self, variant: str = "repdistiller", embed_dim: int = 128, gamma: float = 0.4,
-                 order: int = 2) -> None:
+    def __init__(self, compat: str = "paper", embed_dim: int = 128, gamma: float = 0.4,
+                 order: int = 2, variant: str | None = None) -> None:
         super().__init__()
-        if variant not in ("paper", "repdistiller"):
-            raise ValueError(f"variant must be 'paper' or 'repdistiller', got {variant!r}")
-        self.variant, self.embed_dim, self.gamma, self.order = variant, embed_dim, gamma, order
+        if variant is not None:
+            deprecated_key("cc: variant", "compat")
+            compat = variant
+        check_compat("cc", compat, ("repdistiller", "torchdistill"))
+        self.variant = self.compat = compat
+        self.embed_dim, self.gamma, self.order = embed_dim, gamma, order
         self.embed_s = nn.ModuleList()
         self.embed_t = nn.ModuleList()
 
@@ -159,18 +186,23 @@ class CCLoss(FeatureLoss):
 
 
 # -- PKT ---------------------------------------------------------------------------------------------
-def _cosine_probs(x: Tensor, eps: float) -> Tensor:
-    x = F.normalize(x.flatten(1), dim=1, eps=eps)
+def _cosine_probs(x: Tensor, eps: float, code: bool = False) -> Tensor:
+    x = x.flatten(1)
+    # the released code divides by (norm + eps); F.normalize divides by max(norm, eps)
+    x = x / (x.norm(dim=1, keepdim=True) + eps) if code else F.normalize(x, dim=1, eps=eps)
     k = torch.nan_to_num(x @ x.t())
     k = (k + 1) / 2
     return k / k.sum(1, keepdim=True)
 
 
-def pkt_loss(student: Tensor, teacher: Tensor, eps: float = 1e-7) -> Tensor:
-    """PKT: mean_ij P^t_ij·log((P^t_ij + ε)/(P^s_ij + ε)) over cosine-kernel conditional probabilities."""
-    ps = _cosine_probs(student, eps)
+def pkt_loss(student: Tensor, teacher: Tensor, eps: float = 1e-7, code: bool = False) -> Tensor:
+    """PKT: mean_ij P^t_ij·log((P^t_ij + ε)/(P^s_ij + ε)) over cosine-kernel conditional probabilities.
+
+    ``code=True`` normalises rows by x/(‖x‖ + ε) as the authors' code (and RepDistiller, torchdistill) do.
+    """
+    ps = _cosine_probs(student, eps, code)
     with torch.no_grad():
-        pt = _cosine_probs(teacher.detach(), eps)
+        pt = _cosine_probs(teacher.detach(), eps, code)
     return (pt * torch.log((pt + eps) / (ps + eps))).mean()
 
 
@@ -180,11 +212,13 @@ class PKTLoss(FeatureLoss):
 
     ndims = (2, 4)
 
-    def __init__(self, eps: float = 1e-7) -> None:
+    def __init__(self, eps: float = 1e-7, compat: str = "paper") -> None:
         super().__init__()
-        self.eps = eps
+        self.eps, self.compat = eps, compat
+        self.code = bool(check_compat("pkt", compat, ("official", "repdistiller", "torchdistill")))
 
     def forward(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
         self.check(student, teacher)
-        return sum(pkt_loss(s, t, self.eps) for s, t in zip(student, teacher, strict=True))  # type: ignore[return-value]
+        return sum(pkt_loss(s, t, self.eps, self.code)  # type: ignore[return-value]
+                   for s, t in zip(student, teacher, strict=True))
 

@@ -5,15 +5,19 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdforge.losses.base import DistillLoss
+from kdforge.losses.base import DistillLoss, check_compat
 from kdforge.registry import LOSSES
 
 
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float = 4.0) -> Tensor:
-    """Hinton KD: T² · KL(softmax(t/T) ‖ softmax(s/T)), summed over classes, mean over the batch."""
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float = 4.0, t_squared: bool = True) -> Tensor:
+    """Hinton KD: T² · KL(softmax(t/T) ‖ softmax(s/T)), summed over classes, mean over the batch.
+
+    ``t_squared=False`` drops the T² factor (torchdistill's KDLoss with ``alpha`` 0 or unset).
+    """
     log_p_s = F.log_softmax(student_logits / T, dim=-1)
     log_p_t = F.log_softmax(teacher_logits / T, dim=-1)
-    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (T * T)
+    kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
+    return kl * (T * T) if t_squared else kl
 
 
 @LOSSES.register("ce")
@@ -34,15 +38,22 @@ class CrossEntropy(DistillLoss):
 
 @LOSSES.register("kd")
 class KDLoss(DistillLoss):
-    """Hinton et al. 2015, 'Distilling the Knowledge in a Neural Network' (T² scaled)."""
+    """Hinton et al. 2015, 'Distilling the Knowledge in a Neural Network' (T² scaled).
+
+    ``compat="torchdistill"``: no T² (torchdistill's KDLoss with ``alpha`` 0 or unset returns the bare
+    KL; its ``alpha`` > 0 form, α·CE + (1 − α)·T²·KL, is the default here with weights α and 1 − α).
+    RepDistiller's DistillKL is the paper form.
+    """
 
     inputs = "logits"
 
-    def __init__(self, T: float = 4.0) -> None:
+    def __init__(self, T: float = 4.0, compat: str = "paper") -> None:
         super().__init__()
         if T <= 0:
             raise ValueError(f"temperature T must be > 0, got {T}")
         self.T = T
+        self.compat = compat
+        self.t_squared = not check_compat("kd", compat, ("torchdistill", "repdistiller")) & {"torchdistill"}
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-        return kd_loss(student_logits, teacher_logits, self.T)
+        return kd_loss(student_logits, teacher_logits, self.T, self.t_squared)

@@ -34,6 +34,8 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         # Not in-place: feature taps keep references to block outputs.
         self.relu = nn.ReLU()
+        #: the pre-ReLU sum, a tap point (OFD) without parameters
+        self.preact = nn.Identity()
         self.downsample: nn.Module | None = None
         if stride != 1 or in_planes != planes:
             self.downsample = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False),
@@ -43,7 +45,7 @@ class BasicBlock(nn.Module):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        return self.relu(self.preact(out + identity))
 
 
 class CifarResNet(nn.Module):
@@ -66,6 +68,10 @@ class CifarResNet(nn.Module):
         self.fc = nn.Linear(w3, num_classes)
         self.num_features = w3
         self.feature_names = ["stem", "layer1", "layer2", "layer3", "pool"]
+        #: each stage's output before its last ReLU, and the BN whose (γ, β) OFD reads for it (the
+        #: last block's bn2, the residual ignored, as in the OFD authors' code)
+        self.pre_relu_taps = {f"layer{k}": f"layer{k}.{n - 1}.preact" for k in (1, 2, 3)}
+        self.bn_before_relu = {f"layer{k}.{n - 1}.preact": f"layer{k}.{n - 1}.bn2" for k in (1, 2, 3)}
         init_weights(self)
 
     @staticmethod

@@ -29,8 +29,8 @@ class MLP(nn.Module):
 
 
 def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout),
-                         nn.ReLU(inplace=True))
+    # not in-place: a tap on the BatchNorm output (a pre-ReLU tap) must keep its negative values
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
 
 
 class SmallCNN(nn.Module):
@@ -49,6 +49,8 @@ class SmallCNN(nn.Module):
         self.fc = nn.Linear(16 * width, num_classes)
         self.num_features = 16 * width
         self.feature_names = ["stem", "stage1", "stage2", "stage3", "pool"]
+        #: each stage's BatchNorm output, before its ReLU (stage 1 and 2: before the max-pool too)
+        self.pre_relu_taps = {"stem": "stem.1", "stage1": "stage1.0.1", "stage2": "stage2.0.1", "stage3": "stage3.1"}
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.stage3(self.stage2(self.stage1(self.stem(x))))

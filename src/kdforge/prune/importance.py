@@ -104,7 +104,7 @@ def grad_norm(model: nn.Module, batches: Sequence[Any], loss_fn: Callable[[nn.Mo
         for batch in batches:
             for p in params:
                 p.grad = None
-            loss_fn(model, _to(batch, dev)).backward()
+            loss_fn(model, _to(batch, dev)).backward()  # gradient-only analysis
             grads = [p.grad.detach().double() for p in params if p.grad is not None]
             if norm == "global":
                 scores.append(math.sqrt(sum(float((g * g).sum()) for g in grads)))
@@ -371,7 +371,7 @@ def taylor_scores(model: nn.Module, units: Sequence[UnitSpec], batches: Sequence
     try:
         for b in batches:
             model.zero_grad(set_to_none=True)
-            task.loss(model, _to(b, dev)).backward()
+            task.loss(model, _to(b, dev)).backward()  # gradient-only analysis
             for i, ps in groups.items():
                 totals[i] += abs(sum(float((p.detach() * p.grad).sum()) for p in ps if p.grad is not None))
     finally:

@@ -15,8 +15,21 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from kdforge.config import DataConfig, ModelSpec, Strict, apply_overrides, load_yaml, validate
+from kdforge.config import (
+    DataConfig,
+    MethodConfig,
+    ModelSpec,
+    OptimConfig,
+    Recipe,
+    SchedConfig,
+    Strict,
+    TrainConfig,
+    apply_overrides,
+    load_yaml,
+    validate,
+)
 from kdforge.errors import KdforgeError
+from kdforge.losses.base import check_compat, deprecated_key
 from kdforge.prune.cka import collect_cka
 from kdforge.prune.importance import (
     BASELINES,
@@ -83,7 +96,8 @@ class SelectionConfig(Strict):
 
     method: str = "sglp"
     candidate_mode: Literal["hybrid", "hybrid_code_compat", "subnet"] | None = None
-    select: Literal["max", "min"] = "max"
+    #: None: min for subnet candidates, max for hybrid ones (the official code's pairing)
+    select: Literal["max", "min"] | None = None
     norm: Literal["global", "sum_per_param"] = "global"
     max_candidates: int = Field(256, ge=1)
     seed: int = 0
@@ -98,13 +112,14 @@ class BudgetConfig(Strict):
 
 
 class HealConfig(Strict):
-    """Optional healing after the cut: CE fine-tune or KD from the unpruned model (CNN: epochs; LLM: steps)."""
+    """Optional healing after the cut: CE fine-tune or KD from the unpruned model, an engine fit.
+
+    How long and how it optimizes are the recipe's shared sections: ``train.epochs`` (CNN) or
+    ``train.max_steps`` (LLM), ``optim``, ``sched``, ``train.grad_clip``/``precision``/``distributed``.
+    ``batch_size``: images (CNN; default ``data.batch_size``) or calibration sequences (LLM; default 2).
+    """
 
     mode: Literal["none", "ce", "kd"] = "none"
-    epochs: int = Field(1, ge=1)
-    steps: int = Field(50, ge=1)
-    lr: float = Field(0.01, gt=0)
-    weight_decay: float = 5e-4
     batch_size: int | None = Field(None, ge=1)
     T: float = Field(4.0, gt=0)
     kd_weight: float = 0.9
@@ -120,10 +135,37 @@ class EvalConfig(Strict):
     lm_eval_limit: int | None = None
 
 
+#: healing defaults of a shared section given in part (CNN: SGD + cosine, the Trainer's; LLM: AdamW, clip 1.0)
+HEAL_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    "cnn": {"optim": {"name": "sgd", "lr": 0.01, "weight_decay": 5e-4}, "sched": {"name": "cosine"},
+            "train": {"epochs": 1}},
+    "llm": {"optim": {"name": "adamw", "lr": 5e-5, "weight_decay": 0.0}, "sched": {"name": "constant"},
+            "train": {"max_steps": 50, "grad_clip": 1.0}},
+}
+#: heal keys of the recipes before the engine, and where they live now
+HEAL_MOVED = {"epochs": "train.epochs", "steps": "train.max_steps", "lr": "optim.lr",
+              "weight_decay": "optim.weight_decay"}
+
+
+#: the official SGLP code's independent quirks that ``compat`` can reproduce (``official``: all of them)
+SGLP_QUIRKS = ("backtrack", "hybrid")
+
+
+def default_select(candidate_mode: str) -> str:
+    """The official code's pairing: the minimum for subnet candidates, the maximum for hybrid ones."""
+    return "min" if candidate_mode == "subnet" else "max"
+
+
 class PruneRecipe(Strict):
-    """A ``kdforge prune`` recipe: one of ``model`` (a CNN) or ``llm``, plus how to prune and heal it."""
+    """A ``kdforge prune`` recipe: one of ``model`` (a CNN) or ``llm``, plus how to prune and heal it.
+
+    ``compat``: ``paper`` (default), ``official`` (both quirks of the official code) or a list of them:
+    ``backtrack`` (its heuristic segmentation backtrack) and ``hybrid`` (hybrid candidates built on a
+    random model that is never reset).
+    """
 
     name: str = "prune"
+    compat: str | list[str] = "paper"
     seed: int = 0
     model: ModelSpec | None = None
     llm: LLMSpec | None = None
@@ -136,8 +178,20 @@ class PruneRecipe(Strict):
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
     heal: HealConfig = Field(default_factory=HealConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(**HEAL_DEFAULTS["cnn"]["optim"]))
+    sched: SchedConfig = Field(default_factory=lambda: SchedConfig(**HEAL_DEFAULTS["cnn"]["sched"]))
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(**HEAL_DEFAULTS["cnn"]["train"]))
     save: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _heal_defaults(cls, data: Any) -> Any:
+        """Shared sections given in part are completed from the healing defaults of the model kind."""
+        if not isinstance(data, dict):
+            return data
+        base = HEAL_DEFAULTS["llm" if data.get("llm") is not None else "cnn"]
+        return {**data, **{k: {**v, **(data.get(k) or {})} for k, v in base.items()
+                           if k not in data or isinstance(data[k], dict)}}
 
     @model_validator(mode="after")
     def _one_model(self) -> PruneRecipe:
@@ -147,12 +201,67 @@ class PruneRecipe(Strict):
             raise ValueError("keep_per_segment needs selection.method sglp; baselines take keep_ratio")
         if self.budget.keep_per_segment is None and self.budget.keep_ratio is None:
             raise ValueError("give budget.keep_ratio or budget.keep_per_segment")
+        check_compat("prune", self.compat, ("official", *SGLP_QUIRKS))
+        if self.analysis.backtrack == "code_compat":
+            deprecated_key("analysis.backtrack: code_compat", "compat: [backtrack]")
+        if self.selection.candidate_mode == "hybrid_code_compat":
+            deprecated_key("selection.candidate_mode: hybrid_code_compat", "candidate_mode: hybrid, compat: [hybrid]")
         return self
+
+    def quirks(self) -> frozenset[str]:
+        """The official code's conventions in force: from ``compat`` and the deprecated spellings."""
+        q = set(check_compat("prune", self.compat, ("official", *SGLP_QUIRKS)))
+        if "official" in q:
+            q = set(SGLP_QUIRKS)
+        if self.analysis.backtrack == "code_compat":
+            q.add("backtrack")
+        if self.selection.candidate_mode == "hybrid_code_compat":
+            q.add("hybrid")
+        return frozenset(q)
+
+    def analysis_config(self) -> AnalysisConfig:
+        """``analysis`` with the backtrack ``compat`` asks for."""
+        return self.analysis.model_copy(update={"backtrack": "code_compat" if "backtrack" in self.quirks()
+                                                else self.analysis.backtrack})
+
+    def candidate_mode(self, default: str) -> str:
+        """The candidate mode (``default`` when unset), as the code's variant where ``compat`` asks for it."""
+        mode = self.selection.candidate_mode or default
+        if mode == "hybrid" and "hybrid" in self.quirks():
+            return "hybrid_code_compat"
+        return mode
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], overrides: list[str] | None = None) -> PruneRecipe:
+        """Validate a dict (after ``key=value`` overrides), or fail in one line."""
+        data = apply_overrides(copy.deepcopy(data), overrides or [])
+        heal = data.get("heal") if isinstance(data.get("heal"), dict) else {}
+        for key, where in (("device", "train.device"),):
+            if key in data:
+                raise KdforgeError(f"recipe key {key!r} moved to {where} (prune recipes share data/optim/sched/train "
+                                   "with training recipes; see recipes/prune/)")
+        for key, where in HEAL_MOVED.items():
+            if key in heal:
+                raise KdforgeError(f"recipe key 'heal.{key}' moved to {where} (prune recipes share "
+                                   "data/optim/sched/train with training recipes; see recipes/prune/)")
+        return validate(cls, data)
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> PruneRecipe:
         """Load and validate a YAML prune recipe (with ``key=value`` overrides)."""
-        return validate(cls, apply_overrides(load_yaml(path), overrides or []))
+        return cls.from_dict(load_yaml(path), overrides)
+
+    def to_yaml(self) -> str:
+        """The resolved recipe as YAML text (``config.yaml`` of the run folder)."""
+        import yaml
+
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def heal_recipe(self, method: str, batch_size: int | None = None) -> Recipe:
+        """The engine recipe of the healing fit: this recipe's shared sections (and the heal batch size)."""
+        bs = self.heal.batch_size or batch_size or self.data.batch_size
+        return Recipe(name=f"{self.name}-heal", seed=self.seed, data=self.data.model_copy(update={"batch_size": bs}),
+                      method=MethodConfig(name=method), optim=self.optim, sched=self.sched, train=self.train)
 
     @property
     def is_llm(self) -> bool:
@@ -203,8 +312,9 @@ def choose(model: nn.Module, analysis: Analysis, budget: BudgetConfig, sel: Sele
     """Run the configured selection method with the budget (per segment for SGLP, in total for baselines)."""
     per_seg = keep_budget(analysis, budget, pinned)
     if sel.method == "sglp":
+        select = sel.select or default_select(candidate_mode)
         return sglp_select(model, analysis.units, analysis.segmentation.segments, per_seg, batches, task, pinned,
-                           candidate_mode, sel.select, sel.norm, sel.max_candidates, sel.seed)  # type: ignore[arg-type]
+                           candidate_mode, select, sel.norm, sel.max_candidates, sel.seed)  # type: ignore[arg-type]
     if sel.method not in BASELINES:
         from kdforge.errors import closest
 
@@ -216,7 +326,11 @@ def choose(model: nn.Module, analysis: Analysis, budget: BudgetConfig, sel: Sele
 # -- CNN data and evaluation ----------------------------------------------------------------------
 def _device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise KdforgeError("device is 'cuda' but no CUDA device is visible (valid here: auto, cpu)")
+        raise KdforgeError("train.device is 'cuda' but no CUDA device is visible (valid here: auto, cpu)")
+    if name == "mps":
+        if not torch.backends.mps.is_available():
+            raise KdforgeError("train.device is 'mps' but MPS is not available (valid here: auto, cpu)")
+        return torch.device("mps")
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
@@ -278,16 +392,19 @@ def cnn_metrics(model: nn.Module, bundle: Any, input_shape: tuple[int, ...], cfg
     return out
 
 
-def heal_cnn(pruned: nn.Module, teacher: nn.Module | None, bundle: Any, data: DataConfig, heal: HealConfig,
-             seed: int, device: str = "auto") -> tuple[nn.Module, dict[str, Any]]:
-    """Fine-tune a pruned CNN through kdforge's Trainer: CE (Supervised) or KD from the unpruned model (Distill)."""
-    from kdforge.config import MethodConfig, OptimConfig, Recipe, SchedConfig, TrainConfig
+def heal_cnn(pruned: nn.Module, teacher: nn.Module | None, bundle: Any, r: PruneRecipe, run_dir: Path | None = None,
+             resume: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """Fine-tune a pruned CNN with the engine: CE (Supervised) or KD from the unpruned model (Distill).
+
+    The fit follows the prune recipe's shared sections (``optim``, ``sched``, ``train``, ``data``);
+    with ``run_dir`` it is an ordinary run folder (logs, checkpoints, resume).
+    """
     from kdforge.distill import Distill, Term
-    from kdforge.engine.trainer import Trainer, seed_everything
+    from kdforge.engine.trainer import Trainer
     from kdforge.losses import build_loss
     from kdforge.method import Supervised
 
-    seed_everything(seed)
+    heal = r.heal
     student = copy.deepcopy(pruned)
     if heal.mode == "kd":
         if teacher is None:
@@ -298,14 +415,17 @@ def heal_cnn(pruned: nn.Module, teacher: nn.Module | None, bundle: Any, data: Da
         mname = "distill"
     else:
         method, mname = Supervised(student), "supervised"
-    d = data.model_copy(update={"batch_size": heal.batch_size or data.batch_size})
-    recipe = Recipe(name="heal", seed=seed, data=d, method=MethodConfig(name=mname),
-                    optim=OptimConfig(lr=heal.lr, weight_decay=heal.weight_decay), sched=SchedConfig(name="cosine"),
-                    train=TrainConfig(epochs=heal.epochs, progress="never", save_checkpoints=False,
-                                      device="cpu" if device == "cpu" else "auto"))
-    res = Trainer(method, bundle, recipe, run_dir=None).fit()
+    res = Trainer(method, bundle, r.heal_recipe(mname), run_dir=run_dir, resume=resume).fit()
     healed = method.deployable().cpu().eval()
-    return healed, {"test_top1": res.test_last["top1"], "train_time_s": res.train_time_s, "epochs": heal.epochs}
+    return healed, {"test_top1": res.test_last["top1"], "train_time_s": res.train_time_s, "epochs": res.epochs}
+
+
+def check_distributed(train: TrainConfig) -> None:
+    """Refuse, before any work, a distributed setting this machine cannot run (FSDP on the CPU: one line)."""
+    if train.distributed == "fsdp":
+        from kdforge.engine.fsdp import fsdp_plugin
+
+        fsdp_plugin(train, cpu=_device(train.device).type == "cpu")
 
 
 # -- the pipeline ---------------------------------------------------------------------------------
@@ -348,11 +468,16 @@ def _prepare_out(out: Path | None, overwrite: bool) -> None:
 def run_prune(recipe: PruneRecipe, out: Path | None = None, overwrite: bool = False, verbose: bool = True
               ) -> PruneResult:
     """Run a prune recipe end to end; writes the pruned model, report and plots into ``out`` if given."""
+    from kdforge.engine.checkpoint import atomic_write_text
+
+    if recipe.heal.mode != "none":
+        check_distributed(recipe.train)
     _prepare_out(out, overwrite)
+    if out is not None:
+        atomic_write_text(out / "config.yaml", recipe.to_yaml())
     torch.manual_seed(recipe.seed)
     res = _run_llm(recipe, out, verbose) if recipe.is_llm else _run_cnn(recipe, out, verbose)
     if out is not None:
-        from kdforge.engine.checkpoint import atomic_write_text
         from kdforge.prune.report import write_prune_report
 
         atomic_write_text(out / "results.json", json.dumps(res.to_json(), indent=2))
@@ -372,7 +497,7 @@ def _run_cnn(r: PruneRecipe, out: Path | None, verbose: bool) -> PruneResult:
     from kdforge.models import create_model
 
     assert r.model is not None
-    dev = _device(r.device)
+    dev = _device(r.train.device)
     bundle = load_data(r.data)
     model = create_model(r.model.model, bundle.num_classes, bundle.in_chans, r.model.checkpoint,
                          image_size=bundle.image_size, **r.model.kwargs).eval()
@@ -384,10 +509,10 @@ def _run_cnn(r: PruneRecipe, out: Path | None, verbose: bool) -> PruneResult:
     _log(verbose, f"prune: {len(units)} units ({len(pinned)} pinned), CKA on {sum(len(b[0]) for b in cka_b)} "
                   f"calibration images from the {r.calibration.source} split")
     model = model.to(dev)
-    analysis = analyze(model, units, cka_b, task, r.analysis)
+    analysis = analyze(model, units, cka_b, task, r.analysis_config())
     _log(verbose, f"prune: {analysis.segmentation.k} segments {analysis.segmentation.sizes()} "
                   f"(CKA {analysis.cka_seconds:.1f}s)")
-    sel = choose(model, analysis, r.budget, r.selection, score_b, task, pinned, r.selection.candidate_mode or "hybrid")
+    sel = choose(model, analysis, r.budget, r.selection, score_b, task, pinned, r.candidate_mode("hybrid"))
     per_seg = [sum(1 for u in s if u in set(sel.kept)) for s in analysis.segmentation.segments]
     pruned = prune_model(model, units, sel.kept)
     _log(verbose, f"prune: {r.selection.method} kept {len(sel.kept)}/{len(units)} units in {sel.seconds:.1f}s "
@@ -396,7 +521,7 @@ def _run_cnn(r: PruneRecipe, out: Path | None, verbose: bool) -> PruneResult:
     after = cnn_metrics(pruned, bundle, shape, r.eval, dev)
     healed_m, heal_info, healed = pruned, {}, None
     if r.heal.mode != "none":
-        healed_m, heal_info = heal_cnn(pruned, model, bundle, r.data, r.heal, r.seed, r.device)
+        healed_m, heal_info = heal_cnn(pruned, model, bundle, r, out / "heal" if out is not None else None)
         healed = cnn_metrics(healed_m, bundle, shape, r.eval, dev)
     res = PruneResult(r, analysis, sel, sorted(pinned), per_seg, before, after, healed, heal_info, out, healed_m)
     if out is not None and r.save:
@@ -457,7 +582,7 @@ def _run_llm(r: PruneRecipe, out: Path | None, verbose: bool) -> PruneResult:
 
     assert r.llm is not None
     model, tok = load_llm(r.llm)
-    dev = _device(r.device)
+    dev = _device(r.train.device)
     model = model.to(dev)
     calib, ev = llm_data(r, tok)
     cka_b, score_b = llm_calibration(calib, r.calibration)
@@ -466,8 +591,8 @@ def _run_llm(r: PruneRecipe, out: Path | None, verbose: bool) -> PruneResult:
     task = causal_lm_task()
     _log(verbose, f"prune: {len(units)} decoder layers, CKA on {sum(len(b) for b in cka_b)} sequences of "
                   f"{r.text.seq_len} tokens")
-    analysis = analyze(model, units, cka_b, task, r.analysis)
-    sel = choose(model, analysis, r.budget, r.selection, score_b, task, pinned, r.selection.candidate_mode or "subnet")
+    analysis = analyze(model, units, cka_b, task, r.analysis_config())
+    sel = choose(model, analysis, r.budget, r.selection, score_b, task, pinned, r.candidate_mode("subnet"))
     per_seg = [sum(1 for u in s if u in set(sel.kept)) for s in analysis.segmentation.segments]
     pruned = prune_model(model, units, sel.kept)
     before = llm_metrics(model, ev, r.eval, tok)
@@ -475,9 +600,9 @@ def _run_llm(r: PruneRecipe, out: Path | None, verbose: bool) -> PruneResult:
     healed, info = None, {}
     if r.heal.mode == "kd":
         t0 = time.perf_counter()
-        losses = heal_kd(pruned, model, calib, r.heal.steps, r.heal.lr, r.heal.batch_size or 2, r.heal.T,
-                         r.heal.ce_weight if r.heal.ce_weight else 0.0, seed=r.seed)
-        info = {"steps": r.heal.steps, "first_loss": losses[0], "last_loss": losses[-1],
+        losses = heal_kd(pruned, model, calib, T=r.heal.T, ce_weight=r.heal.ce_weight,
+                         recipe=r.heal_recipe("llm-kd", 2), run_dir=out / "heal" if out is not None else None)
+        info = {"steps": r.train.max_steps or r.train.epochs, "first_loss": losses[0], "last_loss": losses[-1],
                 "train_time_s": time.perf_counter() - t0}
         healed = llm_metrics(pruned, ev, r.eval, tok)
     elif r.heal.mode == "ce":

@@ -19,7 +19,7 @@ def plot_curves(runs: dict[str, list[dict[str, str]]], path: Path, title: str = 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     for label, rows in runs.items():
         ep = [int(float(r["epoch"])) + 1 for r in rows]
-        ax1.plot(ep, [float(r["train_loss"]) for r in rows], label=label)
+        ax1.plot(ep, [float(r["train_loss"]) if r.get("train_loss") else float("nan") for r in rows], label=label)
         pts = [(e, float(r["val_top1"])) for e, r in zip(ep, rows, strict=True) if r.get("val_top1")]
         if pts:
             ax2.plot(*zip(*pts, strict=True), marker="o", ms=3, label=label)
@@ -48,13 +48,18 @@ def write_run_report(run_dir: str | Path) -> Path:
     res = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").is_file() else {}
     lines = [f"# Run `{run_dir.name}`", ""]
     if res:
-        lines += ["| metric | value |", "| --- | --- |",
-                  f"| epochs | {res['epochs']} |",
-                  f"| best val top-1 | {res['best_val_top1']:.2f} % (epoch {res['best_epoch'] + 1}) |",
-                  f"| test top-1, last | {res['test_last']['top1']:.2f} % |",
-                  f"| test top-1, best-by-val | {res['test_best']['top1']:.2f} % |",
-                  f"| test top-5, last | {res['test_last']['top5']:.2f} % |",
-                  f"| training time | {res['train_time_s']:.1f} s |", ""]
+        key = res.get("monitor", "top1")
+        lines += ["| metric | value |", "| --- | --- |", f"| epochs | {res['epochs']} |"]
+        if res.get("best_value", res.get("best_val_top1")) is not None and res.get("best_epoch", -1) >= 0:
+            best = res.get("best_value", res.get("best_val_top1"))
+            lines.append(f"| best val {key} | {best:.2f} (epoch {res['best_epoch'] + 1}) |")
+        else:
+            lines.append("| best by validation | none (no validation split: only the last checkpoint is kept) |")
+        for name, d in (("last", res.get("test_last")), ("best-by-val", res.get("test_best"))):
+            for k, v in (d or {}).items():
+                if k in ("top1", "top5", key) and isinstance(v, int | float):
+                    lines.append(f"| test {k}, {name} | {v:.2f} |")
+        lines += [f"| training time | {res.get('train_time_s', 0.0):.1f} s |", ""]
     lines += ["![learning curves](curves.png)", "", "Recipe: [config.yaml](config.yaml); per-epoch metrics: "
               "[metrics.csv](metrics.csv); weights: `checkpoints/{best,last}.safetensors`.", ""]
     out = run_dir / "report.md"
