@@ -19,3 +19,18 @@ def test_quick_self_kd_bench_writes_table_and_plot(tmp_path: Path) -> None:
     raw = json.loads((tmp_path / "self-kd.json").read_text())
     runs = raw["runs"]
     assert runs["MixSKD"]["deploy_params"] == runs["CE"]["deploy_params"] < runs["MixSKD"]["train_params"]
+
+
+def test_quick_self_kd_limited_writes_its_own_page(tmp_path: Path) -> None:
+    md = load_benches().get("self-kd-limited")(out=tmp_path, quick=True)
+    assert md == tmp_path / "self-kd-limited.md"
+    text = md.read_text()
+    assert text.startswith("# Self-distillation, data-limited: 128 training images, 1 epochs")
+    assert "kdforge bench self-kd-limited --quick" in text and "Quick smoke run" in text
+    for label in ("CE", "label smoothing", "mixup", "MixSKD"):
+        assert f"| {label} |" in text, label
+    raw = json.loads((tmp_path / "self-kd-limited.json").read_text())
+    assert set(raw["runs"]) == {"CE", "label smoothing", "mixup", "MixSKD"}
+    assert all(0 <= s["train_top1"] <= 100 for v in raw["runs"].values() for s in v["results"])
+    assert raw["runs"]["MixSKD"]["paired_vs_ce"]["n"] == 1
+    assert (tmp_path / "self-kd-limited.png").stat().st_size > 1000

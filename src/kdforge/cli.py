@@ -90,14 +90,15 @@ def eval_(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="run folder")] = Path("runs/demo"),
-    seeds: Annotated[int, typer.Option(help="number of student seeds")] = 3,
+    seeds: Annotated[int, typer.Option(help="number of paired student seeds")] = 5,
     overwrite: Annotated[bool, typer.Option(help="replace an existing demo folder")] = False,
     quick: Annotated[bool, typer.Option(help="tiny budget, for smoke tests")] = False,
+    threads: Annotated[int | None, typer.Option(help="torch threads per run (train.threads)")] = None,
 ) -> None:
-    """Teacher, student alone and KD student on the embedded Fashion-MNIST subset; prints the table."""
+    """Shipped teacher, student alone and KD student on the embedded Fashion-MNIST subset; prints the table."""
     from kdforge.demo import run_demo
 
-    run_demo(out, seeds=seeds, overwrite=overwrite, quick=quick)
+    run_demo(out, seeds=seeds, overwrite=overwrite, quick=quick, threads=threads)
 
 
 @app.command()

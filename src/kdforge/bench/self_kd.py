@@ -27,6 +27,13 @@ SEEDS = (0, 1, 2)
 WORKERS = 2  # runs in parallel, one thread each: steadier than two threads per run on a shared 2-core machine
 COST = {"mixskd": 5.0, "byot": 2.0}  # step cost relative to CE (measured), to schedule the longest runs first
 COMMAND = "kdforge bench self-kd"
+# the data-limited regime (issue 13): few images, many epochs, so that CE overfits as in the papers' long runs
+LIMITED_IMAGES = 1000
+LIMITED_EPOCHS = 60
+LIMITED_EVAL_EVERY = 5
+LIMITED_METHODS = ("CE", "label smoothing", "mixup", "MixSKD")
+LIMITED_COMMAND = "kdforge bench self-kd-limited"
+LIMITED_NAME = "self-kd-limited"
 
 
 def methods(epochs: int) -> list[tuple[str, dict[str, Any]]]:
@@ -44,16 +51,18 @@ def methods(epochs: int) -> list[tuple[str, dict[str, Any]]]:
     ]
 
 
-def recipe(method: dict[str, Any], seed: int, epochs: int, quick: bool) -> dict[str, Any]:
-    """The shared training recipe (SGD + cosine) around one method section."""
+def recipe(method: dict[str, Any], seed: int, epochs: int, quick: bool, limit: int | None = None,
+           eval_every: int = 1) -> dict[str, Any]:
+    """The shared training recipe (SGD + cosine) around one method section; ``limit`` caps the training images."""
+    limit = 128 if quick else limit
     return {
         "name": f"self-kd-{method['name']}-s{seed}", "seed": seed,
         "data": {"name": "fashion_mnist_subset", "batch_size": 128, "val_fraction": 0.1,
-                 **({"limit_train": 128} if quick else {})},
+                 **({"limit_train": limit} if limit else {})},
         "method": method,
         "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
         "sched": {"name": "cosine", "warmup_epochs": 0 if quick else 1},
-        "train": {"epochs": epochs, "progress": "never", "threads": 1},
+        "train": {"epochs": epochs, "progress": "never", "threads": 1, "eval_every": eval_every},
     }
 
 
@@ -207,4 +216,104 @@ Runs: {"one after another" if quick else f"{WORKERS} at a time in separate proce
 {_verdict(raw)}
 
 Raw per-seed numbers: `self-kd.json`.
+"""
+
+
+def train_limited(method: dict[str, Any], seed: int, epochs: int, quick: bool, run_dir: Path) -> dict[str, float]:
+    """One data-limited run; adds the last model's top-1 on its own (un-augmented) training images."""
+    from kdforge.config import Recipe
+    from kdforge.evaluate import evaluate_source
+    from kdforge.run import train
+
+    r = recipe(method, seed, epochs, quick, limit=LIMITED_IMAGES, eval_every=1 if quick else LIMITED_EVAL_EVERY)
+    res = train(Recipe.from_dict(r), run_dir, overwrite=True)
+    return {**result_summary(res), "train_top1": evaluate_source(run_dir, split="train", which="last")["top1"]}
+
+
+@BENCHES.register("self-kd-limited")
+@restores_threads
+def run_limited(out: Path | None = None, quick: bool = False) -> Path:
+    """The data-limited regime: CE, label smoothing, mixup and MixSKD on 1,000 images for 60 epochs (3 seeds).
+
+    Runs one after another on one thread each; writes ``self-kd-limited.{md,json,png}`` to
+    ``runs/bench/self-kd-limited`` (or ``out``); ``kdforge bench self-kd-limited --publish`` copies them to the docs.
+    """
+    from kdforge.demo import format_interval, paired_interval
+
+    epochs, seeds = (1, (0,)) if quick else (LIMITED_EPOCHS, SEEDS)
+    dest = bench_dir(LIMITED_NAME, out)
+    table = [(label, m) for label, m in methods(epochs) if label in LIMITED_METHODS]
+    images = 128 if quick else LIMITED_IMAGES
+    raw: dict[str, Any] = {"epochs": epochs, "seeds": list(seeds), "backbone": BACKBONE, "images": images,
+                           "eval_every": 1 if quick else LIMITED_EVAL_EVERY, "workers": 1, "runs": {}}
+    t0 = time.perf_counter()
+    results: dict[tuple[str, int], dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="self-kd-limited-") as tmp:
+        for label, m in table:
+            for seed in seeds:
+                s = results[(label, seed)] = train_limited(m, seed, epochs, quick, Path(tmp) / f"{m['name']}-{seed}")
+                print(f"[self-kd-limited] {label} seed {seed}: best {s['best']:.2f} last {s['last']:.2f} "
+                      f"train {s['train_top1']:.2f} ({s['epoch_s']:.2f} s/epoch) "
+                      f"[{len(results)}/{len(table) * len(seeds)}, {(time.perf_counter() - t0) / 60:.1f} min]",
+                      file=sys.stderr, flush=True)
+    rows, labels, means, stds = [], [], [], []
+    ce = [results[("CE", seed)] for seed in seeds]
+    ce_time = mean_std([s["epoch_s"] for s in ce])[0]
+    for label, method in table:
+        summaries = [results[(label, seed)] for seed in seeds]
+        best, last = [s["best"] for s in summaries], [s["last"] for s in summaries]
+        train_acc = [s["train_top1"] for s in summaries]
+        paired = paired_interval(last, [s["last"] for s in ce])
+        epoch_s = mean_std([s["epoch_s"] for s in summaries])[0]
+        raw["runs"][label] = {"method": method, "results": summaries, "paired_vs_ce": paired}
+        rows.append({"method": label, "best top-1 (%)": fmt_mean_std(best), "last top-1 (%)": fmt_mean_std(last),
+                     "Δ last vs CE, paired [95 % CI]": "—" if label == "CE" else format_interval(paired),
+                     "per-seed Δ": "—" if label == "CE" else ", ".join(f"{d:+.1f}" for d in paired["diffs"]),
+                     "train top-1 (%)": fmt_mean_std(train_acc),
+                     "train − test": f"{mean_std(train_acc)[0] - mean_std(last)[0]:.1f}",
+                     "epoch time (s)": f"{epoch_s:.2f}", "× CE time": f"{epoch_s / max(ce_time, 1e-9):.1f}"})
+        labels.append(label)
+        means.append(mean_std(last)[0])
+        stds.append(mean_std(last)[1])
+    wall = time.perf_counter() - t0
+    raw["wall_s"] = wall
+    dest.mkdir(parents=True, exist_ok=True)
+    png = bar_chart(labels, means, stds, dest / "self-kd-limited.png", ylabel="test top-1, last epoch (%)",
+                    title=f"Self-KD, data-limited: {images} images, {epochs} epochs, {len(seeds)} seeds",
+                    baseline=means[0])
+    write_json(dest / "self-kd-limited.json", raw)
+    md = dest / f"{LIMITED_NAME}.md"
+    md.write_text(_report_limited(rows, raw, wall, quick, png.name))
+    print(markdown_table(rows), file=sys.stderr)
+    print(f"[self-kd-limited] wrote {md} and {png} in {wall / 60:.1f} min", file=sys.stderr)
+    return md
+
+
+def _report_limited(rows: list[dict[str, Any]], raw: dict[str, Any], wall: float, quick: bool, png: str) -> str:
+    epochs, images, seeds = raw["epochs"], raw["images"], raw["seeds"]
+    steps = epochs * -(-images // 128)
+    cmd = LIMITED_COMMAND + (" --quick" if quick else "")
+    smoke = "**Quick smoke run (1 epoch, 128 images, 1 seed): not a result.**\n\n" if quick else ""
+    return f"""# Self-distillation, data-limited: {images:,} training images, {epochs} epochs
+
+{smoke}Command: `{cmd}` ({wall / 60:.1f} min in total). Machine: {machine_note()}.
+Runs: one after another, one torch thread each.
+
+- Data: the first {images:,} images of the same seeded training split (about {images // 10} per class), the same
+  600 validation and 1,000 test images, crop-2 + flip augmentation, batch 128: {steps:,} steps in all.
+- Backbone, optimiser and method settings: as in the full-split table ([self-kd.md](self-kd.md): `cnn_small`
+  width 16, SGD 0.05, Nesterov, wd 5e-4, cosine with 1 warm-up epoch); validation every {raw["eval_every"]}
+  epochs for "best".
+- "train top-1" is the last model on its own {images:,} training images without augmentation; "train − test"
+  (last epoch, means) measures how far each method overfits.
+- Δ vs CE is paired by seed (same seed, same data order); the interval is a 95 % t-interval with
+  {len(seeds) - 1} degrees of freedom. Seeds {", ".join(map(str, seeds))}.
+
+{markdown_table(rows)}
+
+![self-kd data-limited]({png})
+
+{_verdict(raw)}
+
+Raw per-seed numbers: `self-kd-limited.json`.
 """
