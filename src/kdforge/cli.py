@@ -36,6 +36,9 @@ def train(
     from kdforge.run import dry_run as run_dry
     from kdforge.run import train as run_train
 
+    if resume and not recipe.exists() and recipe.suffix not in (".yaml", ".yml"):
+        raise KdforgeError(f"cannot resume {str(recipe)!r}: no such run folder (the run stopped before it started); "
+                           f"start it again: kdforge train RECIPE -o {recipe}")
     if resume and recipe.is_dir():
         out = out or recipe
         recipe = recipe / "config.yaml"

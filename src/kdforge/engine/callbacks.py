@@ -65,6 +65,8 @@ class RunFolder(Callback):
     def on_init(self, trainer: Trainer) -> None:
         if trainer.main:
             self.lease = prepare_run_dir(self.path, resume=self.resume, overwrite=self.overwrite)
+            # the recipe first, so that a run killed at any later moment can be resumed from its folder
+            atomic_write_text(self.path / "config.yaml", trainer.recipe.to_yaml())
 
     def on_setup_failed(self, trainer: Trainer) -> None:
         rollback = getattr(self.lease, "rollback", None)
