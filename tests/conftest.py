@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,3 +31,20 @@ def digits_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     res = kd.train(recipe, run)
     assert res.test_last["top1"] > 90
     return run / "checkpoints" / "best.safetensors"
+
+
+@pytest.fixture(scope="module")
+def clip_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small CLIP teacher's weights, written once per test module."""
+    from tests.tiny_methods import clip_teacher_weights
+
+    return clip_teacher_weights(tmp_path_factory.mktemp("clip") / "teacher.safetensors")
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread inside the test (tiny models; results independent of the suite's order)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -31,11 +31,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None,
-                    reason="accelerate CLI not installed beside this Python")
-def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump(RECIPE))
+def _train_two_and_one(recipe: Path, tmp_path: Path) -> None:
+    """The recipe on 2 gloo processes (batch 32 each) into ddp/, and on one process (batch 64) into one/."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launcher = str(Path(sys.executable).parent / "accelerate")
     subprocess.run([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -44,6 +41,17 @@ def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
                    env=env, check=True, capture_output=True, timeout=600)
     subprocess.run([sys.executable, "-m", "kdforge", "train", str(recipe), "-o", str(tmp_path / "one"),
                     "--set", "data.batch_size=64"], env=env, check=True, capture_output=True, timeout=600)
+
+
+NEEDS_ACCELERATE = pytest.mark.skipif(shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None,
+                                      reason="accelerate CLI not installed beside this Python")
+
+
+@NEEDS_ACCELERATE
+def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(RECIPE))
+    _train_two_and_one(recipe, tmp_path)
     a = load_file(str(tmp_path / "ddp" / "checkpoints" / "last.safetensors"))
     b = load_file(str(tmp_path / "one" / "checkpoints" / "last.safetensors"))
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
@@ -62,20 +70,12 @@ ADV = {
 }
 
 
-@pytest.mark.skipif(shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None,
-                    reason="accelerate CLI not installed beside this Python")
+@NEEDS_ACCELERATE
 def test_two_process_ddp_matches_one_process_with_a_side_optimizer(tmp_path: Path) -> None:
     """The adversarial method's discriminator is a manual engine optimizer: its gradients are averaged too."""
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(ADV))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = str(Path(sys.executable).parent / "accelerate")
-    subprocess.run([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                    "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-                    "-m", "kdforge", "train", str(recipe), "-o", str(tmp_path / "ddp")],
-                   env=env, check=True, capture_output=True, timeout=600)
-    subprocess.run([sys.executable, "-m", "kdforge", "train", str(recipe), "-o", str(tmp_path / "one"),
-                    "--set", "data.batch_size=64"], env=env, check=True, capture_output=True, timeout=600)
+    _train_two_and_one(recipe, tmp_path)
     for rel in ("checkpoints/last.safetensors", "checkpoints/state/method.safetensors"):
         a, b = load_file(str(tmp_path / "ddp" / rel)), load_file(str(tmp_path / "one" / rel))
         assert a.keys() == b.keys()

@@ -7,31 +7,18 @@ checkpoint's (by validation); ``kdforge eval --which last|best`` must give the s
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 import kdforge as kd
 from kdforge.cli import main
 from kdforge.engine.checkpoint import save_weights
 from kdforge.engine.trainer import seed_everything
 from kdforge.method import DataInfo, build_method
-from tests.tiny_methods import clip_teacher_weights, registered, tiny_recipe
+from tests.tiny_methods import registered, tiny_recipe
 
-
-@pytest.fixture(scope="module")
-def clip_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return clip_teacher_weights(tmp_path_factory.mktemp("clip") / "teacher.safetensors")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _eval(capsys: pytest.CaptureFixture[str], *args: str) -> dict:

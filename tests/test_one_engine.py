@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,23 +21,13 @@ from kdforge.data import load_data
 from kdforge.engine.checkpoint import load_state
 from kdforge.engine.trainer import seed_everything
 from kdforge.method import DataInfo, build_method
-from tests.tiny_methods import clip_teacher_weights, registered, tiny_recipe
+from tests.tiny_methods import registered, tiny_recipe
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "kdforge"
 ALLOW = "# gradient-only analysis"
 
 
-@pytest.fixture(scope="module")
-def clip_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return clip_teacher_weights(tmp_path_factory.mktemp("clip") / "teacher.safetensors")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _build(recipe: kd.Recipe) -> tuple[kd.Method, Any]:

@@ -75,3 +75,4 @@ def tiny_recipe(name: str, clip_teacher: Path, steps: int = 4, epochs: int = 1, 
 def registered() -> list[str]:
     """Every registered method, sorted."""
     return sorted(METHODS.names())
+
