@@ -176,6 +176,14 @@ def prune(
     prune_command(recipe, out, set_, overwrite)
 
 
+def _cache_commands() -> None:
+    from kdforge.cache.cli import cache_app  # typer and the standard library only; the commands import lazily
+
+    app.add_typer(cache_app, name="cache")
+
+
+_cache_commands()
+
 _CIL_FILES = ("config.yaml", "stages.json", "stages", "result.json")
 
 

@@ -87,6 +87,10 @@ class DataConfig(Strict):
     eval_batch_size: int = Field(512, ge=1)
     num_workers: int = Field(0, ge=0)
     limit_train: int | None = Field(None, ge=1)
+    #: K recorded (replayable) augmented views per training sample, drawn from (view_seed, sample, view);
+    #: each epoch trains on one of them (kdforge.data.replay; what a teacher cache is built on)
+    views: int | None = Field(None, ge=1, le=4096)
+    view_seed: int = Field(0, ge=0)
 
 
 class OptimConfig(Strict):

@@ -46,6 +46,10 @@ def load_data(cfg: DataConfig | None = None, **overrides: object) -> DataBundle:
         bundle.train, bundle.val = split_train_val(bundle.train, cfg.val_fraction, cfg.split_seed)
     if cfg.limit_train is not None and cfg.limit_train < len(bundle.train):
         bundle.train = Subset(bundle.train, range(cfg.limit_train))
+    if cfg.views is not None:
+        from kdforge.data.replay import replay_views
+
+        bundle.train = replay_views(bundle.train, cfg.views, cfg.view_seed)
     return bundle
 
 

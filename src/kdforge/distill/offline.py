@@ -9,6 +9,7 @@ from pydantic import ConfigDict, Field
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from kdforge.cache.config import TeacherCacheConfig
 from kdforge.config import ModelSpec, Strict, validate
 from kdforge.engine.optim import OptimizerSpec
 from kdforge.errors import KdforgeError
@@ -104,6 +105,8 @@ class DistillConfig(Strict):
     student: ModelSpec
     terms: list[TermConfig] = Field(default_factory=lambda: [TermConfig(loss="ce", weight=0.1),
                                                              TermConfig(loss="kd", weight=0.9)])
+    #: read the teacher's logits from a cache built by ``kdforge cache build`` (docs/teacher-cache.md)
+    cache: TeacherCacheConfig | None = None
 
 
 @METHODS.register("distill")
@@ -113,12 +116,16 @@ class Distill(Method):
     Terms with an init stage (FT, AB: :class:`~kdforge.losses.feature.TwoStageLoss` with ``stages: two``)
     make a multi-stage method: one stage ``<term>-init`` per such term, then ``main``
     (:func:`kdforge.run.fit` runs them).
+
+    With ``cache`` (a :class:`~kdforge.cache.config.TeacherCacheConfig`), response terms read the teacher's
+    logits of each (sample, view) from a verified teacher cache; feature terms keep the live teacher.
     """
 
     Config = DistillConfig
     frozen_prefixes = ("teacher.",)
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, terms: list[Term]) -> None:
+    def __init__(self, student: nn.Module, teacher: nn.Module, terms: list[Term],
+                 cache: TeacherCacheConfig | None = None, teacher_spec: ModelSpec | None = None) -> None:
         super().__init__()
         if not terms:
             raise KdforgeError("distill needs at least one loss term")
@@ -132,6 +139,12 @@ class Distill(Method):
         self.s_taps = FeatureTaps(student, s_names)
         self.t_taps = FeatureTaps(teacher, t_names)
         self._needs_teacher = any(t.loss.inputs != "labels" for t in terms)
+        self.cache_cfg, self._teacher_spec = cache, teacher_spec
+        self._cache: Any = None  # the loaded TeacherCache (wrap_train_data opens it)
+        if cache is not None:
+            from kdforge.cache.method import check_terms, num_classes
+
+            check_terms(cache, terms, num_classes(teacher))
         two = [t for t in terms if isinstance(t.loss, TwoStageLoss) and t.loss.two_stage]
         names = [t.name for t in two]
         #: init stage name -> its term
@@ -151,7 +164,7 @@ class Distill(Method):
             except KdforgeError as e:
                 raise KdforgeError(f"method.terms.{i}: {e}") from None
             terms.append(Term(loss, t.weight, t.student_tap, t.teacher_tap, name=t.loss))
-        return cls(build_model(c.student, info), build_model(c.teacher, info), terms)
+        return cls(build_model(c.student, info), build_model(c.teacher, info), terms, c.cache, c.teacher)
 
     @property
     def batch_fields(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -159,7 +172,11 @@ class Distill(Method):
         return ("index",) if any(t.needs_indices for t in self.terms) else ()
 
     def wrap_train_data(self, dataset: Dataset) -> Dataset:
-        """Size per-sample state (CRD's keyed memory: one row per training sample)."""
+        """Size per-sample state (CRD's keyed memory: one row per training sample); open the teacher cache."""
+        if self.cache_cfg is not None:
+            from kdforge.cache.method import open_cache
+
+            self._cache, dataset = open_cache(self, dataset)
         for t in self.terms:
             if hasattr(t.loss, "set_num_data"):
                 t.loss.set_num_data(len(dataset))  # type: ignore[arg-type]
@@ -250,7 +267,12 @@ class Distill(Method):
         if init is not None:
             return self._init_step(init, x)
         t_logits = None
-        if self._needs_teacher:
+        if self._cache is not None:
+            t_logits = self._cache.logits(batch["index"], batch["view"]).to(x.device)  # type: ignore[index]
+            if self.t_taps.names:  # feature terms keep the live teacher
+                with torch.no_grad():
+                    self.teacher(x)
+        elif self._needs_teacher:
             with torch.no_grad():
                 t_logits = self.teacher(x)
         s_logits = self.student(x)

@@ -199,7 +199,7 @@ class _Fields(Dataset):
         item = self.base[i]
         d = dict(item) if isinstance(item, dict) else {"x": item[0], "y": item[1]}
         if "index" in self.fields:
-            d["index"] = i
+            d.setdefault("index", i)  # a data set that names its own sample index (replayed views) keeps it
         return d
 
 
@@ -271,6 +271,8 @@ class Trainer:
                 train = _Fields(train, method.batch_fields)
             self.data = dataclasses.replace(data, train=train)
             sampler = method.train_sampler(train, seed=r.seed, rank=rank, world=world)
+            if sampler is None and hasattr(data.train, "train_sampler"):  # a data set that picks views per epoch
+                sampler = data.train.train_sampler(r.seed, rank, world)
             if sampler is None:
                 sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=r.seed)
             self._sampler = sampler
