@@ -22,6 +22,31 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a recipe key: --set optim.lr=0.1")]
 
 
+def _version(value: bool) -> None:
+    if value:
+        from kdforge import __version__
+
+        typer.echo(f"kdforge {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="print the version and exit")] = False,
+) -> None:
+    """kdforge: make deep models small and fast (distillation, pruning, continual)."""
+
+
+def _recipe_path(path: Path) -> Path:
+    """A recipe path as given, or the packaged recipe it names (``recipes/AREA/NAME.yaml`` outside a checkout)."""
+    if path.exists() or path.is_absolute():
+        return path
+    from kdforge.recipe_files import packaged
+
+    return packaged(path) or path
+
+
 @app.command()
 def train(
     recipe: Annotated[Path, typer.Argument(help="YAML recipe, or a run folder with --resume")],
@@ -45,6 +70,7 @@ def train(
         if not recipe.is_file():
             raise KdforgeError(f"cannot resume {str(out)!r}: it has no config.yaml (the run stopped before it "
                                "started); start it again: kdforge train RECIPE -o " + str(out))
+    recipe = _recipe_path(recipe)
     r = Recipe.from_yaml(recipe, set_)
     if dry_run:
         res = run_dry(r)
@@ -65,7 +91,7 @@ def train(
     last = result.test_last.get(key)
     line = f"test {key} {last:.2f} (last)" if last is not None else "done"
     if result.test_best is not None and result.test_best.get(key) is not None:
-        line += f", {result.test_best[key]:.2f} (best by val, epoch {result.best_epoch + 1})"
+        line += f", {result.test_best[key]:.2f} (best by val, epoch {result.best_epoch})"
     elif result.best_epoch < 0:
         line += " (no validation split: only the last checkpoint is kept)"
     typer.echo(f"{line}; run folder: {run_dir}")
@@ -132,6 +158,28 @@ def list_(what: Annotated[str, typer.Argument(help="models, datasets, methods, l
 
 
 @app.command()
+def recipes(
+    names: Annotated[list[str] | None, typer.Argument(help="areas, recipes or globs: demo, prune/sglp-digits-resnet20, "
+                                                        "'cifar100/kd_*' (default: all)")] = None,
+    copy: Annotated[Path | None, typer.Option("--copy", help="copy them to DIR/AREA/NAME.yaml (with the weights "
+                                                               "they name), to edit and train")] = None,
+    overwrite: Annotated[bool, typer.Option(help="with --copy: replace existing files")] = False,
+) -> None:
+    """List the recipes shipped in the package, or copy them into a folder."""
+    from kdforge.recipe_files import copy_recipes, select
+
+    chosen = select(names)
+    if copy is None:
+        for r in chosen:
+            typer.echo(f"{r.name:42s} {r.summary[:100]}")
+        typer.echo(f"{len(chosen)} recipes; train one: kdforge train recipes/{chosen[0].name}.yaml "
+                   "(a checkout's path or the packaged copy); copy: kdforge recipes NAME --copy DIR")
+        return
+    written = copy_recipes(chosen, copy, overwrite)
+    typer.echo(f"copied {len(written)} file(s) to {copy}")
+
+
+@app.command()
 def bench(
     name: Annotated[str, typer.Argument(help="benchmark name ('kdforge list benches')")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="where to write (default runs/bench/NAME)")] = None,
@@ -154,13 +202,37 @@ def cil(
     from kdforge.continual.driver import run
     from kdforge.continual.recipe import CilRecipe
 
-    r = CilRecipe.from_yaml(recipe, set_)
+    r = CilRecipe.from_yaml(_recipe_path(recipe), set_)
     _check_cil(run_dir)
-    res = run(r, run_dir)
-    for row in res.matrix:
-        typer.echo(" ".join("   -  " if v is None else f"{v:6.2f}" for v in row))
+    c = r.cil
+    typer.echo(f"kdforge cil {r.name}: learner {c.learner}, backbone {c.model}, data {r.data.name}; "
+               f"{c.tasks + 1} tasks: {c.base} base classes, then {c.tasks} x {c.increment} new classes; "
+               f"{c.base_epochs or r.train.epochs} epochs on the base task, {r.train.epochs} on each later one"
+               + (f"; run folder {run_dir} (a rerun resumes)" if run_dir else ""), err=True)
+    res = run(r, run_dir, callbacks=[_cil_status(c.tasks + 1)])
+    n = len(res.matrix)
+    typer.echo("accuracy (%) on each task's test classes (columns) after learning task t (rows):")
+    typer.echo(" " * 10 + "".join(f"{f'task {j + 1}':>9s}" for j in range(n)))
+    for t, row in enumerate(res.matrix):
+        typer.echo(f"{f'after {t + 1}':10s}" + "".join(f"{'-':>9s}" if v is None else f"{v:9.2f}" for v in row))
     typer.echo(" ".join(f"{k}={v:.2f}" for k, v in res.metrics.items()))
     typer.echo("time per task (s): " + " ".join(f"{s:.1f}" for s in res.task_time_s))
+
+
+def _cil_status(tasks: int) -> object:
+    """An engine callback that says which task and stage of a class-incremental run is training."""
+    from kdforge.engine.callbacks import Callback
+
+    class CilStatus(Callback):
+        def on_init(self, trainer: object) -> None:
+            trainer.brief_banner = True  # type: ignore[attr-defined]  # one line per stage, not the full banner
+            name = trainer.recipe.name  # type: ignore[attr-defined]
+            stage = name.rsplit("-task", 1)[-1]
+            if trainer.main and trainer.recipe.train.progress != "never":  # type: ignore[attr-defined]
+                task = int(stage.split("-", 1)[0]) + 1 if stage[:1].isdigit() else "?"
+                print(f"task {task}/{tasks}, stage task{stage}", file=sys.stderr, flush=True)
+
+    return CilStatus()
 
 
 @app.command()
@@ -173,7 +245,7 @@ def prune(
     """Prune layers by a recipe (SGLP or a baseline), optionally heal by KD, report before/after."""
     from kdforge.prune.cli import prune_command
 
-    prune_command(recipe, out, set_, overwrite)
+    prune_command(_recipe_path(recipe), out, set_, overwrite)
 
 
 def _cache_commands() -> None:
@@ -241,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     except click.UsageError as e:
+        if not e.format_message().strip():  # no arguments: the help was printed, there is no error to add
+            return 0
         print(f"error: {e.format_message()}", file=sys.stderr)
         return 2
     except typer.Exit as e:

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from kdforge.config import OptimConfig, Recipe, SchedConfig
 from kdforge.data import DataBundle, make_loader
 from kdforge.engine.optim import EngineOptimizer, OptimizerHandle, OptimizerSpec, named_of, resolve
+from kdforge.engine.run_format import RUN_FORMAT, is_accuracy, rounded, upgrade_results
 from kdforge.errors import KdforgeError
 from kdforge.method import Method
 
@@ -85,8 +86,10 @@ class StepSource(Protocol):
 class FitResult:
     """What a finished run reports; also written to ``results.json``.
 
-    ``monitor`` names the validation metric that picks "best"; without a validation split
-    ``best_epoch`` is -1, ``best_value`` and ``test_best`` are ``None`` (only "last" is kept).
+    ``monitor`` names the validation metric that picks "best"; ``best_epoch`` counts from 1 (as the
+    ``epoch`` column of ``history``); without a validation split ``best_epoch`` is -1, ``best_value`` and
+    ``test_best`` are ``None`` (only "last" is kept). ``info``: models, parameters, FLOPs, data sizes,
+    device (what the start banner printed). ``format``: see :mod:`kdforge.engine.run_format`.
     """
 
     run_dir: Path | None
@@ -101,12 +104,14 @@ class FitResult:
     best_value: float | None = None
     steps: int = 0
     skipped_steps: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+    format: int = RUN_FORMAT
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> FitResult:
-        """Read back what :meth:`to_json` wrote."""
+        """Read back what :meth:`to_json` wrote (older formats are upgraded: epochs from 1, accuracies in %)."""
         known = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
+        d = {k: v for k, v in upgrade_results(d).items() if k in known}
         d["run_dir"] = Path(d["run_dir"]) if d.get("run_dir") else None
         return cls(**d)
 
@@ -316,6 +321,7 @@ class Trainer:
         self.best_epoch = -1
         self.skipped_steps = 0
         self.history: list[dict[str, float]] = []
+        self.info: dict[str, Any] = {}  # filled by the Progress callback: models, sizes, device (results.json)
         self._sums: dict[str, Tensor] = {}
         self._counts = [0, 0]  # batches, samples in the current epoch
         self.finished = False
@@ -610,11 +616,11 @@ class Trainer:
         dt = time.perf_counter() - self._t0
         nb, ns = max(self._counts[0], 1), self._counts[1]
         first = next(iter(self.optimizers.values()), None)
-        row: dict[str, float] = {"epoch": float(self.epoch), "step": float(self.global_step),
+        row: dict[str, float] = {"epoch": self.epoch + 1, "step": self.global_step,
                                  "lr": first.lr if first is not None else 0.0, "epoch_time_s": dt,
                                  "samples_per_s": ns * acc.num_processes / max(dt, 1e-9)}
         for k, v in self._sums.items():
-            row[f"train_{k}"] = float(acc.reduce(v, "mean")) / nb
+            row[f"train_{k}"] = float(acc.reduce(v, "mean")) / nb * (100.0 if is_accuracy(k) else 1.0)
         last_epoch = self.global_step >= self.total_steps
         improved = False
         if (self.epoch + 1) % r.train.eval_every == 0 or last_epoch:
@@ -627,6 +633,7 @@ class Trainer:
                                                      else value < self.best_value)
                 if better:
                     self.best_value, self.best_epoch, improved = value, self.epoch, True
+        row = {k: rounded(k, v) for k, v in row.items()}
         self.history.append(row)
         self.epoch += 1
         self.batch_in_epoch = 0
@@ -646,7 +653,7 @@ class Trainer:
                 break
             out = self._train_batch(send_to_device(batch, self.acc.device), i, self.batches_per_epoch)
         torch.set_num_threads(self._threads_before)
-        return {k: float(v.detach().float().mean()) for k, v in out.items()}
+        return {k: float(v.detach().float().mean()) * (100.0 if is_accuracy(k) else 1.0) for k, v in out.items()}
 
     def evaluate(self, loader: DataLoader | None, model: nn.Module | None = None) -> dict[str, float]:
         """The method's evaluation of ``model`` (default: the deployable one) on ``loader``."""
@@ -663,10 +670,10 @@ class Trainer:
                 if model is not None and self.test_loader is not None:
                     best = self.evaluate(self.test_loader, model)
         key = self.method.monitor[0]
-        return FitResult(self.run_dir, self.epoch, self.best_epoch,
+        return FitResult(self.run_dir, self.epoch, self.best_epoch + 1 if self.best_epoch >= 0 else -1,
                          self.best_value if key == "top1" else None, last, best, self.history, train_time,
                          monitor=key, best_value=self.best_value, steps=self.global_step,
-                         skipped_steps=self.skipped_steps)
+                         skipped_steps=self.skipped_steps, info=dict(self.info))
 
 
 def _batch_size(batch: Any) -> int:
