@@ -46,7 +46,20 @@ def tiny_methods(clip_teacher: Path) -> dict[str, dict[str, Any]]:
         "clip": {"model": CLIP_T},
         "clip_kd": {"teacher": {**CLIP_T, "checkpoint": str(clip_teacher)}, "student": CLIP_S,
                     "weights": {"task": 1.0, "crd": 1.0, "fd": 100.0, "icl": 1.0}},
+        "diffusion": {"model": {"model": "diffusion_unet", "kwargs": {"ch": 8, "grid": 8}},
+                      "rounds": [{"kind": "rdd", "epochs": 1}], "rdd": {"queue": 64, "contrast": 16, "per_step": 8},
+                      "features": {"model": "diffusion_featnet", "kwargs": {"width": 8},
+                                   "checkpoint": str(featnet_weights(clip_teacher.parent / "featnet.safetensors"))}},
     }
+
+
+def featnet_weights(path: Path) -> Path:
+    """An (untrained) feature classifier for ``diffusion``'s tiny RDD round."""
+    if not path.is_file():
+        from kdforge.diffusion.features import FeatureNet
+
+        kd.save_weights(FeatureNet(1, 10, 8, 8), path)
+    return path
 
 
 def clip_teacher_weights(path: Path) -> Path:

@@ -256,6 +256,23 @@ def _cache_commands() -> None:
 
 _cache_commands()
 
+
+@app.command()
+def sample(
+    run: Annotated[Path, typer.Argument(help="diffusion run folder or .safetensors checkpoint")],
+    n: Annotated[int, typer.Option("-n", help="number of samples")] = 64,
+    seed: Annotated[int, typer.Option(help="seed of the initial noise")] = 0,
+    steps: Annotated[int | None, typer.Option(help="DDIM steps (default: the model's own; a distilled model "
+                                                    "samples only with its own)")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="folder (default RUN/samples)")] = None,
+) -> None:
+    """Sample a diffusion model with DDIM: a PNG grid and the samples as .npz."""
+    from kdforge.diffusion.sample import sample_run
+
+    png, npz = sample_run(run, n, seed, steps, out)
+    typer.echo(f"{png}\n{npz}")
+
+
 _CIL_FILES = ("config.yaml", "stages.json", "stages", "result.json")
 
 

@@ -39,6 +39,8 @@ class MethodStage:
 
     name: str
     epochs: int | None = None
+    #: keys of the recipe's ``train`` section this stage overrides (e.g. ``{"ema": None, "grad_clip": 1.0}``)
+    train: dict[str, Any] | None = None
 
 
 class Method(nn.Module):
@@ -122,6 +124,9 @@ class Method(nn.Module):
     def on_epoch_start(self, epoch: int) -> None:
         """Called by the engine at the start of each epoch (0-based)."""
         self.epoch = epoch
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        """Called when a fit ends, also when a finished run is resumed (its EMA, if any, is ``trainer.ema``)."""
 
     def forward(self, batch: Any, step: int = 0) -> dict[str, Tensor]:
         return self.training_step(batch, step)

@@ -87,6 +87,10 @@ def fit(method: Method, data: DataBundle, recipe: Recipe, run_dir: str | Path | 
 def stage_recipe(recipe: Recipe, stage: MethodStage) -> Recipe:
     """The engine recipe of one stage: the recipe with the stage's epochs (and its name in the run's name)."""
     train = recipe.train.model_copy(update={"epochs": stage.epochs or recipe.train.epochs})
+    if stage.train:
+        from kdforge.config import TrainConfig, validate
+
+        train = validate(TrainConfig, {**train.model_dump(), **stage.train}, prefix=f"stage {stage.name!r} train")
     return recipe.model_copy(update={"name": f"{recipe.name}-{stage.name}", "train": train})
 
 

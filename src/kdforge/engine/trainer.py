@@ -477,10 +477,12 @@ class Trainer:
                 if self.main and self.recipe.train.progress != "never":
                     print(f"{str(self.run_dir)!r} is finished ({self.epoch} epochs); nothing to do "
                           "(raise train.epochs with --set to continue it)", file=sys.stderr, flush=True)
+                self.method.on_fit_end(self)
                 return FitResult.from_json(stored_result(self.run_dir))
             while self.global_step < self.total_steps:
                 self._run_epoch()
             self.finished = True
+            self.method.on_fit_end(self)
             result = self._finish(sum(h.get("epoch_time_s", 0.0) for h in self.history))
             for c in self.callbacks:
                 c.on_fit_end(self, result)

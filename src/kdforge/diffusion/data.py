@@ -1,0 +1,27 @@
+"""Image sets in [−1, 1] for diffusion (scikit-learn's digits, the embedded Fashion-MNIST subset)."""
+
+from __future__ import annotations
+
+from kdforge.config import DataConfig
+from kdforge.data import DATASETS, DataBundle, digits, fashion_mnist_subset
+from kdforge.data.tensor_dataset import TensorImages
+
+
+def _to_pm1(bundle: DataBundle, mean: float, std: float) -> DataBundle:
+    """Re-normalise a bundle's in-memory images from (x − mean)/std to [−1, 1] (x ∈ [0, 1])."""
+    for ds in (bundle.train, bundle.test):
+        assert isinstance(ds, TensorImages)
+        ds.x = ((ds.x * std + mean) * 2 - 1).clamp(-1, 1).contiguous()
+    return bundle
+
+
+@DATASETS.register("digits_pm1")
+def digits_pm1(cfg: DataConfig) -> DataBundle:
+    """scikit-learn's 8×8 digits in [−1, 1] (the RDD tiny set-up; same 80/20 split as ``digits``)."""
+    return _to_pm1(digits(cfg.model_copy(update={"pad_to": None})), 0.305, 0.376)
+
+
+@DATASETS.register("fashion_pm1")
+def fashion_pm1(cfg: DataConfig) -> DataBundle:
+    """The embedded Fashion-MNIST subset in [−1, 1] (``data.resize: 16`` for a 16×16 quick set-up)."""
+    return _to_pm1(fashion_mnist_subset(cfg.model_copy(update={"pad_to": None})), 0.2860, 0.3530)
