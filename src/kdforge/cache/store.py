@@ -150,7 +150,10 @@ def write_chunk(path: Path, i: int, tensors: dict[str, Tensor], metadata: dict[s
     fd, tmp = tempfile.mkstemp(dir=f.parent, prefix=f".{f.name}.")
     os.close(fd)
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        # one metadata entry: safetensors writes a map's entries in no fixed order, which would make
+        # otherwise identical chunks differ byte for byte
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
+                  metadata={"kdforge": json.dumps(metadata, sort_keys=True)})
         os.replace(tmp, f)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -158,6 +161,14 @@ def write_chunk(path: Path, i: int, tensors: dict[str, Tensor], metadata: dict[s
     with os.fdopen(fd, "w") as out:
         out.write(file_sha256(f) + "\n")
     os.replace(tmp, f.with_suffix(".sha256"))
+
+
+def chunk_meta(metadata: dict[str, str] | None) -> dict[str, Any]:
+    """The metadata :func:`write_chunk` stored in a chunk file."""
+    try:
+        return json.loads((metadata or {}).get("kdforge", "{}"))
+    except ValueError:
+        return {}
 
 
 class TeacherCache:
@@ -200,7 +211,7 @@ class TeacherCache:
                                    "checksum; resume the build to redo it: kdforge cache build RECIPE")
             try:
                 with safe_open(str(f), "pt") as g:
-                    if (g.metadata() or {}).get("key") != meta["key"]:
+                    if chunk_meta(g.metadata()).get("key") != meta["key"]:
                         raise KdforgeError(f"teacher cache {str(path)!r}: chunk {f.name} belongs to another cache; "
                                            "rebuild it: kdforge cache build RECIPE --overwrite")
                     for k in g.keys():

@@ -207,12 +207,16 @@ class CalibrationBlocks:
         self.blocks, self.batch_size, self.seed = blocks, batch_size, seed
         self.steps_per_epoch = max(1, len(blocks) // batch_size)
 
-    def batch(self, step: int) -> Tensor:
-        """The rows of engine step ``step`` (different on every process)."""
+    def rows(self, step: int) -> Tensor:
+        """Which rows engine step ``step`` draws (different on every process)."""
         dist = torch.distributed
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 1_009 + rank)
-        return self.blocks[torch.randint(0, len(self.blocks), (self.batch_size,), generator=g)]
+        return torch.randint(0, len(self.blocks), (self.batch_size,), generator=g)
+
+    def batch(self, step: int) -> Tensor:
+        """The rows of engine step ``step`` (different on every process)."""
+        return self.blocks[self.rows(step)]
 
 
 class LogitDistill(Method):
@@ -262,13 +266,14 @@ def heal_recipe(steps: int = 50, lr: float = 5e-5, batch_size: int = 2, seed: in
 def heal_kd(student: nn.Module, teacher: nn.Module, blocks: Tensor, steps: int = 50, lr: float = 5e-5,
             batch_size: int = 2, T: float = 1.0, ce_weight: float = 0.0, train_embeddings: bool = False,
             seed: int = 0, log: Any = None, recipe: Recipe | None = None, run_dir: str | Path | None = None,
-            resume: bool = False, callbacks: Sequence[Any] = ()) -> list[float]:
+            resume: bool = False, callbacks: Sequence[Any] = (), teacher_cache: Any = None) -> list[float]:
     """Logit distillation from the unpruned teacher on calibration text, as an engine fit; the loss per step run.
 
     ``recipe`` (an engine recipe: ``train.max_steps``, ``optim``, ``sched``, ``train.grad_clip``, precision,
     DDP/FSDP, ``data.batch_size`` rows per step) replaces ``steps``/``lr``/``batch_size``/``seed``; without it
     AdamW at ``lr`` with grad clip 1.0 runs ``steps`` steps. ``run_dir``: a run folder (checkpoints, logs,
-    ``resume``). Embeddings stay frozen unless ``train_embeddings``.
+    ``resume``). Embeddings stay frozen unless ``train_embeddings``. ``teacher_cache``: a
+    :class:`kdforge.cache.llm.LMTopKCache` of the teacher on ``blocks``, read instead of running the teacher.
     """
     from kdforge.engine.callbacks import Callback
     from kdforge.engine.trainer import Trainer
@@ -295,8 +300,10 @@ def heal_kd(student: nn.Module, teacher: nn.Module, blocks: Tensor, steps: int =
             p.requires_grad_(False)
         for p in student.parameters():
             p.requires_grad_(id(p) not in emb or train_embeddings)
-        method = LogitDistill(student, teacher, T, ce_weight)
-        source = CalibrationBlocks(blocks, r.data.batch_size, r.seed)
+        method: Method = LogitDistill(student, teacher, T, ce_weight)
+        source: Any = CalibrationBlocks(blocks, r.data.batch_size, r.seed)
+        if teacher_cache is not None:
+            method, source = teacher_cache.heal_parts(student, blocks, r.data.batch_size, r.seed, T, ce_weight)
         Trainer(method, None, r, run_dir=run_dir, resume=resume, source=source,
                 callbacks=[_Losses(), *callbacks]).fit()
     finally:

@@ -1,0 +1,193 @@
+"""Top-k token distributions of a causal-LM teacher, cached per sequence, for distillation and healing.
+
+Each token position keeps the teacher's ``k`` largest next-token logits (before the temperature), their
+token ids and the logsumexp of the rest (:mod:`kdforge.cache.topk`): ``k·(2 + 4) + 4`` bytes per token
+in fp16, against ``2·V`` for the full distribution (98,304 bytes for SmolLM2's 49,152 tokens).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdforge.cache.store import (
+    FORMAT,
+    META,
+    chunk_done,
+    chunk_path,
+    describe_change,
+    file_sha256,
+    folder_bytes,
+    identity_key,
+    read_meta,
+    teacher_hash,
+    write_chunk,
+)
+from kdforge.cache.topk import bytes_per_row, compress_topk, expand_topk
+from kdforge.errors import KdforgeError
+from kdforge.method import Method
+
+DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+
+
+def blocks_fingerprint(blocks: Tensor) -> str:
+    """sha256 of the token-id rows (int64, row order)."""
+    b = blocks.long().contiguous()
+    return hashlib.sha256(str(tuple(b.shape)).encode() + b.numpy().tobytes()).hexdigest()
+
+
+def lm_identity(teacher: nn.Module, blocks: Tensor, k: int, dtype: str, vocab: int) -> dict[str, Any]:
+    """What an LM cache depends on: the teacher's weights, the token rows, k, dtype, vocabulary size."""
+    return {"teacher": {"weights_sha256": teacher_hash(teacher), "model": type(teacher).__name__, "mode": "eval"},
+            "preprocessing": {"seq_len": int(blocks.shape[1]), "kind": "lm-next-token"},
+            "data": {"samples": int(blocks.shape[0]), "fingerprint": blocks_fingerprint(blocks)},
+            "storage": {"store": "topk", "k": k, "dtype": dtype}, "classes": vocab}
+
+
+class LMTopKCache:
+    """A verified top-k cache of a causal LM on token rows: full-vocabulary logits rebuilt per row."""
+
+    def __init__(self, path: Path, meta: dict[str, Any], tensors: dict[str, Tensor]) -> None:
+        self.path, self.meta, self.t = Path(path), meta, tensors
+        self.k = int(meta["identity"]["storage"]["k"])
+        self.vocab = int(meta["identity"]["classes"])
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes one token position takes on disk (values, ids, rest)."""
+        return bytes_per_row(self.k, 2 if self.meta["identity"]["storage"]["dtype"] == "fp16" else 4)
+
+    @classmethod
+    def build(cls, teacher: nn.Module, blocks: Tensor, path: str | Path, k: int = 32, dtype: str = "fp16",
+              batch_size: int = 4, chunk: int = 16, overwrite: bool = False) -> LMTopKCache:
+        """Run the teacher over ``blocks`` (n, L) once and store its top-k per token; resumes a stopped build."""
+        from kdforge.prune.llm import lm_logits
+
+        path = Path(path)
+        teacher = teacher.eval()
+        with torch.no_grad():
+            vocab = int(lm_logits(teacher, blocks[:1, :2]).shape[-1])
+        ident = lm_identity(teacher, blocks, k, dtype, vocab)
+        meta = read_meta(path) if path.is_dir() else None
+        if meta is not None and describe_change(meta["identity"], ident) is not None:
+            if not overwrite:
+                raise KdforgeError(f"LM teacher cache {str(path)!r} was built differently: "
+                                   f"{describe_change(meta['identity'], ident)}; rebuild it with overwrite")
+            import shutil
+
+            shutil.rmtree(path / "chunks", ignore_errors=True)
+            meta = None
+        key = identity_key(ident)
+        if meta is None:
+            path.mkdir(parents=True, exist_ok=True)
+            _write_meta(path, {"format": FORMAT, "key": key, "identity": ident, "complete": False})
+        n = len(blocks)
+        n_chunks = (n + chunk - 1) // chunk
+        t0 = time.perf_counter()
+        for i in range(n_chunks):
+            if chunk_done(path, i):
+                continue
+            rows = blocks[i * chunk: (i + 1) * chunk]
+            parts = []
+            with torch.no_grad():
+                for j in range(0, len(rows), batch_size):
+                    parts.append(compress_topk(lm_logits(teacher, rows[j: j + batch_size]).float(), k))
+            values, indices, rest = (torch.cat([p[m] for p in parts]) for m in range(3))
+            write_chunk(path, i, {"values": values.to(DTYPES[dtype]), "indices": indices, "rest": rest},
+                        {"key": key, "chunk": str(i)})
+        _write_meta(path, {"format": FORMAT, "key": key, "identity": ident, "complete": True, "n": n,
+                           "n_chunks": n_chunks, "chunk": chunk, "bytes_per_token": bytes_per_row(
+                               k, 2 if dtype == "fp16" else 4), "build": {"seconds_last_run": time.perf_counter() - t0},
+                           "bytes": folder_bytes(path / "chunks")})
+        return cls.open(path, teacher, blocks, k, dtype)
+
+    @classmethod
+    def open(cls, path: str | Path, teacher: nn.Module, blocks: Tensor, k: int = 32, dtype: str = "fp16"
+             ) -> LMTopKCache:
+        """Load and verify: refused in one line if missing, incomplete, damaged or built for other rows/teacher."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        meta = read_meta(path)
+        if meta is None or not meta.get("complete"):
+            raise KdforgeError(f"no complete LM teacher cache in {str(path)!r}; build it with LMTopKCache.build")
+        ident = lm_identity(teacher, blocks, k, dtype, int(meta["identity"]["classes"]))
+        change = describe_change(meta["identity"], ident)
+        if change is not None:
+            raise KdforgeError(f"LM teacher cache {str(path)!r} is stale: {change}; rebuild it")
+        parts: dict[str, list[Tensor]] = {}
+        for i in range(int(meta["n_chunks"])):
+            f = chunk_path(path, i)
+            sha = f.with_suffix(".sha256")
+            if not f.is_file() or not sha.is_file() or sha.read_text().strip() != file_sha256(f):
+                raise KdforgeError(f"LM teacher cache {str(path)!r} is damaged: chunk {f.name} fails its checksum")
+            for name, t in load_file(str(f)).items():
+                parts.setdefault(name, []).append(t)
+        return cls(path, meta, {name: torch.cat(v) for name, v in parts.items()})
+
+    def logits(self, rows: Tensor) -> Tensor:
+        """Float32 teacher logits (B, L, V) of token rows ``rows``, rebuilt from the top-k (the rest spread evenly)."""
+        r = rows.long().cpu()
+        return expand_topk(self.t["values"][r], self.t["indices"][r], self.t["rest"][r], self.vocab)
+
+    def heal_parts(self, student: nn.Module, blocks: Tensor, batch_size: int, seed: int, T: float = 1.0,
+                   ce_weight: float = 0.0) -> tuple[Method, CachedBlocks]:
+        """The method and step source :func:`kdforge.prune.llm.heal_kd` trains with when it reads this cache."""
+        if blocks_fingerprint(blocks) != self.meta["identity"]["data"]["fingerprint"]:
+            raise KdforgeError(f"LM teacher cache {str(self.path)!r} was built on other token rows than the ones "
+                               "to heal on; rebuild it on these rows")
+        return CachedLogitDistill(student, self, T, ce_weight), CachedBlocks(blocks, batch_size, seed)
+
+
+def _write_meta(path: Path, meta: dict[str, Any]) -> None:
+    from kdforge.engine.checkpoint import atomic_write_text
+
+    atomic_write_text(path / META, json.dumps(meta, indent=2) + "\n")
+
+
+class CachedBlocks:
+    """The calibration rows of :class:`kdforge.prune.llm.CalibrationBlocks` (the same draws), with their row ids."""
+
+    def __init__(self, blocks: Tensor, batch_size: int, seed: int = 0) -> None:
+        from kdforge.prune.llm import CalibrationBlocks
+
+        self.inner = CalibrationBlocks(blocks, batch_size, seed)
+        self.steps_per_epoch = self.inner.steps_per_epoch
+
+    def batch(self, step: int) -> dict[str, Tensor]:
+        rows = self.inner.rows(step)
+        return {"ids": self.inner.blocks[rows], "rows": rows}
+
+
+class CachedLogitDistill(Method):
+    """Logit distillation of a causal LM from a cached top-k teacher: KL to its rebuilt next-token distribution."""
+
+    def __init__(self, student: nn.Module, cache: LMTopKCache, T: float = 1.0, ce_weight: float = 0.0) -> None:
+        super().__init__()
+        self.student, self.T, self.ce_weight = student, T, ce_weight
+        object.__setattr__(self, "cache", cache)  # not a module: nothing of it is saved or moved
+        self._no_split_modules = getattr(student, "_no_split_modules", None)
+
+    def training_step(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+        from kdforge.losses import kd_loss
+        from kdforge.prune.llm import lm_logits
+
+        ids = batch["ids"]
+        s_logits = lm_logits(self.student, ids).float()
+        v = s_logits.shape[-1]
+        t_logits = self.cache.logits(batch["rows"]).to(s_logits.device)
+        out = {"kd": kd_loss(s_logits.reshape(-1, v), t_logits.reshape(-1, v), self.T)}
+        if self.ce_weight:
+            out["ce"] = self.ce_weight * F.cross_entropy(s_logits[:, :-1].reshape(-1, v), ids[:, 1:].reshape(-1))
+        out["loss"] = sum(out.values())  # type: ignore[assignment]
+        return out
+
+    def deployable(self) -> nn.Module:
+        return self.student
