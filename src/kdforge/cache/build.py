@@ -118,6 +118,8 @@ def _prepare(path: Path, ident: dict[str, Any], overwrite: bool, rank: int) -> N
     if meta is None:
         path.mkdir(parents=True, exist_ok=True)
         _write_meta(path, {"format": FORMAT, "key": identity_key(ident), "identity": ident, "complete": False})
+    for tmp in (path / "chunks").glob(".*"):  # half-written chunks of a build that was killed
+        tmp.unlink(missing_ok=True)
 
 
 def _write_meta(path: Path, meta: dict[str, Any]) -> None:
