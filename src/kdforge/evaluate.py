@@ -62,6 +62,10 @@ def rebuild_model(spec: dict[str, Any]) -> nn.Module:
         from kdforge.clip.method import rebuild_clip
 
         return rebuild_clip(spec)
+    if builder == "rl":
+        from kdforge.rl.nets import build_group
+
+        return build_group(spec)
     raise KdforgeError(f"unknown model builder {builder!r} in the checkpoint's kdforge_spec (valid: model, clip)")
 
 
@@ -112,6 +116,10 @@ def evaluate_source(source: str | Path, data: str | None = None, split: str = "t
     if split not in ("test", "val", "train"):
         raise KdforgeError(f"bad split {split!r} (valid: test, val, train)")
     model, meta = load_deployable(source, which)
+    if getattr(model, "kdforge_spec", {}).get("builder") == "rl":  # episodes in its environment, not a data set
+        res = method_evaluation(meta.get("method"))(model, None)  # type: ignore[arg-type]
+        return {**res, "model": model.kdforge_spec["env"], "method": meta.get("method", ""),
+                "checkpoint": meta["checkpoint"]}
     base = Recipe.model_validate_json(meta["recipe"]).data.model_dump() if meta.get("recipe") else {}
     if data:
         base["name"] = data

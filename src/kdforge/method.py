@@ -58,6 +58,8 @@ class Method(nn.Module):
     automatic_optimization: ClassVar[bool] = True
     #: extra fields a batch carries (e.g. ``("index",)``): batches then are dicts ``{"x", "y", ...}``
     batch_fields: ClassVar[tuple[str, ...]] = ()
+    #: False: the method makes its own batches (:meth:`step_source`, e.g. RL rollouts); no data set is loaded
+    uses_data: ClassVar[bool] = True
     #: the validation metric (a key of :meth:`evaluate`'s dict) and mode that pick the best checkpoint
     monitor: ClassVar[tuple[str, str]] = ("top1", "max")
 
@@ -116,6 +118,10 @@ class Method(nn.Module):
 
         It must shard by ``rank``/``world`` and, if it shuffles per epoch, have ``set_epoch``.
         """
+        return None
+
+    def step_source(self, recipe: Any) -> Any:
+        """The :class:`~kdforge.engine.trainer.StepSource` of a method with ``uses_data = False`` (else ``None``)."""
         return None
 
     def setup(self, batch: Any) -> None:

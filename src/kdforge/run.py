@@ -26,10 +26,21 @@ def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = Fals
           overwrite: bool = False) -> FitResult:
     """Build data and method from a recipe, train (every stage), evaluate; write the run folder if given."""
     seed_everything(recipe.seed)
+    if not _uses_data(recipe):  # the method makes its own batches (RL): no data set, the method's step source
+        method = build_method(recipe.method.model_dump(), None)  # type: ignore[arg-type]
+        return fit(method, None, recipe, run_dir, resume=resume, overwrite=overwrite,  # type: ignore[arg-type]
+                   source=method.step_source(recipe))
     data = load_data(recipe.data)
     info = DataInfo(data.num_classes, data.in_chans, data.image_size)
     method = build_method(recipe.method.model_dump(), info)
     return fit(method, data, recipe, run_dir, resume=resume, overwrite=overwrite)
+
+
+def _uses_data(recipe: Recipe) -> bool:
+    from kdforge.registry import METHODS
+
+    name = recipe.method.name
+    return name not in METHODS or getattr(METHODS.get(name), "uses_data", True)
 
 
 def fit(method: Method, data: DataBundle, recipe: Recipe, run_dir: str | Path | None = None, resume: bool = False,
@@ -147,6 +158,9 @@ def dry_run(recipe: Recipe, steps: int = 1) -> dict[str, float]:
     r = recipe.model_copy(deep=True)
     r.train.progress = "never"
     seed_everything(r.seed)
+    if not _uses_data(r):
+        method = build_method(r.method.model_dump(), None)  # type: ignore[arg-type]
+        return Trainer(method, None, r, run_dir=None, source=method.step_source(r)).train_steps(steps)
     data = load_data(r.data)
     method = build_method(r.method.model_dump(), DataInfo(data.num_classes, data.in_chans, data.image_size))
     plan = list(method.stages(r.train.epochs))

@@ -663,13 +663,14 @@ class Trainer:
 
     def _finish(self, train_time: float) -> FitResult:
         best_cb = next((c for c in self.callbacks if hasattr(c, "best_model")), None)
-        last = self.evaluate(self.test_loader) if self.test_loader is not None else {}
+        # a step-source run's test metrics are its method's own evaluation (RL: evaluation episodes)
+        last = self.evaluate(self.test_loader) if self.test_loader is not None or self.data is None else {}
         best: dict[str, float] | None = None
         if self.best_epoch >= 0:
             best = last
             if self.best_epoch != self.epoch - 1 and best_cb is not None:
                 model = best_cb.best_model(self)
-                if model is not None and self.test_loader is not None:
+                if model is not None and (self.test_loader is not None or self.data is None):
                     best = self.evaluate(self.test_loader, model)
         key = self.method.monitor[0]
         return FitResult(self.run_dir, self.epoch, self.best_epoch + 1 if self.best_epoch >= 0 else -1,

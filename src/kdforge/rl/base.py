@@ -1,0 +1,163 @@
+"""What PPO and DQN groups share: the recipe keys, the K networks, their optimizers, evaluation, the probe set.
+
+An RL method makes its own batches (``uses_data = False``; :meth:`step_source` gives the engine a
+:class:`~kdforge.engine.trainer.StepSource` of rollouts or replay samples); one engine step is one
+rollout (PPO) or one train step (DQN). Every policy has its own manual optimizer (its own gradient
+clipping and Adam state), so a group trained with zero distillation weights is K independent runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from kdforge.config import Strict
+from kdforge.engine.optim import OptimizerSpec
+from kdforge.errors import KdforgeError
+from kdforge.method import Method
+from kdforge.rl.envs import VecEnv, make_env, obs_tensor
+from kdforge.rl.group import DecisionAttention, DistillConfig, mean_pairwise_js
+from kdforge.rl.nets import PolicyGroup, build_group, encoder_kind
+
+
+class GroupConfig(Strict):
+    """Recipe keys every RL group method has."""
+
+    env: str = "CartPole-v1"
+    num_policies: int = Field(3, ge=1, le=64)
+    #: one seed per policy (network init, environments, sampling); default: drawn from the recipe's seed
+    policy_seeds: list[int] | None = None
+    encoder: str = "auto"
+    hidden: int = Field(64, ge=1)
+    #: engine steps (PPO rollouts / DQN train steps) per engine epoch: evaluation and checkpoint cadence
+    steps_per_epoch: int = Field(10, ge=1)
+    eval_episodes: int = Field(5, ge=1)
+    eval_seed: int = 100_000
+    probe_states: int = Field(256, ge=1)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+
+
+def env_shape(env_id: str) -> tuple[tuple[int, ...], int]:
+    """(observation shape in the networks' layout, number of actions) of an environment."""
+    e = make_env(env_id, 0)
+    try:
+        x = obs_tensor(np.asarray(e.observation_space.sample())[None], env_id)
+        return tuple(x.shape[1:]), int(e.action_space.n)
+    finally:
+        e.close()
+
+
+def probe_set(env_id: str, n: int, seed: int) -> Tensor:
+    """``n`` states visited by a uniformly random policy (the fixed probe set of the homogenisation monitor)."""
+    env, rng, out = VecEnv(env_id, 1, seed), np.random.default_rng(seed), []
+    for _ in range(n):
+        out.append(env.obs[0])
+        env.step(rng.integers(0, env.num_actions, 1))
+    return obs_tensor(np.stack(out), env_id)
+
+
+@torch.no_grad()
+def play(model: nn.Module, env_id: str, episodes: int, seed: int, epsilon: float = 0.0) -> list[float]:
+    """Returns of ``episodes`` full episodes of one network acting greedily (argmax; ε-greedy if ``epsilon``).
+
+    ALE games are played without episodic life and with unclipped rewards.
+    """
+    rng, out = np.random.default_rng(seed), []
+    dev = next(model.parameters(), torch.zeros(())).device
+    for i in range(episodes):
+        env = make_env(env_id, seed + i, train=False)
+        obs, _ = env.reset(seed=seed + i)
+        total, done = 0.0, False
+        while not done:
+            if epsilon and rng.random() < epsilon:
+                a = int(rng.integers(env.action_space.n))
+            else:
+                a = int(model(obs_tensor(np.asarray(obs)[None], env_id).to(dev)).argmax(-1))
+            obs, r, term, trunc, _ = env.step(a)
+            total += float(r)
+            done = term or trunc
+        env.close()
+        out.append(total)
+    return out
+
+
+def evaluate_group(group: nn.Module, episodes: int | None = None) -> dict[str, float]:
+    """Mean return per policy over deterministic evaluation episodes (seeds from the group's spec), and of all."""
+    spec = group.kdforge_spec
+    n = episodes or int(spec["eval_episodes"])
+    was = group.training
+    group.eval()
+    per = [play(m, spec["env"], n, int(spec["eval_seed"])) for m in group.members]
+    group.train(was)
+    means = [float(np.mean(r)) for r in per]
+    res = {"return": float(np.mean(means)), "return_best": max(means), "episodes": float(n)}
+    res.update({f"return_p{m}": v for m, v in enumerate(means)})
+    return res
+
+
+class GroupMethod(Method):
+    """K policies of one algorithm learning online together, with the decision-attention module when asked."""
+
+    uses_data: ClassVar[bool] = False
+    automatic_optimization = False
+    monitor = ("return", "max")
+    algo: ClassVar[str] = ""
+    #: max gradient norm of each policy's own optimizer (the algorithm's ``max_grad_norm``)
+    clip: float | None = None
+
+    def __init__(self, cfg: GroupConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        k = cfg.num_policies
+        if cfg.policy_seeds is not None and len(cfg.policy_seeds) != k:
+            raise KdforgeError(f"method.policy_seeds has {len(cfg.policy_seeds)} seeds for num_policies={k}")
+        self.seeds = list(cfg.policy_seeds) if cfg.policy_seeds is not None else \
+            [int(s) for s in torch.randint(0, 2**31 - 1, (k,))]
+        obs_shape, num_actions = env_shape(cfg.env)
+        spec = {"builder": "rl", "algo": self.algo, "env": cfg.env, "k": k, "obs_shape": list(obs_shape),
+                "num_actions": num_actions, "encoder": encoder_kind(cfg.env, cfg.encoder), "hidden": cfg.hidden,
+                "eval_episodes": cfg.eval_episodes, "eval_seed": cfg.eval_seed}
+        self.group: PolicyGroup = build_group(spec, self.seeds)
+        self.dist = cfg.distill
+        self.attention: DecisionAttention | None = None
+        if self.dist.active() and self.dist.aggregation == "attention" and k > 1:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seeds[0] + 7)
+                self.attention = DecisionAttention(self.group.members[0].dim, self.dist.attn_dim,
+                                                   self.dist.include_self, self.dist.attn_scale)
+        self.register_buffer("probe", probe_set(cfg.env, cfg.probe_states, cfg.eval_seed + 7919), persistent=False)
+
+    def configure_optimizers(self) -> list[OptimizerSpec]:
+        specs = [OptimizerSpec(f"policy{m}", p, manual=True, clip=self.clip or 0)
+                 for m, p in enumerate(self.group.members)]
+        if self.attention is not None:
+            specs.append(OptimizerSpec("attention", self.attention, manual=True, clip=0))
+        return specs
+
+    def handles(self) -> list[Any]:
+        """Every manual optimizer's handle (policies first, then the attention)."""
+        names = [f"policy{m}" for m in range(len(self.group))] + (["attention"] if self.attention is not None else [])
+        return [self.optimizer(n) for n in names]
+
+    def deployable(self) -> PolicyGroup:
+        return self.group
+
+    def distribution(self, out: Tensor) -> Tensor:
+        """Action probabilities from the members' outputs (PPO: softmax of logits; DQN: Boltzmann)."""
+        return out.softmax(-1)
+
+    @torch.no_grad()
+    def homogenisation(self) -> float:
+        """Mean pairwise Jensen–Shannon divergence of the policies' action distributions on the probe set."""
+        return mean_pairwise_js(self.distribution(self.group(self.probe)))
+
+    def evaluate(self, loader: Any, trainer: Any, model: nn.Module) -> dict[str, float]:
+        """Deterministic evaluation episodes of every policy (the spec's env, episodes and seeds)."""
+        return evaluate_group(model)
+
+    def step_source(self, recipe: Any) -> Any:
+        raise NotImplementedError
