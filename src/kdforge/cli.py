@@ -131,11 +131,25 @@ def demo(
 
 
 @app.command()
-def report(run_dir: Annotated[Path, typer.Argument(help="run folder")]) -> None:
-    """Rewrite report.md and curves.png of a run folder."""
-    from kdforge.report.run_report import write_run_report
+def report(
+    dirs: Annotated[list[Path], typer.Argument(help="a run folder; with -o: run folders, runs/, runs/bench/NAME, "
+                                                    "docs/benchmarks (searched recursively)")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="write one static HTML page here "
+                                                                  "(OUT/index.html, images in OUT/assets)")] = None,
+    title: Annotated[str, typer.Option(help="the page's title (with -o)")] = "kdforge report",
+) -> None:
+    """Rewrite report.md and curves.png of a run folder; with -o, one offline HTML page over runs and benchmarks."""
+    if out is None:
+        if len(dirs) > 1:
+            raise KdforgeError(f"{len(dirs)} folders given: without -o only one run folder's report.md is rewritten; "
+                               "pass -o SITE to build one HTML page over them all")
+        from kdforge.report.run_report import write_run_report
 
-    typer.echo(str(write_run_report(run_dir)))
+        typer.echo(str(write_run_report(dirs[0])))
+        return
+    from kdforge.report.site import build_site
+
+    typer.echo(str(build_site(dirs, out, title)))
 
 
 @app.command("list")

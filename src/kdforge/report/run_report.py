@@ -33,6 +33,22 @@ def monitor_key(rows: list[dict[str, Any]], monitor: str | None = None) -> str |
     return next((k for k in keys if k.startswith("val_") and "loss" not in k), None)
 
 
+def curve_panels(rows: list[dict[str, Any]], monitor: str | None = None) -> list[tuple[str, str, str]]:
+    """The panels of a curves plot, as (column, title, y label): training loss, the validation metric,
+    validation loss and learning rate, each where the rows have it."""
+    keys = {k for r in rows for k in r if r.get(k) not in (None, "")}
+    val_key = monitor_key(rows, monitor)
+    panels: list[tuple[str, str, str]] = [("train_loss", "training loss", "loss")]
+    if val_key:
+        unit = " (%)" if any(a in val_key for a in ("top", "acc", "R@", "mAP")) else ""
+        panels.append((val_key, f"validation {val_key.removeprefix('val_')}", val_key.removeprefix("val_") + unit))
+    if "val_loss" in keys:
+        panels.append(("val_loss", "validation loss", "loss"))
+    if "lr" in keys:
+        panels.append(("lr", "learning rate", "lr"))
+    return panels
+
+
 def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path, title: str = "", monitor: str | None = None) -> Path:
     """Plot per-epoch training loss (and each loss term of a single run), the validation metric,
     validation loss and learning rate of one or more runs' metrics rows into a PNG."""
@@ -44,17 +60,8 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path, title: str = 
 
     runs = {label: upgrade_rows(rows) for label, rows in runs.items()}
     every = [r for rows in runs.values() for r in rows]
-    keys = {k for r in every for k in r if r.get(k) not in (None, "")}
-    val_key = monitor_key(every, monitor)
-    panels: list[tuple[str, str, str]] = [("train_loss", "training loss", "loss")]
-    if val_key:
-        unit = " (%)" if any(a in val_key for a in ("top", "acc", "R@", "mAP")) else ""
-        panels.append((val_key, f"validation {val_key.removeprefix('val_')}", val_key.removeprefix("val_") + unit))
-    if "val_loss" in keys:
-        panels.append(("val_loss", "validation loss", "loss"))
-    if "lr" in keys:
-        panels.append(("lr", "learning rate", "lr"))
-    terms = sorted(k for k in keys if k.startswith("train_loss_"))
+    panels = curve_panels(every, monitor)
+    terms = sorted({k for r in every for k in r if k.startswith("train_loss_") and r.get(k) not in (None, "")})
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 0.8, 3.6), squeeze=False)
     for ax, (key, name, ylabel) in zip(axes[0], panels, strict=True):
         for label, rows in runs.items():

@@ -1,0 +1,505 @@
+"""``kdforge report DIR... -o SITE``: one static, offline HTML page over run folders and benchmark outputs.
+
+The page (``SITE/index.html``) holds a sortable table of runs, learning curves, pruning CKA heatmaps and
+segment maps, continual accuracy matrices, diffusion sample grids and the benchmark pages with their
+charts. Images are copied to ``SITE/assets/``; the page loads nothing from the network (no CDN, no fonts).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kdforge.engine.run_format import read_results, upgrade_rows
+from kdforge.errors import KdforgeError
+
+_SKIP_DIRS = {"checkpoints", "tb", "stages", ".git", "__pycache__", "pruned", "cache"}
+
+
+@dataclass
+class Entry:
+    """One thing the page shows: a run (train, staged, prune, cil) or a benchmark page."""
+
+    kind: str  # train | prune | cil | bench
+    path: Path
+    name: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def discover(roots: list[Path]) -> list[Entry]:
+    """Run folders and benchmark pages under ``roots`` (a root may itself be one)."""
+    found: list[Entry] = []
+    seen: set[Path] = set()
+    for root in roots:
+        if not root.exists():
+            raise KdforgeError(f"{str(root)!r} does not exist (give run folders, runs/, runs/bench/NAME or "
+                               "docs/benchmarks)")
+        if root.is_file():
+            raise KdforgeError(f"{str(root)!r} is a file; give folders (run folders or benchmark output folders)")
+        for d in _walk(root):
+            key = d.resolve()
+            if key in seen:
+                continue
+            seen.add(key)
+            e = classify(d, root)
+            if e is not None:
+                found.extend(e)
+    return found
+
+
+def _walk(root: Path) -> list[Path]:
+    out: list[Path] = []
+    stack = [root]
+    while stack:
+        d = stack.pop()
+        out.append(d)
+        if _is_run(d):  # a run folder's subfolders (checkpoints, stages, heal) are part of it
+            continue
+        try:
+            subs = sorted((p for p in d.iterdir() if p.is_dir() and p.name not in _SKIP_DIRS
+                           and not p.name.startswith(".")), reverse=True)
+        except OSError:
+            continue
+        stack.extend(subs)
+    return out
+
+
+def _is_run(d: Path) -> bool:
+    return any((d / f).is_file() for f in ("metrics.csv", "results.json", "result.json", "stages.json"))
+
+
+def _label(d: Path, root: Path) -> str:
+    try:
+        rel = d.resolve().relative_to(root.resolve().parent)
+    except ValueError:
+        rel = Path(d.name)
+    return rel.as_posix()
+
+
+def classify(d: Path, root: Path) -> list[Entry] | None:
+    """What a folder is: a train, staged, prune or cil run, or a folder of benchmark pages."""
+    name = _label(d, root)
+    try:
+        if (d / "result.json").is_file() and "matrix" in (cil := json.loads((d / "result.json").read_text())):
+            return [Entry("cil", d, name, cil)]
+        if (d / "results.json").is_file():
+            res = json.loads((d / "results.json").read_text())
+            if isinstance(res, dict) and "cka" in res and "segmentation" in res:
+                return [Entry("prune", d, name, res)]
+            if isinstance(res, dict) and "test_last" in res:
+                return [Entry("train", d, name, read_results(d / "results.json"))]
+        if (d / "metrics.csv").is_file():  # unfinished: curves only
+            return [Entry("train", d, name, {})]
+    except (OSError, json.JSONDecodeError, ValueError):
+        return [Entry("broken", d, name, {})]
+    pages = sorted(p for p in d.glob("*.md") if p.name.lower() not in ("readme.md", "index.md"))
+    if pages and (any(p.with_suffix(".json").is_file() for p in pages) or d.name == "benchmarks"):
+        return [Entry("bench", p, f"{name}/{p.stem}", {}) for p in pages]
+    return None
+
+
+# -- the page ---------------------------------------------------------------------------------
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;max-width:1200px;padding:1em 2em;
+color:#222;line-height:1.45}
+h1{margin-bottom:.2em} h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}
+nav a{margin-right:1em} table{border-collapse:collapse;margin:.6em 0;font-size:14px}
+th,td{border:1px solid #ccc;padding:3px 8px;text-align:left} td.n{text-align:right;font-variant-numeric:tabular-nums}
+table.sortable th{cursor:pointer;background:#f3f3f3;user-select:none;white-space:nowrap}
+table.sortable th[aria-sort=ascending]::after{content:" \\25B2"}
+table.sortable th[aria-sort=descending]::after{content:" \\25BC"}
+figure{display:inline-block;margin:.5em 1em .5em 0;vertical-align:top} figcaption{font-size:13px;color:#555}
+img{max-width:100%;height:auto;border:1px solid #eee} .bench{border:1px solid #ddd;border-radius:6px;
+padding:.4em 1em;margin:.6em 0} summary{cursor:pointer} .muted{color:#777;font-size:13px}
+code{background:#f5f5f5;padding:0 3px}
+pre{background:#f5f5f5;padding:.6em;overflow-x:auto} td.h{text-align:right}
+"""
+
+_JS = """
+(function(){
+  function key(td){var v=td.getAttribute('data-v');if(v===null)v=td.textContent.trim();
+    var x=parseFloat(v);return (v!==''&&!isNaN(x)&&isFinite(v))?[0,x]:[1,v.toLowerCase()];}
+  function cmp(a,b){if(a[0]!==b[0])return a[0]-b[0];return a[1]<b[1]?-1:a[1]>b[1]?1:0;}
+  document.querySelectorAll('table.sortable').forEach(function(t){
+    t.querySelectorAll('th').forEach(function(th,i){th.addEventListener('click',function(){
+      var asc=th.getAttribute('aria-sort')!=='ascending';
+      t.querySelectorAll('th').forEach(function(h){h.removeAttribute('aria-sort');});
+      th.setAttribute('aria-sort',asc?'ascending':'descending');
+      var body=t.tBodies[0],rows=Array.prototype.slice.call(body.rows);
+      rows.sort(function(r1,r2){var c=cmp(key(r1.cells[i]),key(r2.cells[i]));return asc?c:-c;});
+      rows.forEach(function(r){body.appendChild(r);});});});});
+})();
+"""
+
+
+def _e(x: Any) -> str:
+    return html.escape(str(x))
+
+
+def _num(v: Any, digits: int = 2) -> tuple[str, str]:
+    """(shown text, sort value) of a number; blanks for missing."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return ("—", "") if v in (None, "") else (str(v), str(v))
+    return (f"{v:,}" if isinstance(v, int) else f"{v:,.{digits}f}"), repr(v)
+
+
+class Site:
+    """Builds the page: copies images into ``assets/`` and collects HTML sections."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.assets = out / "assets"
+        self.used: set[str] = set()
+
+    def asset(self, src: Path, hint: str) -> str:
+        """Copy an image next to the page; returns its relative URL."""
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "-", hint).strip("-") or "img"
+        name, i = f"{slug}{src.suffix}", 1
+        while name in self.used:
+            i += 1
+            name = f"{slug}-{i}{src.suffix}"
+        self.used.add(name)
+        self.assets.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, self.assets / name)
+        return f"assets/{name}"
+
+    def new_asset(self, hint: str) -> tuple[Path, str]:
+        """A fresh asset path to draw into, and its URL."""
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "-", hint).strip("-") or "img"
+        name, i = f"{slug}.png", 1
+        while name in self.used:
+            i += 1
+            name = f"{slug}-{i}.png"
+        self.used.add(name)
+        self.assets.mkdir(parents=True, exist_ok=True)
+        return self.assets / name, f"assets/{name}"
+
+    def fig(self, url: str, caption: str, width: int | None = None) -> str:
+        w = f' style="max-width:{width}px"' if width else ""
+        return (f'<figure><img src="{_e(url)}" alt="{_e(caption)}"{w}>'
+                f"<figcaption>{_e(caption)}</figcaption></figure>")
+
+
+def _params_from_checkpoint(run: Path) -> int | None:
+    for name in ("last.safetensors", "best.safetensors"):
+        p = run / "checkpoints" / name
+        if p.is_file():
+            try:
+                from safetensors import safe_open
+
+                n = 0
+                with safe_open(str(p), "pt") as f:
+                    for k in f.keys():
+                        shape = f.get_slice(k).get_shape()
+                        size = 1
+                        for s in shape:
+                            size *= int(s)
+                        n += size
+                return n
+            except Exception:
+                return None
+    return None
+
+
+def _config(run: Path) -> dict[str, Any]:
+    from kdforge.report.run_report import _load_yaml
+
+    return _load_yaml(run / "config.yaml")
+
+
+def run_row(e: Entry) -> dict[str, Any]:
+    """One row of the runs table."""
+    row: dict[str, Any] = {"run": e.name, "kind": e.kind}
+    if e.kind == "train":
+        res, cfg = e.data, _config(e.path)
+        info = res.get("info") or {}
+        md = cfg.get("method") if isinstance(cfg.get("method"), dict) else {}
+        assert isinstance(md, dict)
+        key = res.get("monitor", "top1")
+        student = md.get("student") or md.get("model") or {}
+        model = info.get("model") or (student.get("model") if isinstance(student, dict) else None)
+        row.update(method=info.get("method") or md.get("name", "?"), model=model or "?",
+                   params=info.get("params") or _params_from_checkpoint(e.path), flops=info.get("flops"),
+                   metric=f"test {key}", best=(res.get("test_best") or {}).get(key),
+                   last=(res.get("test_last") or {}).get(key), epochs=res.get("epochs"),
+                   time=res.get("train_time_s"))
+        if (e.path / "stages.json").is_file():
+            row["kind"] = "staged"
+    elif e.kind == "prune":
+        r = e.data
+        rec = r.get("recipe") or {}
+        after = r.get("healed") or r.get("after") or {}
+        key = "top1" if "top1" in after else "ppl" if "ppl" in after else next(iter(after), "")
+        spec = rec.get("model") or rec.get("llm") or {}
+        model = spec.get("model") or spec.get("name") if isinstance(spec, dict) else None
+        sel = rec.get("selection") if isinstance(rec.get("selection"), dict) else {}
+        row.update(method=f"prune {sel.get('method', '')}".strip(),
+                   model=model or rec.get("name", "?"), params=after.get("params"), flops=after.get("flops"),
+                   metric=f"{key} (healed)" if r.get("healed") else key, best=None, last=after.get(key),
+                   epochs=None, time=(r.get("timing_s") or {}).get("analysis_total"))
+    elif e.kind == "cil":
+        m = e.data.get("metrics") or {}
+        row.update(method=f"cil {e.data.get('learner', '')}", model=_config(e.path).get("cil", {}).get("model", "?")
+                   if isinstance(_config(e.path).get("cil"), dict) else "?", params=None, flops=None,
+                   metric="avg inc. acc / last acc", best=m.get("avg_inc_acc"), last=m.get("last_acc"),
+                   epochs=None, time=sum(e.data.get("task_time_s") or []) or None)
+    return row
+
+
+_COLUMNS = [("run", "run"), ("kind", "kind"), ("method", "method"), ("model", "model"), ("params", "params"),
+            ("flops", "FLOPs / sample"), ("metric", "primary metric"), ("best", "best (by val)"),
+            ("last", "last"), ("epochs", "epochs"), ("time", "time (s)")]
+
+
+def runs_table(rows: list[dict[str, Any]]) -> str:
+    """The sortable runs table."""
+    from kdforge.engine.callbacks import fmt_count
+
+    head = "".join(f"<th>{_e(t)}</th>" for _, t in _COLUMNS)
+    body = []
+    for r in rows:
+        cells = []
+        for k, _ in _COLUMNS:
+            v = r.get(k)
+            if k in ("params", "flops"):
+                txt, sv = (fmt_count(v), repr(v)) if isinstance(v, int | float) else ("—", "")
+                cells.append(f'<td class="n" data-v="{sv}">{_e(txt)}</td>')
+            elif k in ("best", "last", "time", "epochs"):
+                txt, sv = _num(v, 1 if k == "time" else 2)
+                cells.append(f'<td class="n" data-v="{_e(sv)}">{_e(txt)}</td>')
+            elif k == "run":
+                cells.append(f'<td><a href="#{_anchor(str(v))}">{_e(v)}</a></td>')
+            else:
+                cells.append(f"<td>{_e(v if v is not None else '—')}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return (f'<table id="runs-table" class="sortable"><thead><tr>{head}</tr></thead><tbody>'
+            + "\n".join(body) + "</tbody></table>")
+
+
+def _anchor(name: str) -> str:
+    return "r-" + re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-")
+
+
+def _curves(site: Site, e: Entry) -> str:
+    from kdforge.engine.run_dir import read_csv
+    from kdforge.report.run_report import plot_curves
+
+    parts = []
+    if (e.path / "metrics.csv").is_file():
+        png, url = site.new_asset(f"{e.name}-curves")
+        try:
+            plot_curves({e.name: read_csv(e.path / "metrics.csv")}, png, title=e.name,
+                        monitor=e.data.get("monitor"))
+            parts.append(site.fig(url, f"{e.name}: learning curves"))
+        except KdforgeError as err:
+            parts.append(f'<p class="muted">{_e(err)}</p>')
+    elif (e.path / "curves.png").is_file():
+        parts.append(site.fig(site.asset(e.path / "curves.png", f"{e.name}-curves"), f"{e.name}: learning curves"))
+    for p in sorted(e.path.glob("samples*.png")):
+        parts.append(site.fig(site.asset(p, f"{e.name}-{p.stem}"), f"{e.name}: {p.name}", 600))
+    return "".join(parts)
+
+
+def _all_curves(site: Site, entries: list[Entry]) -> str:
+    """One chart of every train run's validation metric, per metric (when there are two runs or more)."""
+    from kdforge.engine.run_dir import read_csv
+    from kdforge.report.run_report import plot_curves
+
+    by_key: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for e in entries:
+        if e.kind == "train" and (e.path / "metrics.csv").is_file():
+            try:
+                rows = upgrade_rows(read_csv(e.path / "metrics.csv"))
+            except KdforgeError:
+                continue
+            by_key.setdefault(e.data.get("monitor", "top1"), {})[e.name] = rows
+    out = []
+    for key, runs in by_key.items():
+        if len(runs) < 2:
+            continue
+        png, url = site.new_asset(f"all-runs-{key}")
+        plot_curves(runs, png, title=f"all runs: {key}", monitor=key)
+        out.append(site.fig(url, f"every run's curves (validation {key})"))
+    return "".join(out)
+
+
+def _heat(v: float | None, lo: float = 0.0, hi: float = 100.0) -> str:
+    if v is None:
+        return ""
+    t = max(0.0, min(1.0, (v - lo) / max(hi - lo, 1e-9)))
+    r, g, b = int(255 - 155 * t), int(255 - 60 * t), int(255 - 155 * t)
+    return f' style="background:rgb({r},{g},{b})"'
+
+
+def _cil_section(e: Entry) -> str:
+    m = e.data.get("matrix") or []
+    n = len(m)
+    head = "<th>after task</th>" + "".join(f"<th>task {j + 1}</th>" for j in range(n))
+    rows = []
+    for t, row in enumerate(m):
+        cells = "".join(f'<td class="h"{_heat(v)}>{"—" if v is None else f"{v:.2f}"}</td>' for v in row)
+        rows.append(f"<tr><td>{t + 1}</td>{cells}</tr>")
+    metrics = ", ".join(f"{_e(k)} = {v:.2f}" for k, v in (e.data.get("metrics") or {}).items()
+                        if isinstance(v, int | float))
+    return (f'<h3 id="{_anchor(e.name)}">{_e(e.name)}</h3><p>learner <code>{_e(e.data.get("learner"))}</code>; '
+            f"accuracy (%) on each task's test classes (columns) after learning task t (rows)</p>"
+            f'<table class="matrix"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+            f'<p class="muted">{metrics}</p>')
+
+
+def _segment_map(res: dict[str, Any], path: Path) -> Path:
+    """A strip of the pruned model's units: colour = segment, hatched grey = removed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    units = res.get("units") or []
+    segs = (res.get("segmentation") or {}).get("segments") or []
+    kept = set(res.get("kept_names") or [])
+    n = len(units)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * n + 1.5), 1.9))
+    cmap = plt.get_cmap("tab10")
+    seg_of = {i: s for s, seg in enumerate(segs) for i in seg}
+    for i, u in enumerate(units):
+        on = u in kept
+        ax.add_patch(plt.Rectangle((i, 0), 0.92, 1, color=cmap(seg_of.get(i, 0) % 10) if on else "#cccccc",
+                                   hatch=None if on else "xx", ec="#888"))
+    ax.set_xlim(0, max(n, 1))
+    ax.set_ylim(0, 1)
+    step = max(1, n // 24)
+    ax.set_xticks([i + 0.46 for i in range(0, n, step)], [units[i] for i in range(0, n, step)], rotation=90,
+                  fontsize=6)
+    ax.set_yticks([])
+    ax.set_title(f"segments ({len(segs)}; colour) and removed units (grey): {n - len(kept)} of {n} removed",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _prune_section(site: Site, e: Entry) -> str:
+    r = e.data
+    parts = [f'<h3 id="{_anchor(e.name)}">{_e(e.name)}</h3>']
+    rows = []
+    for label in ("before", "after", "healed"):
+        d = r.get(label)
+        if isinstance(d, dict):
+            rows.append("<tr><td>" + label + "</td>" + "".join(
+                f'<td class="n">{_e(_num(v)[0])}</td>' for v in d.values()) + "</tr>")
+            keys = list(d)
+    if rows:
+        parts.append("<table><thead><tr><th></th>" + "".join(f"<th>{_e(k)}</th>" for k in keys)
+                     + "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+    if (e.path / "cka.png").is_file():
+        parts.append(site.fig(site.asset(e.path / "cka.png", f"{e.name}-cka"),
+                              "CKA between layers, segment boundaries drawn", 520))
+    elif r.get("cka"):
+        from kdforge.prune.report import plot_cka
+
+        png, url = site.new_asset(f"{e.name}-cka")
+        import numpy as np
+
+        plot_cka(np.array(r["cka"]), (r.get("segmentation") or {}).get("segments") or [], png, r.get("units"))
+        parts.append(site.fig(url, "CKA between layers, segment boundaries drawn", 520))
+    if r.get("units"):
+        png, url = site.new_asset(f"{e.name}-segments")
+        _segment_map(r, png)
+        parts.append(site.fig(url, "segment map"))
+    for extra in ("importance.png", "tradeoff.png"):
+        if (e.path / extra).is_file():
+            parts.append(site.fig(site.asset(e.path / extra, f"{e.name}-{Path(extra).stem}"), extra))
+    return "".join(parts)
+
+
+def _bench_section(site: Site, e: Entry) -> str:
+    import markdown
+
+    md_path = e.path
+    text = md_path.read_text()
+
+    def image(m: re.Match[str]) -> str:
+        alt, src = m.group(1), m.group(2).split()[0]
+        p = (md_path.parent / src)
+        if re.match(r"^[a-z]+:", src) or not p.is_file():
+            return f"*[image not available: {alt or src}]*"
+        return f"![{alt}]({site.asset(p, f'{e.name}-{p.stem}')})"
+
+    def link(m: re.Match[str]) -> str:
+        label, href = m.group(1), m.group(2)
+        if re.match(r"^([a-z]+:|#)", href):
+            return m.group(0)
+        target = (md_path.parent / href.split("#")[0]).resolve()
+        if not target.exists():
+            return label
+        return f"[{label}]({os.path.relpath(target, site.out.resolve())})"
+
+    text = re.sub(r"!\[([^\]]*)\]\(([^)]+)\)", image, text)
+    text = re.sub(r"(?<!!)\[([^\]]+)\]\(([^)\s]+)\)", link, text)
+    body = markdown.markdown(text, extensions=["tables", "fenced_code", "sane_lists"])
+    body = body.replace("<table>", '<table class="sortable">')
+    h1 = re.search(r"^#\s+(.+)$", md_path.read_text(), re.M)
+    title = h1.group(1).strip() if h1 else e.name
+    return (f'<details class="bench" id="{_anchor(e.name)}"><summary><b>{_e(title)}</b> '
+            f'<span class="muted">{_e(md_path)}</span></summary>{body}</details>')
+
+
+def build_site(roots: list[Path], out: Path, title: str = "kdforge report") -> Path:
+    """Write ``out/index.html`` (and ``out/assets/``) over the run folders and benchmark pages under ``roots``."""
+    from kdforge.engine.run_dir import check_writable_dir
+
+    entries = discover(roots)
+    if not entries:
+        raise KdforgeError("found no run folders or benchmark pages under " + ", ".join(repr(str(r)) for r in roots)
+                           + " (a run folder holds metrics.csv or results.json; a bench folder NAME.md and NAME.json)")
+    check_writable_dir(out, "report folder")
+    if (out / "index.html").is_file() and not (out / ".kdforge-site").is_file():
+        raise KdforgeError(f"{str(out / 'index.html')!r} exists and was not written by 'kdforge report'; "
+                           "choose another -o folder")
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / "assets", ignore_errors=True)
+    site = Site(out)
+    runs = [e for e in entries if e.kind in ("train", "prune", "cil")]
+    benches = [e for e in entries if e.kind == "bench"]
+    sections: list[tuple[str, str, str]] = []
+    if runs:
+        sections.append(("runs", "Runs", runs_table([run_row(e) for e in runs])
+                         + '<p class="muted">Click a column to sort. best: the test metric of the checkpoint that '
+                           "was best on validation; last: of the last epoch. Accuracies in %.</p>"))
+    trains = [e for e in runs if e.kind == "train"]
+    if trains:
+        body = _all_curves(site, trains) + "".join(
+            f'<h3 id="{_anchor(e.name)}">{_e(e.name)}</h3>{_curves(site, e)}' for e in trains)
+        sections.append(("curves", "Learning curves", body))
+    prunes = [e for e in runs if e.kind == "prune"]
+    if prunes:
+        sections.append(("pruning", "Pruning", "".join(_prune_section(site, e) for e in prunes)))
+    cils = [e for e in runs if e.kind == "cil"]
+    if cils:
+        sections.append(("continual", "Continual learning", "".join(_cil_section(e) for e in cils)))
+    if benches:
+        sections.append(("benchmarks", "Benchmarks", "".join(_bench_section(site, e) for e in benches)))
+    nav = " ".join(f'<a href="#{k}">{_e(t)}</a>' for k, t, _ in sections)
+    stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    from kdforge import __version__
+
+    srcs = ", ".join(f"<code>{_e(r)}</code>" for r in roots)
+    page = (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
+            f"<h1>{_e(title)}</h1><p class=\"muted\">{len(runs)} runs, {len(benches)} benchmark pages from {srcs}; "
+            f"kdforge {_e(__version__)}, {stamp}</p><nav>{nav}</nav>"
+            + "".join(f'<h2 id="{k}">{_e(t)}</h2>{b}' for k, t, b in sections)
+            + f"<script>{_JS}</script></body></html>\n")
+    (out / ".kdforge-site").write_text("written by 'kdforge report -o'; a rerun replaces index.html and assets/\n")
+    (out / "index.html").write_text(page)
+    return out / "index.html"
