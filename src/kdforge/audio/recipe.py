@@ -419,3 +419,41 @@ def predict_file(path: str | Path, checkpoint: str | Path, model: ModelSpec, num
     names = class_names or [str(i) for i in range(num_classes)]
     order = p.argsort(descending=True)[:top]
     return [(names[int(i)], float(p[i])) for i in order]
+
+
+def check_run_dir(run_dir: Path | None) -> None:
+    """Refuse a run folder that is a file or holds something other than an audio run."""
+    if run_dir is None:
+        return
+    from kdforge.engine.run_dir import check_writable_dir
+
+    check_writable_dir(run_dir, "audio run folder")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / "stages.json").is_file() and not (
+            run_dir / "config.yaml").is_file():
+        first = next(iter(sorted(p.name for p in run_dir.iterdir())))
+        raise KdforgeError(f"audio run folder {str(run_dir)!r} holds something else ({first!r}); give a new folder "
+                           "or an audio run folder to resume")
+
+
+def predict_run(run_dir: str | Path, audio_file: str | Path, stage: str | None = None,
+                top: int = 5) -> list[tuple[str, float]]:
+    """Classify an audio file with one stage (default: the last fused one) of a finished audio run folder."""
+    root = Path(run_dir)
+    cfg, index, result = root / "config.yaml", root / "stages.json", root / "result.json"
+    if not (cfg.is_file() and index.is_file() and result.is_file()):
+        raise KdforgeError(f"{str(root)!r} is not a finished audio run folder (it needs config.yaml, stages.json "
+                           "and result.json; run 'kdforge audio RECIPE -r FOLDER' first)")
+    recipe = AudioRecipe.from_yaml(cfg)
+    target = [s.name for s in recipe.stages if s.data == "target"]
+    fused = [s.name for s in recipe.stages if s.data == "target" and s.fuse] or target
+    name = stage or fused[-1]
+    if name not in target:
+        raise KdforgeError(f"stage {name!r} is not a stage of {str(root)!r} trained on the target classes "
+                           f"(valid: {', '.join(target)})")
+    order = json.loads(index.read_text()).get("order", [])
+    if name not in order:
+        raise KdforgeError(f"stage {name!r} of {str(root)!r} has not run yet")
+    ckpt = root / "stages" / f"{order.index(name):02d}-{name}" / "model.safetensors"
+    names = json.loads(result.read_text())["class_names"]
+    return predict_file(audio_file, ckpt, ModelSpec(model=recipe.model.model, kwargs=recipe.model.kwargs),
+                        len(names), recipe.data.frontend.build(), names, recipe.data.views, top)
