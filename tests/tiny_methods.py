@@ -50,6 +50,7 @@ def tiny_methods(clip_teacher: Path) -> dict[str, dict[str, Any]]:
                       "rounds": [{"kind": "rdd", "epochs": 1}], "rdd": {"queue": 64, "contrast": 16, "per_step": 8},
                       "features": {"model": "diffusion_featnet", "kwargs": {"width": 8},
                                    "checkpoint": str(featnet_weights(clip_teacher.parent / "featnet.safetensors"))}},
+        "pdm": {"ids_per_batch": 4, "num_pos": 4, "model": {"width": 4, "prototypes": 2}},
     }
 
 
@@ -78,6 +79,8 @@ def tiny_recipe(name: str, clip_teacher: Path, steps: int = 4, epochs: int = 1, 
     clip = name.startswith("clip")
     data = {"name": "clip_fashion" if clip else "digits", "batch_size": 16, "limit_train": 16 * steps,
             "val_fraction": 0.1 if val else 0.0, "augment": False, "eval_batch_size": 512}
+    if name == "pdm":  # two-modality ReID pairs: the synthetic pedestrians at 32×16
+        data.update(name="reid_synthetic", resize=32)
     return kd.Recipe.from_dict({
         "name": f"tiny-{name}", "seed": 0, "data": data, "method": {"name": name, **methods[name]},
         "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.01} if clip else {"lr": 0.05},

@@ -62,11 +62,15 @@ def rebuild_model(spec: dict[str, Any]) -> nn.Module:
         from kdforge.clip.method import rebuild_clip
 
         return rebuild_clip(spec)
+    if builder == "reid":
+        from kdforge.reid.model import rebuild_reid
+
+        return rebuild_reid(spec)
     if builder == "rl":
         from kdforge.rl.nets import build_group
 
         return build_group(spec)
-    raise KdforgeError(f"unknown model builder {builder!r} in the checkpoint's kdforge_spec (valid: model, clip)")
+    raise KdforgeError(f"unknown model builder {builder!r} in the checkpoint's kdforge_spec (valid: model, clip, reid)")
 
 
 def load_deployable(source: str | Path, which: str = "best") -> tuple[nn.Module, dict[str, str]]:

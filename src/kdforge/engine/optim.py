@@ -43,6 +43,8 @@ class OptimizerSpec:
     sched: dict[str, Any] | None = None
     clip: float | None = None
     manual: bool = False
+    #: a factor on the resolved lr (e.g. 0.1 for a backbone trained at a tenth of the head's lr)
+    lr_scale: float = 1.0
 
 
 def _no_decay(module_of: dict[int, nn.Module], name: str, p: nn.Parameter, rules: list[str]) -> bool:

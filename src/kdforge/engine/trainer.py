@@ -371,6 +371,8 @@ class Trainer:
             if not named:
                 continue
             optim = resolve(s.optim, r.optim, OptimConfig, f"optimizer {s.name!r}")
+            if s.lr_scale != 1.0:
+                optim = optim.model_copy(update={"lr": optim.lr * s.lr_scale})
             sched = resolve(s.sched, r.sched, SchedConfig, f"schedule of {s.name!r}")
             clip = r.train.grad_clip if s.clip is None else s.clip
             out[s.name] = EngineOptimizer(s.name, named, m, optim, sched, clip, s.manual, fp16)
