@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # torch and torchvision pinned to the builds this project is tested with
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-slow lint bench-overhead clean
+.PHONY: demo test test-slow lint docs docs-cli bench-overhead clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,6 +23,13 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+docs: $(STAMP)
+	$(BIN)/python -c "import mkdocs, material, mkdocstrings" 2>/dev/null || $(BIN)/python -m pip install -q -e '.[docs]'
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict   # into build/site; open build/site/index.html
+
+docs-cli: $(STAMP)
+	$(BIN)/python -m kdforge.report.cli_doc > docs/cli.md
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks scripts

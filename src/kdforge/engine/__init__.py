@@ -1,0 +1,1 @@
+"""The training engine: the Trainer, its callbacks, optimizers, schedules, checkpoints and run folders."""
