@@ -156,8 +156,8 @@ def test_is_p2p_matches_its_definition_and_invariances(pairs: str) -> None:
 
 
 def test_memory_enqueues_real_teacher_pixels_with_the_codes_pointer_rule() -> None:
-    c, b = 12, 3  # 12 distinct one-hot pixel vectors
-    a_t = torch.eye(c).reshape(c, b, 2, 2).permute(1, 0, 2, 3).contiguous()  # pixel (b, p) = e_{b·4+p}
+    c, b = 16, 3  # 12 distinct one-hot pixel vectors in 16 channels
+    a_t = torch.eye(c)[:12].reshape(b, 2, 2, c).permute(0, 3, 1, 2).contiguous()  # pixel (b, p) = e_{b·4+p}
     pixels = a_t.permute(0, 2, 3, 1).reshape(-1, c)
     mem = PixelMemory(c, size=10, per_step=4, contrast=5)
     torch.testing.assert_close(mem.queue.norm(dim=1), torch.ones(10))
@@ -276,7 +276,7 @@ def test_staged_run_resumes_inside_and_across_rounds_and_hands_on_the_ema(tmp_pa
 
     class Stop(kd.Callback):
         def on_step_end(self, trainer: kd.Trainer, out: dict) -> None:
-            if trainer.recipe.name.endswith("rdd-2") and trainer.global_step == 3:
+            if trainer.recipe.name.endswith("rdd-4") and trainer.global_step == 3:
                 raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):

@@ -97,7 +97,7 @@ class SmallUNet(Denoiser):
         self.tail = nn.Sequential(nn.GroupNorm(_groups(cur), cur), nn.SiLU(), nn.Conv2d(cur, in_chans, 3, padding=1))
 
     def forward(self, z: Tensor, t: Tensor) -> Tensor:
-        temb = self.temb(timestep_embedding(t, self.ch))
+        temb = self.temb(timestep_embedding(t, self.ch).to(z.dtype))
         h = self.head(z)
         hs = [h]
         for layer in self.down:
