@@ -57,6 +57,14 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "before": {"top1": 91.5, "params": 270000}, "after": {"top1": 80.25, "params": 140000},
         "healed": {"top1": 89.0, "params": 140000}, "timing_s": {"analysis_total": 3.5},
         "recipe": {"name": "sglp-toy", "model": {"model": "resnet20"}, "selection": {"method": "sglp"}}}))
+    (prune / "heal").mkdir()
+    shutil.copyfile(runs / "kd" / "metrics.csv", prune / "heal" / "metrics.csv")
+    staged = runs / "staged"  # a multi-stage run: results at the top, per-stage metrics below
+    for stage in ("00-init", "01-main"):
+        (staged / "stages" / stage).mkdir(parents=True)
+        shutil.copyfile(runs / "alone" / "metrics.csv", staged / "stages" / stage / "metrics.csv")
+    shutil.copyfile(runs / "alone" / "results.json", staged / "results.json")
+    (staged / "stages.json").write_text("{}")
     cil = runs / "cil-toy"
     cil.mkdir()
     (cil / "config.yaml").write_text(yaml.safe_dump({"cil": {"model": "cnn_small"}}))
@@ -85,9 +93,10 @@ def test_page_holds_every_run_and_section(site: Path, sources: Path) -> None:
     page = (site / "index.html").read_text()
     body = page.split('<table id="runs-table"', 1)[1].split("</table>", 1)[0]
     rows = re.findall(r"<tr>(.*?)</tr>", body.split("<tbody>", 1)[1])
-    assert len(rows) == 4  # kd, alone, the prune run and the cil run (a heading row is in <thead>)
+    assert len(rows) == 5  # kd, alone, staged, the prune run and the cil run (a heading row is in <thead>)
     names = {re.search(r'href="#[^"]+">([^<]+)</a>', r).group(1) for r in rows}  # type: ignore[union-attr]
-    assert names == {"runs/kd", "runs/alone", "runs/prune/sglp-toy", "runs/cil-toy"}
+    assert names == {"runs/kd", "runs/alone", "runs/staged", "runs/prune/sglp-toy", "runs/cil-toy"}
+    assert "<td>staged</td>" in next(r for r in rows if ">runs/staged<" in r)
     kd_row = next(r for r in rows if ">runs/kd<" in r)
     results = json.loads((sources / "runs" / "kd" / "results.json").read_text())
     assert "distill" in kd_row and "test top1" in kd_row and f">{results['test_last']['top1']:,.2f}<" in kd_row
@@ -100,7 +109,7 @@ def test_page_holds_every_run_and_section(site: Path, sources: Path) -> None:
     assert all(src.startswith("assets/") and (site / src).is_file() for src in imgs)
     names = " ".join(imgs)
     for part in ("kd-curves", "alone-curves", "alone-samples", "sglp-toy-cka", "sglp-toy-segments", "toy-toy",
-                 "all-runs-top1"):
+                 "all-runs-top1", "staged-stages", "sglp-toy-heal-curves"):
         assert part in names, (part, names)
     # offline: nothing is loaded from elsewhere (links may point out, sources may not)
     assert not re.search(r'(src|href)="(https?:)?//', page.replace('href="https://example.org"', ""))
@@ -159,7 +168,7 @@ def test_page_in_a_headless_browser(site: Path, tmp_path: Path) -> None:
         last = names.index("last")
         heads[last].click()
         up = [float(v) for v in _column(d, last)]
-        assert up == sorted(up) and len(up) == 4
+        assert up == sorted(up) and len(up) == 5
         heads[last].click()
         down = [float(v) for v in _column(d, last)]
         assert down == sorted(up, reverse=True)

@@ -303,6 +303,14 @@ def _curves(site: Site, e: Entry) -> str:
             parts.append(f'<p class="muted">{_e(err)}</p>')
     elif (e.path / "curves.png").is_file():
         parts.append(site.fig(site.asset(e.path / "curves.png", f"{e.name}-curves"), f"{e.name}: learning curves"))
+    elif stages := sorted((e.path / "stages").glob("*/metrics.csv")):  # a staged run: each stage's curves
+        png, url = site.new_asset(f"{e.name}-stages")
+        try:
+            plot_curves({f.parent.name: read_csv(f) for f in stages}, png, title=f"{e.name}: stages",
+                        monitor=e.data.get("monitor"))
+            parts.append(site.fig(url, f"{e.name}: learning curves of each stage"))
+        except KdforgeError as err:
+            parts.append(f'<p class="muted">{_e(err)}</p>')
     for p in sorted(e.path.glob("samples*.png")):
         parts.append(site.fig(site.asset(p, f"{e.name}-{p.stem}"), f"{e.name}: {p.name}", 600))
     return "".join(parts)
@@ -418,6 +426,8 @@ def _prune_section(site: Site, e: Entry) -> str:
     for extra in ("importance.png", "tradeoff.png"):
         if (e.path / extra).is_file():
             parts.append(site.fig(site.asset(e.path / extra, f"{e.name}-{Path(extra).stem}"), extra))
+    if (e.path / "heal" / "metrics.csv").is_file():
+        parts.append(_curves(site, Entry("train", e.path / "heal", f"{e.name}/heal", {})))
     return "".join(parts)
 
 
