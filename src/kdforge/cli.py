@@ -233,6 +233,42 @@ def cil(
     typer.echo("time per task (s): " + " ".join(f"{s:.1f}" for s in res.task_time_s))
 
 
+@app.command()
+def audio(
+    recipe: Annotated[Path, typer.Argument(help="audio recipe (src/kdforge/recipes/audio/*.yaml)")],
+    run_dir: Annotated[Path | None, typer.Option("--run-dir", "-r", help="save every stage here; resumes")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Run an audio recipe (its stages, then late fusion); print each stage's and the fusion's test metrics."""
+    from kdforge.audio.recipe import AudioRecipe, check_run_dir
+    from kdforge.audio.recipe import run as run_audio
+
+    r = AudioRecipe.from_yaml(_recipe_path(recipe), set_)
+    check_run_dir(run_dir)
+    res = run_audio(r, run_dir)
+    for name, m in res.stages.items():
+        t = m.get("test", {})
+        typer.echo(f"{name:14s} " + " ".join(f"{k}={t[k]:.2f}" for k in ("top1", "top5", "mca", "ece") if k in t))
+    for label in ("uniform", "published", "searched"):
+        if label in res.fusion:
+            t, w = res.fusion[label]["test"], res.fusion[label]["weights"]
+            typer.echo(f"fused {label:8s} ({', '.join(f'{x:.2f}' for x in w)}) top1={t['top1']:.2f} mca={t['mca']:.2f}")
+
+
+@app.command("audio-predict")
+def audio_predict(
+    run_dir: Annotated[Path, typer.Argument(help="a finished audio run folder (kdforge audio RECIPE -r FOLDER)")],
+    audio_file: Annotated[Path, typer.Argument(help="WAV (or any format soundfile reads), any sample rate")],
+    stage: Annotated[str | None, typer.Option(help="which stage's model (default: the last fused one)")] = None,
+    top: Annotated[int, typer.Option(help="how many classes to print")] = 5,
+) -> None:
+    """Classify your own audio file with a trained audio run (resampled to the run's rate, 5 views)."""
+    from kdforge.audio.recipe import predict_run
+
+    for name, p in predict_run(run_dir, audio_file, stage, top):
+        typer.echo(f"{p:.4f}  {name}")
+
+
 def _cil_status(tasks: int) -> object:
     """An engine callback that says which task and stage of a class-incremental run is training."""
     from kdforge.engine.callbacks import Callback

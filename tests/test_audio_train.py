@@ -1,0 +1,279 @@
+"""Audio recipe: loss identities, step-decay values, freezing, fusion, metrics, EPIC-SOUNDS files, a staged run."""
+
+from __future__ import annotations
+
+import json
+import math
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdforge.audio.fusion import PUBLISHED_WEIGHTS, fuse, search_weights, simplex_grid
+from kdforge.audio.losses import focal_loss, ls_focal_loss
+from kdforge.audio.metrics import (
+    all_metrics,
+    expected_calibration_error,
+    mean_auc,
+    mean_average_precision,
+    mean_class_accuracy,
+    nll,
+    redact,
+    topk_accuracy,
+)
+from kdforge.audio.models import AudioSlowFast, audio_slowfast_lite, freeze_backbone
+from kdforge.config import SchedConfig
+from kdforge.engine.schedule import lr_factor
+from kdforge.errors import KdforgeError
+
+# -- loss ---------------------------------------------------------------------------------------------
+
+
+def test_loss_identities() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(64, 44, generator=g) * 3, torch.randint(0, 44, (64,), generator=g)
+    assert abs(float(ls_focal_loss(logits, y, 0.0, 0.0) - F.cross_entropy(logits, y))) < 1e-6
+    small = logits / 3  # no probability below the 1e-7 clamp: LS equals torch's label smoothing
+    assert abs(float(ls_focal_loss(small, y, 0.06, 0.0) - F.cross_entropy(small, y, label_smoothing=0.06))) < 1e-5
+    for eps in (0.0, 0.06, 0.5):
+        assert abs(float(ls_focal_loss(torch.zeros(4, 44), y[:4], eps, 0.0)) - math.log(44)) < 1e-6
+    per_ls = ls_focal_loss(logits, y, 0.06, 0.0, reduction="none")
+    per_focal = ls_focal_loss(logits, y, 0.06, 0.3, reduction="none")
+    assert torch.all(per_focal <= per_ls) and torch.all(per_focal < per_ls)
+    # the focal factor weighs every class term of the smoothed target, not only the true class
+    p = logits.softmax(-1).clamp(1e-7, 1 - 1e-7)
+    tgt = F.one_hot(y, 44) * 0.94 + 0.06 / 44
+    assert torch.allclose(per_focal, -(tgt * (1 - p) ** 0.3 * p.log()).sum(-1))
+    assert abs(float(focal_loss(logits, y, 0.0) - F.cross_entropy(logits, y))) < 1e-5
+
+
+def test_loss_gradients_finite_for_extreme_logits() -> None:
+    logits = torch.tensor([[1e4, -1e4, 0.0], [-1e4, 1e4, 50.0]], requires_grad=True)
+    y = torch.tensor([1, 0])
+    for loss in (ls_focal_loss(logits, y, 0.06, 0.3), focal_loss(logits, y, 2.0)):
+        (grad,) = torch.autograd.grad(loss, logits)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all()
+
+
+# -- schedule ------------------------------------------------------------------------------------------
+
+
+def test_relative_step_decay_values() -> None:
+    cfg = SchedConfig(name="relative", relative=[(0, 1), (2, 0.7), (4, 0.5), (6, 0.3), (8, 0.1)])
+    lr = lambda epoch: 1e-4 * lr_factor(round(epoch * 100), cfg, 100, 1000, 1e-4)  # 100 steps per epoch
+    # the official get_step_index: the last step <= e; so lr(3.5) is 0.7 x base (the spec's list says 5e-5,
+    # which its own formula and the code give only from epoch 4)
+    assert lr(1.99) == pytest.approx(1e-4) and lr(3.5) == pytest.approx(7e-5) and lr(9.9) == pytest.approx(1e-5)
+    assert lr(2.0) == pytest.approx(7e-5) and lr(4.5) == pytest.approx(5e-5) and lr(0.0) == pytest.approx(1e-4)
+    m1 = SchedConfig(name="relative", relative=[(0, 1), (25, 0.1)])
+    assert lr_factor(2499, m1, 100, 3000, 1e-3) == 1.0 and lr_factor(2500, m1, 100, 3000, 1e-3) == 0.1
+
+
+# -- freezing ------------------------------------------------------------------------------------------
+
+
+def _one_step(freeze_bn_stats: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], AudioSlowFast]:
+    from kdforge.audio.data import SpectrogramSet
+    from kdforge.audio.method import AudioStage
+    from kdforge.config import Recipe
+    from kdforge.data import DataBundle
+    from kdforge.engine.trainer import Trainer
+
+    torch.manual_seed(0)
+    model = audio_slowfast_lite(3)
+    specs = [torch.randn(40, 16) for _ in range(8)]
+    train = SpectrogramSet(specs, [0, 1, 2, 0, 1, 2, 0, 1], 40, train=True, split="train")
+    test = SpectrogramSet(specs[:3], [0, 1, 2], 40, train=False, views=2, split="test")
+    method = AudioStage(model, "ls", 0.06, 0.0, freeze_backbone_=True, freeze_bn=True,
+                        freeze_bn_stats=freeze_bn_stats)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    r = Recipe.from_dict({"data": {"batch_size": 8, "val_fraction": 0.0}, "optim": {"lr": 0.5, "weight_decay": 0.1},
+                          "sched": {"name": "constant"},
+                          "train": {"max_steps": 1, "device": "cpu", "progress": "never"}})
+    Trainer(method, DataBundle(train, None, test, 3, 1, 0, []), r).fit()
+    return before, model.state_dict(), model
+
+
+def test_freezing_trains_only_the_head_and_keeps_eval_bns() -> None:
+    model = audio_slowfast_lite(5)
+    trained = freeze_backbone(model)
+    assert trained and all("head" in n for n in trained)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == trained
+    before, after, model = _one_step(freeze_bn_stats=False)
+    adapting = {n for n, m in model.named_modules() if any(m is a for a in model.adapting_bn)}
+    assert adapting == {"slow_stem_bn", "fast_stem_bn", "fuse.0.bn"}
+    for k, v in after.items():
+        if "head" in k:
+            assert not torch.equal(v, before[k]), k
+        elif k.rsplit(".", 1)[0] in adapting and k.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            assert not torch.equal(v, before[k]), k  # the official quirk: stem/fusion stats keep adapting
+        else:
+            assert torch.equal(v, before[k]), k  # every other parameter and every eval-mode BN: bit-identical
+    before, after, _ = _one_step(freeze_bn_stats=True)
+    assert all(torch.equal(v, before[k]) for k, v in after.items() if "head" not in k)
+
+
+def test_timm_backbone_freezes_its_classifier_only() -> None:
+    from kdforge.models import create_model
+
+    net = create_model("timm:resnet10t", num_classes=4, in_chans=1)
+    trained = freeze_backbone(net)
+    assert trained == ["fc.weight", "fc.bias"]
+    assert net(torch.randn(2, 1, 64, 32)).shape == (2, 4)
+
+
+# -- fusion --------------------------------------------------------------------------------------------
+
+
+def _scores(seed: int, n: int = 40, k: int = 6) -> np.ndarray:
+    return np.random.default_rng(seed).dirichlet(np.ones(k), size=n) * 5  # sums of 5 view probabilities
+
+
+def test_fusion_properties() -> None:
+    s = [_scores(i) for i in range(4)]
+    one = fuse(s, (1, 0, 0, 0))
+    assert np.array_equal(np.argsort(-one, 1, kind="stable"), np.argsort(-s[0], 1, kind="stable"))
+    pub = fuse(s, PUBLISHED_WEIGHTS)
+    assert np.array_equal(fuse(s, PUBLISHED_WEIGHTS, scale=0.25).argmax(1), pub.argmax(1))
+    assert np.array_equal((7.3 * pub).argmax(1), pub.argmax(1))
+    same = fuse([s[1]] * 4, (0.1, 0.4, 0.25, 0.25))
+    assert np.array_equal(np.argsort(-same, 1, kind="stable"), np.argsort(-s[1], 1, kind="stable"))
+    with pytest.raises(KdforgeError, match="one weight per model"):
+        fuse(s, (0.5, 0.5))
+
+
+def test_fusion_search_uses_the_grid_and_never_loses_to_uniform_on_val() -> None:
+    grid = list(simplex_grid(4, 0.25))
+    assert len(grid) == math.comb(4 + 3, 3) and all(abs(sum(w) - 1) < 1e-12 for w in grid)
+    y = np.random.default_rng(9).integers(0, 6, 40)
+    good = np.eye(6)[y] * 0.6 + _scores(5) * 0.1  # model 2 knows the labels
+    s = [_scores(0), good, _scores(1), _scores(2)]
+    w, val = search_weights(s, y, 0.05)
+    assert w[1] > 0 and val == 100.0
+    assert val >= topk_accuracy(fuse(s, [0.25] * 4), y)
+
+
+# -- metrics -------------------------------------------------------------------------------------------
+
+
+def test_metrics_on_a_toy_confusion_matrix() -> None:
+    # labels 0 x4, 1 x2, 2 x2; predictions: class 0 all right, class 1 half, class 2 none (predicted 0)
+    y = np.array([0, 0, 0, 0, 1, 1, 2, 2])
+    pred = np.array([0, 0, 0, 0, 1, 0, 0, 0])
+    s = np.full((8, 4), 0.1)
+    s[np.arange(8), pred] = 0.7  # class 3 is never a label: skipped by mCA/mAP/mAUC
+    s[[6, 7], 2] = 0.2  # the true class second for class-2 rows
+    assert topk_accuracy(s, y, 1) == 62.5 and topk_accuracy(s, y, 2) == 100.0
+    assert mean_class_accuracy(s, y) == pytest.approx((100 + 50 + 0) / 3)
+    assert mean_average_precision(np.eye(4)[y], y) == 100.0 and mean_auc(np.eye(4)[y], y) == 1.0
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    assert mean_average_precision(s, y) == pytest.approx(100 * np.mean(
+        [average_precision_score(y == c, s[:, c]) for c in (0, 1, 2)]))
+    assert mean_auc(s, y) == pytest.approx(np.mean([roc_auc_score(y == c, s[:, c]) for c in (0, 1, 2)]))
+    rs, ry = redact(s, y, [2])
+    assert rs.shape == (6, 4) and len(ry) == 6 and 2 not in ry
+    assert all_metrics(s, y, [2])["top1"] == pytest.approx(100 * 5 / 6)
+
+
+def test_calibration_values() -> None:
+    y = np.array([0, 1, 0, 1])
+    certain = np.array([[1.0, 0.0]] * 4)  # confidence 1, half right
+    assert expected_calibration_error(certain, y) == pytest.approx(50.0)
+    half = np.full((4, 2), 0.5)
+    assert expected_calibration_error(half, y) == pytest.approx(0.0) and nll(half, y) == pytest.approx(math.log(2))
+    assert nll(5 * half, y) == pytest.approx(math.log(2))  # scores are normalised first
+
+
+# -- EPIC-SOUNDS files ---------------------------------------------------------------------------------
+
+
+def test_epic_sounds_loader_and_submission(tmp_path) -> None:
+    h5py = pytest.importorskip("h5py")
+    from kdforge.audio.data import EpicSounds, write_submission
+
+    with h5py.File(tmp_path / "audio.hdf5", "w") as f:
+        f["P01_01"] = (np.random.default_rng(0).standard_normal(24000 * 4) * 0.1).astype(np.float32)
+    csv = tmp_path / "val.csv"
+    csv.write_text("annotation_id,participant_id,video_id,start_timestamp,stop_timestamp,start_sample,stop_sample,"
+                   "description,class,class_id\n"
+                   "P01_01_0,P01,P01_01,0,0,1000,13000,tap,background,13\n"
+                   "P01_01_1,P01,P01_01,0,0,5000,90000,clang,metal-only collision,0\n")
+    train = EpicSounds(tmp_path / "audio.hdf5", csv, train=True)
+    x, y = train[1]
+    assert x.shape == (1, 400, 128) and y == 0
+    views, y = EpicSounds(tmp_path / "audio.hdf5", csv)[0]
+    assert views.shape == (5, 1, 400, 128) and y == 13
+    assert torch.equal(views[0], views[4])  # a short segment: identical views
+    assert train.class_names()[13] == "background"
+    with pytest.raises(KdforgeError, match="EPIC-SOUNDS audio not found"):
+        EpicSounds(tmp_path / "missing.hdf5", csv)
+    with pytest.raises(KdforgeError, match="annotation file not found"):
+        EpicSounds(tmp_path / "audio.hdf5", tmp_path / "none.csv")
+    path = write_submission(tmp_path / "sub.zip", np.ones((2, 44)), ["P01_01_0", "P01_01_1"])
+    sub = json.loads(zipfile.ZipFile(path).read("test.json"))
+    assert sub["challenge"] == "audio_based_interaction_recognition" and len(sub["results"]["P01_01_1"]
+                                                                              ["interaction"]) == 44
+    with pytest.raises(KdforgeError, match="scores"):
+        write_submission(tmp_path / "bad.zip", np.ones((2, 43)), ["a", "b"])
+
+
+def test_spoken_words_optional() -> None:
+    pytest.importorskip("espeakng_loader")
+    from kdforge.audio.data import spoken_words
+
+    clips = spoken_words(words=("yes", "stop"), voices=("en",), rates=(175,), pitches=(50,), sample_rate=16000)
+    assert [w for _, w, _ in clips] == [0, 1]
+    assert all(0.15 < len(a) / 16000 < 2.0 and np.abs(a).max() <= 1.0 for a, _, _ in clips)
+
+
+# -- a staged run end to end ---------------------------------------------------------------------------
+
+TINY = ["data.most=12", "data.least=3", "data.val_per_class=2", "data.test_most=6", "data.test_least=2",
+        "data.pretrain_per_class=4", "data.cache=null", "fusion.step=0.25"]
+
+
+@pytest.fixture(scope="module")
+def audio_run(tmp_path_factory):
+    from kdforge.audio.recipe import AudioRecipe, run
+    from kdforge.config import load_yaml
+    from kdforge.recipe_files import packaged
+
+    d = load_yaml(packaged("audio/synthetic_quick.yaml"))
+    for s in d["stages"]:
+        s["epochs"] = 1
+    recipe = AudioRecipe.from_dict(d, TINY)
+    root = tmp_path_factory.mktemp("audio") / "run"
+    return recipe, root, run(recipe, root, resume=False)
+
+
+def test_staged_run_fusion_and_resume(audio_run) -> None:
+    from kdforge.audio.recipe import run
+
+    recipe, root, res = audio_run
+    assert list(res.stages) == ["pretrain", "m1", "m2", "m3", "m4"]
+    assert res.stages["m3"]["trainable_params"] < res.stages["m1"]["trainable_params"]
+    assert set(res.fusion) >= {"uniform", "published", "searched"} and res.fusion["models"] == ["m1", "m2", "m3", "m4"]
+    assert abs(sum(res.fusion["searched"]["weights"]) - 1) < 1e-9
+    assert (root / "stages.json").is_file() and (root / "stages" / "02-m2" / "results.json").is_file()
+    again = run(recipe, root, resume=True)  # every stage finished: loaded, not retrained
+    assert again.stages["m4"]["test"] == res.stages["m4"]["test"] and again.fusion["searched"] == res.fusion["searched"]
+
+
+def test_cli_audio_predict_and_errors(audio_run, tmp_path, capsys) -> None:
+    from kdforge.audio.frontend import write_wav
+    from kdforge.cli import main
+
+    _, root, res = audio_run
+    wav = tmp_path / "mine.wav"
+    write_wav(wav, 0.3 * np.sin(2 * np.pi * 2000 * np.arange(44100) / 44100), 44100)  # a 44.1 kHz "beep"
+    assert main(["audio-predict", str(root), str(wav), "--top", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and all(line.split("  ", 1)[1] in res.class_names for line in lines)
+    assert main(["audio-predict", str(root), str(wav), "--stage", "pretrain"]) == 2
+    assert "not a stage" in capsys.readouterr().err
+    assert main(["audio", "src/kdforge/recipes/audio/synthetic_quick.yaml", "--set", "stages.0.loss=hinge"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "loss" in err and len(err.strip().splitlines()) == 1
