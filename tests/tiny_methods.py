@@ -51,6 +51,7 @@ def tiny_methods(clip_teacher: Path) -> dict[str, dict[str, Any]]:
                       "features": {"model": "diffusion_featnet", "kwargs": {"width": 8},
                                    "checkpoint": str(featnet_weights(clip_teacher.parent / "featnet.safetensors"))}},
         "pdm": {"ids_per_batch": 4, "num_pos": 4, "model": {"width": 4, "prototypes": 2}},
+        "audio_stage": {"model": S, "loss": "ls_focal", "epsilon": 0.06, "gamma": 0.3},
     }
 
 

@@ -123,14 +123,18 @@ class AudioStage(Method):
         """Multi-view metrics (top-1/5, mCA, mAP, mAUC, ECE, NLL); the scores are kept in ``self.scores``."""
         if loader is None:
             return {}
-        if self.precise_bn_batches and trainer is not None and trainer.train_loader is not None:
-            precise_bn(model, trainer.train_loader, self.precise_bn_batches)
+        # `kdforge eval` calls this on an instance built by Method.__init__ only: settings default to none
+        batches = getattr(self, "precise_bn_batches", 0)
+        train_loader = getattr(trainer, "train_loader", None)
+        if batches and train_loader is not None:
+            precise_bn(model, train_loader, batches)
         s, y = view_scores(model, loader)
-        self.scores[getattr(loader.dataset, "split", "") or "eval"] = (s, y)
+        if hasattr(self, "scores"):
+            self.scores[getattr(loader.dataset, "split", "") or "eval"] = (s, y)
         keep = y >= 0
         if not keep.any():
             return {}
-        m = all_metrics(s[keep], y[keep], self.redact_classes)
+        m = all_metrics(s[keep], y[keep], getattr(self, "redact_classes", []))
         p = s[keep] / s[keep].sum(1, keepdims=True)
         m["loss"] = float(-np.log(np.clip(p[np.arange(keep.sum()), y[keep]], 1e-12, None)).mean())
         return m
