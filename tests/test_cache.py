@@ -221,6 +221,27 @@ def test_a_killed_build_resumes(teacher_ck: Path, tmp_path: Path) -> None:
     _method_and_views(r.model_dump())
 
 
+def test_a_sigkilled_build_process_resumes(teacher_ck: Path, tmp_path: Path) -> None:
+    cache = {"name": "t", "dir": str(tmp_path / "a"), "chunk": 8, "batch_size": 64}
+    r = recipe(teacher_ck, tmp_path, **{"data.limit_train": 2000, "method.cache": cache, "train.progress": "always"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "kdforge", "cache", "build", _yaml(tmp_path, r)], env=env,
+                         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    assert p.stderr is not None
+    for line in p.stderr:
+        if "chunk 3/250" in line:
+            p.kill()  # SIGKILL: no clean-up runs
+            break
+    p.wait(timeout=60)
+    done = len(list((tmp_path / "a" / "t" / "chunks").glob("*.sha256")))
+    assert 3 <= done < 250, done
+    res = build_from_recipe(kd.Recipe.from_dict(r))
+    assert res.chunks_built == 250 - done
+    assert not list((tmp_path / "a" / "t" / "chunks").glob(".*"))  # no half-written chunk is left
+    m, _ = _method_and_views(r)
+    assert m._cache.t["params"].shape == (2000, 3, 3)
+
+
 def test_cache_list_size_clear(teacher_ck: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     build_from_recipe(kd.Recipe.from_dict(recipe(teacher_ck, tmp_path)))
     (tmp_path / "mine").mkdir()  # not a cache: never touched
@@ -234,6 +255,20 @@ def test_cache_list_size_clear(teacher_ck: Path, tmp_path: Path, capsys: pytest.
     assert not (tmp_path / "t").exists() and (tmp_path / "mine").is_dir()
 
 
+def test_bucket_kd_is_the_kl_of_the_bucketed_distributions() -> None:
+    from kdforge.cache.llm import bucket_kd
+
+    t = torch.tensor([[2.0, 0.5, -1.0, 1.0, 0.0]])
+    s = torch.tensor([[1.0, 1.0, 0.0, -0.5, 0.3]])
+    v, ids, rest = compress_topk(t, 2)  # tokens 0 and 3
+    t_lp = torch.cat([v, rest[:, None]], -1).log_softmax(-1)
+    pt, ps = t.softmax(-1)[0], s.softmax(-1)[0]
+    bt = [pt[0], pt[3], pt[1] + pt[2] + pt[4]]
+    bs = [ps[0], ps[3], ps[1] + ps[2] + ps[4]]
+    by_hand = sum(float(a) * math.log(float(a) / float(b)) for a, b in zip(bt, bs, strict=True))
+    assert float(bucket_kd(s, ids.long(), t_lp)) == pytest.approx(by_hand, rel=1e-5)
+
+
 def test_lm_topk_cache_heals_like_the_live_teacher(tmp_path: Path, one_thread: None) -> None:
     from kdforge.cache.llm import LMTopKCache
     from kdforge.prune.llm import heal_kd, tiny_llama
@@ -242,8 +277,10 @@ def test_lm_topk_cache_heals_like_the_live_teacher(tmp_path: Path, one_thread: N
     blocks = torch.randint(0, 64, (12, 16), generator=torch.Generator().manual_seed(0))
     exact = LMTopKCache.build(teacher, blocks, tmp_path / "all", k=64, dtype="fp32", chunk=5)
     live = heal_kd(copy.deepcopy(student), teacher, blocks, steps=3, lr=1e-3)
-    cached = heal_kd(copy.deepcopy(student), teacher, blocks, steps=3, lr=1e-3, teacher_cache=exact)
-    assert cached == pytest.approx(live, rel=1e-5)  # k = V: the cache is the teacher
+    for tail in ("bucket", "uniform"):  # k = V: the cache is the teacher
+        cached = heal_kd(copy.deepcopy(student), teacher, blocks, steps=3, lr=1e-3, teacher_cache=exact,
+                         cache_tail=tail)
+        assert cached == pytest.approx(live, rel=1e-5)
     top8 = LMTopKCache.build(teacher, blocks, tmp_path / "k8", k=8)
     assert top8.bytes_per_token == 8 * 6 + 4
     approx = heal_kd(copy.deepcopy(student), teacher, blocks, steps=3, lr=1e-3, teacher_cache=top8)

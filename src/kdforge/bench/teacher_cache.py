@@ -123,20 +123,25 @@ def _trainer(recipe: dict[str, Any]) -> Any:
 
 def time_epochs(recipes: dict[str, dict[str, Any]], rounds: int) -> dict[str, list[float]]:
     """Seconds of one training epoch per path, interleaved in one process (order rotates every round)."""
-    names = ["supervised", "live", "cached"]
-    trainers = {n: _trainer(recipes[n]) for n in names}
+    names = ["supervised", "live", "cached", "loading"]
+    trainers = {n: _trainer(recipes[n]) for n in names[:3]}
+    trainers["loading"] = trainers["supervised"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     out: dict[str, list[float]] = {n: [] for n in names}
     try:
-        for n in names:  # warm-up
+        for n in names[:3]:  # warm-up
             trainers[n].train_steps(trainers[n].batches_per_epoch)
         for r in range(rounds):
-            for n in names[r % 3:] + names[: r % 3]:
+            for n in names[r % 4:] + names[: r % 4]:
                 tr = trainers[n]
                 torch.set_num_threads(1)
                 t0 = time.perf_counter()
-                tr.train_steps(tr.batches_per_epoch)
+                if n == "loading":  # the data loader alone: replaying the views and collating the batches
+                    for _ in tr._batches():
+                        pass
+                else:
+                    tr.train_steps(tr.batches_per_epoch)
                 out[n].append(time.perf_counter() - t0)
     finally:
         torch.set_num_threads(threads)
@@ -205,10 +210,10 @@ def llm_row(out: Path, quick: bool) -> dict[str, Any]:
     res["bytes_per_token"] = cache.bytes_per_token
     res["full_bytes_per_token"] = 2 * cache.vocab
     res["vocab"] = cache.vocab
-    for name, tc in (("live", None), ("cached", cache)):
+    for name, tc, tail in (("live", None, None), ("cached", cache, "bucket"), ("uniform", cache, "uniform")):
         st = copy.deepcopy(student)
         t = time.perf_counter()
-        losses = heal_kd(st, teacher, heal_rows, s["steps"], s["lr"], 2, T=1.0, teacher_cache=tc)
+        losses = heal_kd(st, teacher, heal_rows, s["steps"], s["lr"], 2, T=1.0, teacher_cache=tc, cache_tail=tail)
         res[f"{name}_heal_s"] = time.perf_counter() - t
         res[f"{name}_loss"] = [losses[0], losses[-1]]
         res[f"ppl_{name}"] = perplexity(st, ev)
@@ -278,6 +283,7 @@ def markdown(res: dict[str, Any], sts: list[dict[str, Any]]) -> str:
             "setting": st["name"], "teacher / student MFLOPs": f"{r['teacher_mflops']:.2f} / {r['student_mflops']:.2f} "
             f"({r['teacher_mflops'] / r['student_mflops']:.1f}×)",
             "supervised s/epoch": f"{statistics.median(sup):.3f}",
+            "of which data loading": f"{statistics.median(e['loading']):.3f}",
             "live KD s/epoch (× sup.)": f"{statistics.median(e['live']):.3f} ({_ratio(e['live'], sup)})",
             "cached KD s/epoch (× sup.)": f"{statistics.median(e['cached']):.3f} ({_ratio(e['cached'], sup)})",
         })
@@ -303,7 +309,9 @@ def markdown(res: dict[str, Any], sts: list[dict[str, Any]]) -> str:
         "model": llm["model"].split(" (")[0], "removed layers": ", ".join(map(str, llm["removed"])),
         "ppl unpruned / pruned": f"{llm['ppl_teacher']:.2f} / {llm['ppl_pruned']:.2f}",
         "live heal: ppl, s/step": f"{llm['ppl_live']:.2f}, {llm['live_heal_s'] / s['steps']:.2f}",
-        "cached heal: ppl, s/step": f"{llm['ppl_cached']:.2f}, {llm['cached_heal_s'] / s['steps']:.2f}",
+        "cached heal (bucket tail): ppl, s/step": f"{llm['ppl_cached']:.2f}, {llm['cached_heal_s'] / s['steps']:.2f}",
+        "cached heal (uniform tail): ppl, s/step": f"{llm['ppl_uniform']:.2f}, "
+                                                    f"{llm['uniform_heal_s'] / s['steps']:.2f}",
         "cache build (s)": f"{llm['build_s']:.1f}",
         "k, bytes/token (full fp16)": f"{s['k']}, {llm['bytes_per_token']} ({llm['full_bytes_per_token']:,})",
         "disk": _kb(llm["bytes"]),
@@ -323,7 +331,8 @@ def markdown(res: dict[str, Any], sts: list[dict[str, Any]]) -> str:
         "## Seconds per epoch",
         "",
         f"One training epoch through the engine (`Trainer.train_steps`, no evaluation), the three paths interleaved in "
-        f"one process for {res['rounds']} rounds in rotating order after one warm-up epoch each; median, and the "
+        f"one process for {res['rounds']} rounds in rotating order after one warm-up epoch each (with a fourth path, "
+        "the supervised run's data loader alone: replaying the views and collating); median, and the "
         f"ratio to the supervised student's median with the per-round min–max in brackets. {res['malloc']} "
         "(the in-process equivalent of `make bench-overhead`'s environment). The supervised student trains on the "
         "same replayed views; 'live KD' runs the teacher on every batch, 'cached KD' reads its logits.",
@@ -353,9 +362,12 @@ def markdown(res: dict[str, Any], sts: list[dict[str, Any]]) -> str:
         + "Text: pydoc topics in rows of "
         f"{s['seq_len']} tokens; healing uses the first {s['rows']} calibration rows, perplexity the first "
         f"{s['n_eval']} held-out rows. Heal: {s['steps']} AdamW steps (lr {s['lr']}, batch 2 rows, clip 1.0) of "
-        "logit KD at T 1 through the engine, the same rows drawn per step in both runs. The cache keeps the top-"
+        "logit KD at T 1 through the engine, the same rows drawn per step in every run. The cache keeps the top-"
         f"{s['k']} next-token logits per token (fp16), their int32 ids and the log of the remaining mass "
-        f"(`kdforge.cache.topk`); vocabulary {llm['vocab']:,}. Sized small to fit the 25-minute budget "
+        f"(`kdforge.cache.topk`); vocabulary {llm['vocab']:,}. 'Bucket tail' (the default) matches the teacher's "
+        "top-k probabilities and its total remaining mass against the student's own mass outside those tokens; "
+        "'uniform tail' takes the KL to the full distribution rebuilt with the remaining mass spread evenly over "
+        "the other tokens. Sized small to fit the 25-minute budget "
         f"(model load {llm['load_s']:.0f} s): not a healing result, a cost and fidelity check.",
         "",
         markdown_table(llm_rows),

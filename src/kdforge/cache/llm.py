@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -137,13 +138,25 @@ class LMTopKCache:
         r = rows.long().cpu()
         return expand_topk(self.t["values"][r], self.t["indices"][r], self.t["rest"][r], self.vocab)
 
+    def bucket_log_probs(self, rows: Tensor, T: float = 1.0) -> tuple[Tensor, Tensor]:
+        """(ids (B, L, k), teacher log-probabilities (B, L, k + 1) over the top-k tokens and one bucket of the rest).
+
+        At ``T = 1`` the bucket holds the exact remaining mass; at another T its mass is that of the
+        evenly spread rest (the rule of :func:`kdforge.cache.topk.expand_topk`).
+        """
+        r = rows.long().cpu()
+        v, ids, rest = self.t["values"][r].float(), self.t["indices"][r].long(), self.t["rest"][r].float()
+        n_rest = max(self.vocab - self.k, 1)
+        tail = (rest - math.log(n_rest)) / T + math.log(n_rest)
+        return ids, torch.cat([v / T, tail.unsqueeze(-1)], -1).log_softmax(-1)
+
     def heal_parts(self, student: nn.Module, blocks: Tensor, batch_size: int, seed: int, T: float = 1.0,
-                   ce_weight: float = 0.0) -> tuple[Method, CachedBlocks]:
+                   ce_weight: float = 0.0, tail: str = "bucket") -> tuple[Method, CachedBlocks]:
         """The method and step source :func:`kdforge.prune.llm.heal_kd` trains with when it reads this cache."""
         if blocks_fingerprint(blocks) != self.meta["identity"]["data"]["fingerprint"]:
             raise KdforgeError(f"LM teacher cache {str(self.path)!r} was built on other token rows than the ones "
                                "to heal on; rebuild it on these rows")
-        return CachedLogitDistill(student, self, T, ce_weight), CachedBlocks(blocks, batch_size, seed)
+        return CachedLogitDistill(student, self, T, ce_weight, tail), CachedBlocks(blocks, batch_size, seed)
 
 
 def _write_meta(path: Path, meta: dict[str, Any]) -> None:
@@ -166,12 +179,36 @@ class CachedBlocks:
         return {"ids": self.inner.blocks[rows], "rows": rows}
 
 
-class CachedLogitDistill(Method):
-    """Logit distillation of a causal LM from a cached top-k teacher: KL to its rebuilt next-token distribution."""
+def bucket_kd(s_logits: Tensor, ids: Tensor, t_log_probs: Tensor, T: float = 1.0) -> Tensor:
+    """T² · KL(teacher ‖ student) over k + 1 bins: the teacher's top-k tokens and one bucket of all others.
 
-    def __init__(self, student: nn.Module, cache: LMTopKCache, T: float = 1.0, ce_weight: float = 0.0) -> None:
+    The student's bucket is its own probability of every token outside the teacher's top-k, so the loss
+    moves the student's tail mass, not the shape of its tail. Mean over positions.
+    """
+    s = (s_logits.float() / T).log_softmax(-1)
+    top = s.gather(-1, ids)
+    rest = s.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)
+    s_bins = torch.cat([top, rest], -1)
+    # an empty bucket (k = vocabulary) contributes 0, not 0 · (-inf - -inf)
+    terms = torch.where(t_log_probs > float("-inf"), t_log_probs.exp() * (t_log_probs - s_bins), 0.0)
+    kl = terms.sum(-1)
+    return kl.mean() * T * T
+
+
+class CachedLogitDistill(Method):
+    """Logit distillation of a causal LM from a cached top-k teacher.
+
+    ``tail``: ``bucket`` (default) matches the teacher's top-k tokens and the total mass of the rest
+    (:func:`bucket_kd`); ``uniform`` takes the KL to the full distribution rebuilt with the rest spread
+    evenly over the other tokens (:meth:`LMTopKCache.logits`), which also flattens the student's tail.
+    """
+
+    def __init__(self, student: nn.Module, cache: LMTopKCache, T: float = 1.0, ce_weight: float = 0.0,
+                 tail: str = "bucket") -> None:
         super().__init__()
-        self.student, self.T, self.ce_weight = student, T, ce_weight
+        if tail not in ("bucket", "uniform"):
+            raise KdforgeError(f"tail must be 'bucket' or 'uniform', got {tail!r}")
+        self.student, self.T, self.ce_weight, self.tail = student, T, ce_weight, tail
         object.__setattr__(self, "cache", cache)  # not a module: nothing of it is saved or moved
         self._no_split_modules = getattr(student, "_no_split_modules", None)
 
@@ -182,8 +219,12 @@ class CachedLogitDistill(Method):
         ids = batch["ids"]
         s_logits = lm_logits(self.student, ids).float()
         v = s_logits.shape[-1]
-        t_logits = self.cache.logits(batch["rows"]).to(s_logits.device)
-        out = {"kd": kd_loss(s_logits.reshape(-1, v), t_logits.reshape(-1, v), self.T)}
+        if self.tail == "bucket":
+            ids, t_lp = self.cache.bucket_log_probs(batch["rows"], self.T)
+            out = {"kd": bucket_kd(s_logits, ids.to(s_logits.device), t_lp.to(s_logits.device), self.T)}
+        else:
+            t_logits = self.cache.logits(batch["rows"]).to(s_logits.device)
+            out = {"kd": kd_loss(s_logits.reshape(-1, v), t_logits.reshape(-1, v), self.T)}
         if self.ce_weight:
             out["ce"] = self.ce_weight * F.cross_entropy(s_logits[:, :-1].reshape(-1, v), ids[:, 1:].reshape(-1))
         out["loss"] = sum(out.values())  # type: ignore[assignment]

@@ -266,14 +266,16 @@ def heal_recipe(steps: int = 50, lr: float = 5e-5, batch_size: int = 2, seed: in
 def heal_kd(student: nn.Module, teacher: nn.Module, blocks: Tensor, steps: int = 50, lr: float = 5e-5,
             batch_size: int = 2, T: float = 1.0, ce_weight: float = 0.0, train_embeddings: bool = False,
             seed: int = 0, log: Any = None, recipe: Recipe | None = None, run_dir: str | Path | None = None,
-            resume: bool = False, callbacks: Sequence[Any] = (), teacher_cache: Any = None) -> list[float]:
+            resume: bool = False, callbacks: Sequence[Any] = (), teacher_cache: Any = None,
+            cache_tail: str | None = None) -> list[float]:
     """Logit distillation from the unpruned teacher on calibration text, as an engine fit; the loss per step run.
 
     ``recipe`` (an engine recipe: ``train.max_steps``, ``optim``, ``sched``, ``train.grad_clip``, precision,
     DDP/FSDP, ``data.batch_size`` rows per step) replaces ``steps``/``lr``/``batch_size``/``seed``; without it
     AdamW at ``lr`` with grad clip 1.0 runs ``steps`` steps. ``run_dir``: a run folder (checkpoints, logs,
     ``resume``). Embeddings stay frozen unless ``train_embeddings``. ``teacher_cache``: a
-    :class:`kdforge.cache.llm.LMTopKCache` of the teacher on ``blocks``, read instead of running the teacher.
+    :class:`kdforge.cache.llm.LMTopKCache` of the teacher on ``blocks``, read instead of running the teacher
+    (``cache_tail``: how the rest of a top-k distribution is matched, ``bucket`` by default or ``uniform``).
     """
     from kdforge.engine.callbacks import Callback
     from kdforge.engine.trainer import Trainer
@@ -303,7 +305,8 @@ def heal_kd(student: nn.Module, teacher: nn.Module, blocks: Tensor, steps: int =
         method: Method = LogitDistill(student, teacher, T, ce_weight)
         source: Any = CalibrationBlocks(blocks, r.data.batch_size, r.seed)
         if teacher_cache is not None:
-            method, source = teacher_cache.heal_parts(student, blocks, r.data.batch_size, r.seed, T, ce_weight)
+            method, source = teacher_cache.heal_parts(student, blocks, r.data.batch_size, r.seed, T, ce_weight,
+                                                      **({"tail": cache_tail} if cache_tail else {}))
         Trainer(method, None, r, run_dir=run_dir, resume=resume, source=source,
                 callbacks=[_Losses(), *callbacks]).fit()
     finally:
