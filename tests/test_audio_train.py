@@ -277,3 +277,39 @@ def test_cli_audio_predict_and_errors(audio_run, tmp_path, capsys) -> None:
     assert main(["audio", "src/kdforge/recipes/audio/synthetic_quick.yaml", "--set", "stages.0.loss=hinge"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "loss" in err and len(err.strip().splitlines()) == 1
+
+
+def test_epic_sounds_recipe_writes_the_submission(tmp_path) -> None:
+    h5py = pytest.importorskip("h5py")
+    from kdforge.audio.recipe import AudioRecipe, run
+
+    rng = np.random.default_rng(0)
+    with h5py.File(tmp_path / "a.hdf5", "w") as f:
+        for v in ("P01_01", "P02_03"):
+            f[v] = (rng.standard_normal(16000 * 6) * 0.1).astype(np.float32)
+    head = "annotation_id,participant_id,video_id,start_timestamp,stop_timestamp,start_sample,stop_sample"
+
+    def rows(n: int, labelled: bool) -> str:
+        out = [head + (",description,class,class_id" if labelled else "")]
+        for i in range(n):
+            c = (0, 1, 13)[i % 3]
+            s = int(rng.integers(0, 16000 * 4))
+            out.append(f"P01_01_{i},P01,{('P01_01', 'P02_03')[i % 2]},0,0,{s},{s + 8000 + 4000 * (i % 4)}"
+                       + (f",x,{'background' if c == 13 else f'c{c}'},{c}" if labelled else ""))
+        return "\n".join(out) + "\n"
+
+    for name, n, lab in (("train", 12, True), ("val", 6, True), ("test", 4, False)):
+        (tmp_path / f"{name}.csv").write_text(rows(n, lab))
+    stage = {"loss": "ls", "epsilon": 0.06, "lr": 0.01, "epochs": 1}
+    recipe = AudioRecipe.from_dict({
+        "data": {"kind": "epic_sounds", "hdf5": str(tmp_path / "a.hdf5"), "train_csv": str(tmp_path / "train.csv"),
+                 "val_csv": str(tmp_path / "val.csv"), "test_csv": str(tmp_path / "test.csv"),
+                 "redact_background": True, "batch_size": 4, "views": 2,
+                 "frontend": {"sample_rate": 16000, "win_ms": 20, "hop_ms": 10, "n_fft": 512, "n_mels": 32}},
+        "model": {"model": "cnn_tiny"}, "fusion": {"step": 0.5, "published": [0.5, 0.5]},
+        "stages": [{"name": "m1", **stage}, {"name": "m2", "init": "stage:m1", **stage}]})
+    res = run(recipe, tmp_path / "run", resume=False)
+    assert res.stages["m1"]["test"] == {}  # the recognition test split has no labels
+    assert res.stages["m2"]["val"]["top1"] >= 0 and set(res.fusion["searched"]["weights"]) <= {0.0, 0.5, 1.0}
+    sub = json.loads(zipfile.ZipFile(tmp_path / "run" / "submission.zip").read("test.json"))
+    assert sorted(sub["results"]) == [f"P01_01_{i}" for i in range(4)]

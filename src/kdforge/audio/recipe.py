@@ -367,6 +367,11 @@ def run(recipe: AudioRecipe, run_dir: str | Path | None = None, resume: bool = T
     res = AudioResult(results, fusion, data.class_names, times)
     if root is not None:
         atomic_write_text(root / "result.json", json.dumps(res.to_json(), indent=1))
+        if data.annotation_ids and fusion:  # EPIC-SOUNDS: the challenge file of the searched fusion
+            from kdforge.audio.data import write_submission
+
+            fused = fuse([scores[n]["test"][0] for n in fusion["models"]], fusion["searched"]["weights"])
+            write_submission(root / "submission.zip", fused, data.annotation_ids)
     return res
 
 
@@ -410,8 +415,10 @@ def predict_file(path: str | Path, checkpoint: str | Path, model: ModelSpec, num
     fe = fe or FrontEnd()
     wave, sr = read_audio(path)
     wave = resample(wave, sr, fe.sample_rate)
+    from kdforge.engine.checkpoint import load_weights
+
     net = build_model(model, DataInfo(num_classes, 1, 0))
-    load_backbone(net, checkpoint)
+    load_weights(net, checkpoint)
     net.eval()
     with torch.no_grad():
         x = torch.stack([segment_logmel(wave, fe, s) for s in crop_starts(len(wave), fe.clip_samples, views)])
