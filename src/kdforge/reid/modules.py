@@ -132,7 +132,7 @@ class Generator(nn.Module):
         self.dil = nn.ModuleList([nn.Conv2d(c, q, 3, padding=r, dilation=r, bias=False) for r in (1, 2, 3)])
         for conv in self.dil:
             nn.init.kaiming_normal_(conv.weight, mode="fan_in")
-        self.cbam = CBAM(q, 4, kernel)
+        self.cbam = CBAM(q, 16, kernel)  # shared MLP C/4 → C/64 → C/4
         self.out = nn.Conv2d(q, c, 1)
 
     def forward(self, x: Tensor) -> Tensor:
