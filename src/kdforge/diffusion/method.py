@@ -23,6 +23,7 @@ from kdforge.config import ModelSpec, Strict, validate
 from kdforge.diffusion.losses import PixelMemory, ProjectionHead, cfd_loss, is_p2p_loss, memory_p2p_loss
 from kdforge.diffusion.schedule import CosineGrid
 from kdforge.diffusion.unet import Denoiser
+from kdforge.engine.gather import gather_no_grad
 from kdforge.engine.optim import OptimizerSpec
 from kdforge.errors import KdforgeError
 from kdforge.method import DataInfo, Method, MethodStage, build_model
@@ -263,7 +264,7 @@ class Diffusion(Method):
         if self.kind == "rdd":
             out["is"] = is_p2p_loss(a_s, a_t, r.tau_is, r.pairs)
             assert self.memory is not None and self.head is not None
-            self.memory.enqueue(a_t)  # enqueue first, then contrast (as the code)
+            self.memory.enqueue(gather_no_grad(a_t))  # every process's teacher maps; enqueue first (as the code)
             out["mem"] = memory_p2p_loss(self.head(a_s), a_t, self.memory.contrast(), r.tau_m, r.tau_kd)
             loss = loss + r.is_weight * out["is"] + r.m_weight * out["mem"]
         if r.pd_mse_weight > 0:
