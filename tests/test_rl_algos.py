@@ -12,10 +12,10 @@ import torch
 
 pytest.importorskip("gymnasium")
 
-import kdforge as kd  # noqa: E402
-from kdforge.engine.callbacks import Callback  # noqa: E402
-from kdforge.engine.trainer import Trainer, TrainingInterrupted  # noqa: E402
-from kdforge.method import build_method  # noqa: E402
+import kdforge as kd
+from kdforge.engine.callbacks import Callback
+from kdforge.engine.trainer import Trainer, TrainingInterrupted
+from kdforge.method import build_method
 
 PPO = {"name": "ppo", "env": "CartPole-v1", "num_envs": 2, "num_steps": 16, "update_epochs": 2,
        "num_minibatches": 2, "eval_episodes": 1, "probe_states": 16, "steps_per_epoch": 2}
@@ -59,8 +59,8 @@ def test_zero_weights_and_k1_reproduce_independent_runs_bit_for_bit(algo: str, o
 
 
 def test_ppo_rl_loss_reads_only_the_policy_s_own_slice() -> None:
-    from kdforge.rl.ppo import PPOConfig, ppo_loss
     from kdforge.rl.nets import ActorCritic
+    from kdforge.rl.ppo import PPOConfig, ppo_loss
 
     torch.manual_seed(0)
     net, c, mb = ActorCritic("mlp", (4,), 2, 8), PPOConfig(), 6
@@ -136,6 +136,7 @@ def test_kdforge_train_and_eval_report_mean_return(tmp_path: Path) -> None:
     rec = {"name": "rl", "seed": 0, "method": {**PPO, "num_policies": 2, "eval_episodes": 2}, "optim": OPT,
            "sched": {"name": "linear"}, "train": {"max_steps": 2, "progress": "never", "threads": 1}}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(rec))
+    assert main(["train", str(tmp_path / "r.yaml"), "--dry-run"]) == 0
     assert main(["train", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "run")]) == 0
     stored = json.loads((tmp_path / "run" / "results.json").read_text())
     assert main(["eval", str(tmp_path / "run"), "--which", "last"]) == 0
@@ -149,5 +150,7 @@ def test_kdforge_train_and_eval_report_mean_return(tmp_path: Path) -> None:
 def test_bad_rl_recipe_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(kd.KdforgeError, match="aggregation"):
         fit(recipe({**PPO, "distill": {"aggregation": "median"}}, 1))
+    with pytest.raises(kd.KdforgeError, match="num_minibatches 3 must divide"):
+        fit(recipe({**PPO, "num_minibatches": 3}, 1))
     with pytest.raises(kd.KdforgeError, match="unknown environment"):
         fit(recipe({**PPO, "env": "CartPole-v9"}, 1))

@@ -116,7 +116,7 @@ class GroupMethod(Method):
         if cfg.policy_seeds is not None and len(cfg.policy_seeds) != k:
             raise KdforgeError(f"method.policy_seeds has {len(cfg.policy_seeds)} seeds for num_policies={k}")
         self.seeds = list(cfg.policy_seeds) if cfg.policy_seeds is not None else \
-            [int(s) for s in torch.randint(0, 2**31 - 1, (k,))]
+            [int(s) for s in torch.randint(0, 2**20, (k,))]
         obs_shape, num_actions = env_shape(cfg.env)
         spec = {"builder": "rl", "algo": self.algo, "env": cfg.env, "k": k, "obs_shape": list(obs_shape),
                 "num_actions": num_actions, "encoder": encoder_kind(cfg.env, cfg.encoder), "hidden": cfg.hidden,

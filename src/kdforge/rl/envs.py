@@ -90,6 +90,7 @@ class VecEnv:
     """
 
     def __init__(self, env_id: str, n: int, seed: int) -> None:
+        seed = seed % 2**31  # MinAtar's RandomState takes seeds below 2**32
         self.env_id, self.n, self.seed = env_id, n, seed
         self.envs = [make_env(env_id, seed + i) for i in range(n)]
         self.num_actions = int(self.envs[0].action_space.n)

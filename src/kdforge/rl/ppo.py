@@ -20,6 +20,7 @@ from pydantic import Field
 from torch import Tensor
 
 from kdforge.config import validate
+from kdforge.errors import KdforgeError
 from kdforge.registry import METHODS
 from kdforge.rl.base import GroupConfig, GroupMethod
 from kdforge.rl.envs import VecEnv, obs_tensor
@@ -167,6 +168,9 @@ class PPOGroup(GroupMethod):
     algo = "ppo"
 
     def __init__(self, cfg: PPOConfig) -> None:
+        n = cfg.num_envs * cfg.num_steps
+        if n % cfg.num_minibatches:
+            raise KdforgeError(f"method.num_minibatches {cfg.num_minibatches} must divide num_envs x num_steps = {n}")
         super().__init__(cfg)
         self.cfg: PPOConfig = cfg
         self.clip = cfg.max_grad_norm
