@@ -363,3 +363,20 @@ def test_resnet50_backbone_loads_local_weights_with_stride_one_layer4(tmp_path: 
     assert torch.equal(net.layers[3][2].conv3.weight, src.layer4[2].conv3.weight)
     assert net.map_hw == (4, 2)  # 64×32 / 16: layer4 keeps stride 1
     assert "pretrained" not in net.kdforge_spec["kwargs"]
+
+
+def test_compat_official_turns_on_every_code_quirk() -> None:
+    info = DataInfo(6, 3, 32)
+    paper = build_method({"name": "pdm", "model": {"width": 4}}, info)
+    code = build_method({"name": "pdm", "model": {"width": 4}, "compat": "official"}, info)
+    assert paper.quirks == frozenset() and code.quirks == {"pnl", "lch", "labels", "partlr"}
+    assert all(m.pnl.raw for m in code.net.mfa) and not any(m.pnl.raw for m in paper.net.mfa)
+    assert build_method({"name": "pdm", "compat": ["lch"]}, info).quirks == {"lch"}
+    n_head = lambda m: len(m.configure_optimizers()[1].params)
+    assert n_head(paper) == 4 and n_head(code) == 2  # partlr: the part BNNeck joins the backbone's group
+    yv, yi = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 0, 1, 1])
+    torch.manual_seed(0)
+    out = code.net.forward_train(torch.randn(4, 3, 32, 16), torch.randn(4, 3, 32, 16))
+    a, b = paper.losses(out, yv, yi), code.losses(out, yv, yi)
+    assert a["ch"].item() == pytest.approx(b["ch"].item() / math.sqrt(8 / 288), rel=1e-5)  # HW = 4×2
+    assert a["id"].item() == pytest.approx(b["id"].item())  # y_V == y_I: both label layouts agree
