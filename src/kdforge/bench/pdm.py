@@ -32,11 +32,11 @@ METRICS = [("rank1", "rank-1 (%)"), ("mAP", "mAP (%)"), ("mINP", "mINP (%)"), ("
            ("indoor_rank1", "cams 1-2 rank-1 (%)")]
 
 
-def recipe(model: dict[str, Any], seed: int, epochs: int) -> dict[str, Any]:
+def recipe(model: dict[str, Any], seed: int, epochs: int, limit: int | None = None) -> dict[str, Any]:
     """The synthetic recipe of every row: 48×24 images, P=4 × K=4 pairs, SGD (Nesterov) lr 0.02, 2 warm-up epochs."""
     return {"name": f"pdm-bench-s{seed}", "seed": seed,
             "data": {"name": "reid_synthetic", "batch_size": 16, "val_fraction": 0.2, "eval_batch_size": 256,
-                     "resize": SIZE},
+                     "resize": SIZE, **({"limit_train": limit} if limit else {})},
             "method": {"name": "pdm", "ids_per_batch": 4, "num_pos": 4, "backbone_lr": 1.0,
                        "model": {"backbone": "small", "width": 16, "prototypes": 4, **model}},
             "optim": {"name": "sgd", "lr": 0.02, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
@@ -93,14 +93,14 @@ class Mechanisms(Callback):
         self.curve.append(rec)
 
 
-def train_one(model: dict[str, Any], seed: int, epochs: int) -> dict[str, Any]:
+def train_one(model: dict[str, Any], seed: int, epochs: int, limit: int | None = None) -> dict[str, Any]:
     """One row × seed through the engine; test metrics of the best-by-validation-mAP epoch and the curves."""
     from kdforge.config import Recipe
     from kdforge.data import load_data
     from kdforge.engine.trainer import Trainer, seed_everything
     from kdforge.method import DataInfo, build_method
 
-    r = Recipe.from_dict(recipe(model, seed, epochs))
+    r = Recipe.from_dict(recipe(model, seed, epochs, limit))
     seed_everything(r.seed)
     data = load_data(r.data)
     method = build_method(r.method.model_dump(), DataInfo(data.num_classes, data.in_chans, data.image_size))
@@ -126,7 +126,7 @@ def run(out: Path | None = None, quick: bool = False) -> Path:
     from kdforge.reid.metrics import chance_level
 
     torch.set_num_threads(1)
-    epochs, seeds = (1, (0,)) if quick else (EPOCHS, SEEDS)
+    epochs, seeds, limit = (1, (0,), 64) if quick else (EPOCHS, SEEDS, None)
     dest = bench_dir("pdm", out)
     t0 = time.perf_counter()
     test = load_data(DataConfig(name="reid_synthetic", val_fraction=0.2, resize=SIZE)).test
@@ -134,7 +134,7 @@ def run(out: Path | None = None, quick: bool = False) -> Path:
     results: dict[str, list[dict[str, Any]]] = {}
     for label, model in VARIANTS:
         for seed in seeds:
-            r = train_one(model, seed, epochs)
+            r = train_one(model, seed, epochs, limit)
             results.setdefault(label, []).append(r)
             print(f"[pdm] {label} seed {seed}: rank-1 {r['test']['rank1']:.2f} mAP {r['test']['mAP']:.2f} "
                   f"mINP {r['test']['mINP']:.2f} ({r['wall_s']:.0f} s) [{(time.perf_counter() - t0) / 60:.1f} min]",
@@ -238,7 +238,7 @@ PUBLISHED = [
 def _report(rows: list[dict[str, Any]], mech: list[dict[str, Any]], seeds: tuple[int, ...], epochs: int,
             wall: float, quick: bool, png: str, times: dict[str, float]) -> str:
     cmd = COMMAND + (" --quick" if quick else "")
-    note = "**Quick smoke run (1 epoch, 1 seed): not a result.**\n\n" if quick else ""
+    note = "**Quick smoke run (1 epoch of 4 steps, 1 seed): not a result.**\n\n" if quick else ""
     pub = markdown_table([{"method": m, "setting": s, "rank-1 published": r1, "mAP published": mp,
                            "mINP published": mi, "kdforge rank-1": "", "kdforge mAP": ""}
                           for m, s, r1, mp, mi in PUBLISHED])
