@@ -25,6 +25,7 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("baseline (ID + triplet)", OFF),
     ("+MFGM (CPM, ort)", {**OFF, "mfgm": True}),
     ("+PLM (L_ch, DCS)", {**OFF, "plm": True}),
+    ("+PLM, L_ch off (control)", {**OFF, "plm": True, "weights": {"ch": 0.0}}),
     ("full PDM", {}),
 ]
 COMMAND = "kdforge bench pdm"
@@ -33,11 +34,16 @@ METRICS = [("rank1", "rank-1 (%)"), ("mAP", "mAP (%)"), ("mINP", "mINP (%)"), ("
 
 
 def recipe(model: dict[str, Any], seed: int, epochs: int, limit: int | None = None) -> dict[str, Any]:
-    """The synthetic recipe of every row: 48×24 images, P=4 × K=4 pairs, SGD (Nesterov) lr 0.02, 2 warm-up epochs."""
+    """The synthetic recipe of every row: 48×24 images, P=4 × K=4 pairs, SGD (Nesterov) lr 0.02, 2 warm-up epochs.
+
+    ``model`` holds the network switches and, under ``weights``, loss-weight overrides.
+    """
+    model = dict(model)
+    extra = {"weights": model.pop("weights")} if "weights" in model else {}
     return {"name": f"pdm-bench-s{seed}", "seed": seed,
             "data": {"name": "reid_synthetic", "batch_size": 16, "val_fraction": 0.2, "eval_batch_size": 256,
                      "resize": SIZE, **({"limit_train": limit} if limit else {})},
-            "method": {"name": "pdm", "ids_per_batch": 4, "num_pos": 4, "backbone_lr": 1.0,
+            "method": {"name": "pdm", "ids_per_batch": 4, "num_pos": 4, "backbone_lr": 1.0, **extra,
                        "model": {"backbone": "small", "width": 16, "prototypes": 4, **model}},
             "optim": {"name": "sgd", "lr": 0.02, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
             "sched": {"name": "cosine", "warmup_epochs": 2},
@@ -168,7 +174,8 @@ def _curves(results: dict[str, list[dict[str, Any]]], path: Path) -> Path:
 
     keys = [("gap", "modality gap ‖μ_V − μ_I‖"), ("cpm_ratio", "CPM ratio d(c_I,c_G(V)) / d(c_V,c_G(V))"),
             ("ort_cos", "cos(G1, G2) of GAP features"), ("proto_rms", "prototype-map RMS distance")]
-    colours = dict(zip((v[0] for v in VARIANTS), ("#4C72B0", "#DD8452", "#55A868", "#C44E52"), strict=True))
+    colours = dict(zip((v[0] for v in VARIANTS), ("#4C72B0", "#DD8452", "#55A868", "#8172B3",
+                                                             "#C44E52"), strict=True))
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
     for ax, (key, title) in zip(axes, keys, strict=True):
         for label, _ in VARIANTS:
@@ -259,8 +266,8 @@ Method page: [docs/methods/pdm.md](../methods/pdm.md).
 - Network: the small 4-stage CNN (width 16; stems conv3×3/2, stages 16-32-64-128 at strides 1-2-2-1, final
   map 6×3), P = 4 prototypes. Rows: baseline = separate stems + shared stages, ID + batch-hard triplet,
   no MFA/SNA/phase perturbation; +MFGM adds the generator with CPM and L_ort; +PLM adds the prototypes
-  with the part ID loss, L_ch and DCS; full PDM = everything (MFA blocks, SNA, phase perturbation 0.8,
-  MFGM, PLM) with the spec's weights.
+  with the part ID loss, L_ch and DCS (the control row sets L_ch's weight to 0); full PDM = everything
+  (MFA blocks, SNA, phase perturbation 0.8, MFGM, PLM) with the spec's weights.
 - Training: {epochs} epochs × 40 steps, batch P = 4 identities × K = 4 (visible, infrared) pairs, SGD
   Nesterov, lr 0.02 for every parameter (`backbone_lr: 1.0`: the small CNN starts from scratch; lr 0.05
   collapsed CPM runs to all-zero features in a trial, and the paper's 0.1× backbone lr trained the baseline
