@@ -52,6 +52,14 @@ def tiny_methods(clip_teacher: Path) -> dict[str, dict[str, Any]]:
                                    "checkpoint": str(featnet_weights(clip_teacher.parent / "featnet.safetensors"))}},
         "pdm": {"ids_per_batch": 4, "num_pos": 4, "model": {"width": 4, "prototypes": 2}},
         "audio_stage": {"model": S, "loss": "ls_focal", "epsilon": 0.06, "gamma": 0.3},
+        # RL methods make their own batches (the data section is ignored); 2 engine steps per epoch
+        "ppo": {"env": "CartPole-v1", "num_policies": 2, "num_envs": 2, "num_steps": 8, "update_epochs": 1,
+                "num_minibatches": 2, "probe_states": 8, "eval_episodes": 1, "steps_per_epoch": 2},
+        "dqn": {"env": "CartPole-v1", "num_policies": 2, "buffer_size": 64, "batch_size": 8, "learning_starts": 0,
+                "train_frequency": 2, "target_network_frequency": 2, "probe_states": 8, "eval_episodes": 1,
+                "steps_per_epoch": 2},
+        "policy_distill": {"num_envs": 2, "collect_steps": 2, "batch_size": 8, "buffer_size": 64, "eval_episodes": 1,
+                           "steps_per_epoch": 2},
     }
 
 

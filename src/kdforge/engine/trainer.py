@@ -222,6 +222,8 @@ class Trainer:
                  keep_best_in_memory: bool = False) -> None:
         from kdforge.engine import callbacks as cb
 
+        if source is None and not getattr(method, "uses_data", True):  # the method makes its own batches (RL)
+            source, data = method.step_source(recipe), None
         if data is None and source is None:
             raise KdforgeError("Trainer needs data or a step source")
         self.recipe = recipe

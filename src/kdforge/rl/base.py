@@ -138,10 +138,9 @@ class GroupMethod(Method):
             specs.append(OptimizerSpec("attention", self.attention, manual=True, clip=0))
         return specs
 
-    def handles(self) -> list[Any]:
-        """Every manual optimizer's handle (policies first, then the attention)."""
-        names = [f"policy{m}" for m in range(len(self.group))] + (["attention"] if self.attention is not None else [])
-        return [self.optimizer(n) for n in names]
+    def optimizer_names(self) -> list[str]:
+        """Every manual optimizer's name (policies first, then the attention)."""
+        return [f"policy{m}" for m in range(len(self.group))] + (["attention"] if self.attention is not None else [])
 
     def deployable(self) -> PolicyGroup:
         return self.group

@@ -11,7 +11,6 @@ union of the K minibatches; distillation never enters the TD target). Optimizers
 
 from __future__ import annotations
 
-import copy
 from contextlib import ExitStack
 from typing import Any, Literal
 
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from torch import Tensor, nn
+from torch import Tensor
 
 from kdforge.config import validate
 from kdforge.registry import METHODS
@@ -171,8 +170,21 @@ class DQNGroup(GroupMethod):
         super().__init__(cfg)
         self.cfg: DQNConfig = cfg
         self.clip = cfg.max_grad_norm
-        self.targets = nn.ModuleList(copy.deepcopy(m) for m in self.group.members).requires_grad_(False)
+        # each policy's target network: a copy of its weights kept as buffers (resumed, never optimized)
+        self._names = [n for n, _ in self.group.members[0].named_parameters()]
+        for m, net in enumerate(self.group.members):
+            for n, p in net.named_parameters():
+                self.register_buffer(self._target_key(m, n), p.detach().clone())
         self.total_updates = 1
+
+    @staticmethod
+    def _target_key(m: int, name: str) -> str:
+        return f"target{m}_" + name.replace(".", "_")
+
+    def target_q(self, m: int, x: Tensor) -> Tensor:
+        """Q-values of policy m's target network."""
+        weights = {n: getattr(self, self._target_key(m, n)) for n in self._names}
+        return torch.func.functional_call(self.group.members[m], weights, (x,))
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], info: Any = None) -> DQNGroup:
@@ -196,17 +208,18 @@ class DQNGroup(GroupMethod):
         K, n = b["actions"].shape
         distil = d.active() and K > 1
         w = ramp_up(step, d.ramp_up * self.total_updates)
-        handles = self.handles()
+        names = self.optimizer_names()
         with ExitStack() as stack:
-            for h in handles:
+            for name in names:
+                h = self.optimizer(name)
                 stack.enter_context(h.toggle())
                 h.zero_grad()
             x = torch.cat(list(b["obs"])) if distil else None
             feats, outs, td, qs = [], [], [], []
             total = torch.zeros(())
-            for m, (net, tgt) in enumerate(zip(members, self.targets, strict=True)):
+            for m, net in enumerate(members):
                 with torch.no_grad():  # the TD target: the target network, never the group
-                    target_max = tgt(b["next_obs"][m]).max(-1).values
+                    target_max = self.target_q(m, b["next_obs"][m]).max(-1).values
                     td_target = b["rewards"][m] + c.gamma * target_max * (1 - b["dones"][m])
                 if x is not None:
                     h_all = net.features(x)
@@ -226,16 +239,18 @@ class DQNGroup(GroupMethod):
                 dec, feat, alpha = group_step(d, hs, os_, self.attention, b["recent_return"].nan_to_num(-1e9))
                 total = total + w * (d.lambda_dec * dec.sum() + d.lambda_feat * feat.sum())
                 out.update({"dec": dec.mean().detach(), "feat": feat.mean().detach(), **attention_stats(alpha)})
-            handles[0].backward(total)
-            for h in handles:
-                h.step()
+            h.backward(total)  # one backward of the whole group's loss
+            for name in names:
+                h = self.optimizer(name)
+                h.step()  # each policy's own clipping and Adam state
                 h.zero_grad()
         # the target networks follow every target_network_frequency environment steps
         every = max(1, c.target_network_frequency // (c.train_frequency * c.num_envs))
         if step % every == 0:
             with torch.no_grad():
-                for net, tgt in zip(members, self.targets, strict=True):
-                    for p, tp in zip(net.parameters(), tgt.parameters(), strict=True):
+                for m, net in enumerate(members):
+                    for n, p in net.named_parameters():
+                        tp = getattr(self, self._target_key(m, n))
                         tp.copy_(c.target_tau * p + (1.0 - c.target_tau) * tp)
         out.update({"loss": total.detach() / K, "td_loss": torch.stack(td).mean(), "q": torch.stack(qs).mean(),
                     "w": torch.tensor(w if distil else 0.0), "js": torch.tensor(self.homogenisation())})

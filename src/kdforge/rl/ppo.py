@@ -190,14 +190,15 @@ class PPOGroup(GroupMethod):
         mb = N // c.num_minibatches
         distil = d.active() and K > 1
         w = ramp_up(step, d.ramp_up * self.total_updates)
-        handles = self.handles()
+        names = self.optimizer_names()
         logs: dict[str, list[Tensor]] = {}
         for epoch in range(c.update_epochs):
             for start in range(0, N, mb):
                 idx = b["perm"][:, epoch, start:start + mb]  # [K, mb]: minibatches aligned across policies
                 own = [b["obs"][m][idx[m]] for m in range(K)]
                 with ExitStack() as stack:
-                    for h in handles:
+                    for name in names:
+                        h = self.optimizer(name)
                         stack.enter_context(h.toggle())
                         h.zero_grad()
                     x = torch.cat(own) if distil else None
@@ -228,9 +229,10 @@ class PPOGroup(GroupMethod):
                         for k, v in attention_stats(alpha).items():
                             logs.setdefault(k, []).append(v)
                     logs.setdefault("total", []).append(total.detach())
-                    handles[0].backward(total)
-                    for h in handles:
-                        h.step()
+                    h.backward(total)  # one backward of the whole group's loss
+                    for name in names:
+                        h = self.optimizer(name)
+                        h.step()  # each policy's own clipping and Adam state
                         h.zero_grad()
         out = {k: torch.stack(v).mean() for k, v in logs.items()}
         out["loss"] = out.pop("total") / K  # per policy: RL loss + w·(λ_dec L_dec + λ_feat L_feat)
