@@ -75,7 +75,13 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path, title: str = 
             elif ep:
                 ax.plot(ep, ys, marker=mk, ms=3, label=label)
         ax.set(xlabel="epoch", ylabel=ylabel, title=name)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        epochs = sorted({int(_f(r["epoch"])) for rows in runs.values() for r in rows
+                         if r.get("epoch") not in (None, "")})
+        if 0 < len(epochs) <= 12:  # a short run: a tick at every epoch
+            ax.set_xticks(epochs)
+            ax.set_xlim(epochs[0] - 0.5, epochs[-1] + 0.5)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0] and (len(runs) > 1 or (key == "train_loss" and terms)):
             ax.legend(fontsize=7)

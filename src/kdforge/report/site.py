@@ -396,14 +396,17 @@ def _segment_map(res: dict[str, Any], path: Path) -> Path:
 
 
 def _prune_section(site: Site, e: Entry) -> str:
+    from kdforge.engine.callbacks import fmt_count
+
     r = e.data
     parts = [f'<h3 id="{_anchor(e.name)}">{_e(e.name)}</h3>']
     rows = []
     for label in ("before", "after", "healed"):
         d = r.get(label)
         if isinstance(d, dict):
-            rows.append("<tr><td>" + label + "</td>" + "".join(
-                f'<td class="n">{_e(_num(v)[0])}</td>' for v in d.values()) + "</tr>")
+            cells = [fmt_count(v) if k in ("params", "flops") and isinstance(v, int | float) else _num(v)[0]
+                     for k, v in d.items()]
+            rows.append(f"<tr><td>{label}</td>" + "".join(f'<td class="n">{_e(c)}</td>' for c in cells) + "</tr>")
             keys = list(d)
     if rows:
         parts.append("<table><thead><tr><th></th>" + "".join(f"<th>{_e(k)}</th>" for k in keys)
