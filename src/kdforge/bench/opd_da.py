@@ -75,12 +75,13 @@ def summarise(run: dict[str, Any], k: int = K, threshold: float = THRESHOLD, low
     rets = np.array([[c[f"ret{m}"] for m in range(k)] for c in run["curve"]])
     group = np.nanmean(np.where(np.isnan(rets), 0.0, rets), axis=1)  # before a policy's first episode: 0
     hit, hit_lower = np.nonzero(group >= threshold)[0], np.nonzero(group >= lower)[0]
-    js = np.array([c["js"] for c in run["curve"]])
+    js = np.array([c.get("js", np.nan) for c in run["curve"]])  # DQN logs it every 100 steps
     warm = len(js) // 10
     return {"steps_to_threshold": float(steps[hit[0]]) if len(hit) else float("nan"),
             "steps_to_lower": float(steps[hit_lower[0]]) if len(hit_lower) else float("nan"),
             "auc": float(np.mean(group)), "final": run["final"]["return"], "final_best": run["final"]["return_best"],
-            "js": float(np.mean(js[warm:])), "js_final": float(np.mean(js[-max(1, warm):])), "time_s": run["time_s"]}
+            "js": float(np.nanmean(js[warm:])), "js_final": float(np.nanmean(js[-max(1, warm):])),
+            "time_s": run["time_s"]}
 
 
 def _fmt_steps(vals: list[float]) -> str:
@@ -106,7 +107,9 @@ def _plot(runs: dict[str, list[dict[str, Any]]], path: Path, key: str, ylabel: s
             ys = np.array([[np.nanmean([c[f"ret{m}"] if not np.isnan(c[f"ret{m}"]) else 0.0 for m in range(k)])
                             for c in r["curve"]] for r in rs])
         else:
-            ys = np.array([[c[key] for c in r["curve"]] for r in rs])
+            ys = np.array([[c.get(key, np.nan) for c in r["curve"]] for r in rs])
+            keep = ~np.isnan(ys).any(0)
+            steps, ys = steps[keep], ys[:, keep]
         mean, std = ys.mean(0), ys.std(0, ddof=1) if len(ys) > 1 else np.zeros(ys.shape[1])
         ax.plot(steps, mean, label=label)
         ax.fill_between(steps, mean - std, mean + std, alpha=0.2)

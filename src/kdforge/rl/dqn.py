@@ -202,6 +202,8 @@ class DQNGroup(GroupMethod):
         out: dict[str, Tensor] = {"epsilon": b["epsilon"], "env_steps": b["env_steps"]}
         for m, r in enumerate(b["recent_return"]):
             out[f"ret{m}"] = r
+        if step % 100 == 0:  # the homogenisation monitor every 100 train steps (DQN steps are cheap)
+            out["js"] = torch.tensor(self.homogenisation())
         if not bool(b["learn"]):
             out["loss"] = torch.zeros(())
             return out
@@ -253,5 +255,5 @@ class DQNGroup(GroupMethod):
                         tp = getattr(self, self._target_key(m, n))
                         tp.copy_(c.target_tau * p + (1.0 - c.target_tau) * tp)
         out.update({"loss": total.detach() / K, "td_loss": torch.stack(td).mean(), "q": torch.stack(qs).mean(),
-                    "w": torch.tensor(w if distil else 0.0), "js": torch.tensor(self.homogenisation())})
+                    "w": torch.tensor(w if distil else 0.0)})
         return out
