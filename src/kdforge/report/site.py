@@ -462,7 +462,8 @@ def _bench_section(site: Site, e: Entry) -> str:
     body = body.replace("<table>", '<table class="sortable">')
     h1 = re.search(r"^#\s+(.+)$", md_path.read_text(), re.M)
     title = h1.group(1).strip() if h1 else e.name
-    return (f'<details class="bench" id="{_anchor(e.name)}"><summary><b>{_e(title)}</b> '
+    title_html = re.sub(r"`([^`]+)`", r"<code>\1</code>", _e(title))
+    return (f'<details class="bench" id="{_anchor(e.name)}"><summary><b>{title_html}</b> '
             f'<span class="muted">{_e(md_path)}</span></summary>{body}</details>')
 
 
