@@ -336,11 +336,20 @@ def run_info(trainer: Trainer) -> dict[str, Any]:
                          if isinstance(t, dict)]
     if trainer.data is not None:
         d = trainer.data
-        info["data"] = {"name": r.data.name, "train": len(d.train), "val": len(d.val) if d.val is not None else 0,
-                        "test": len(d.test) if d.test is not None else 0}
+        info["data"] = {"name": r.data.name, "train": _size(d.train), "val": _size(d.val), "test": _size(d.test)}
     else:
         info["data"] = {"name": type(trainer.source).__name__, "steps_per_epoch": trainer.batches_per_epoch}
     return info
+
+
+def _size(ds: Any) -> int | None:
+    """Samples in a data set; None for a stream without a length (0 for no data set)."""
+    if ds is None:
+        return 0
+    try:
+        return len(ds)
+    except TypeError:
+        return None
 
 
 def _flops(trainer: Trainer, model: nn.Module) -> int | None:
@@ -373,7 +382,7 @@ def banner(trainer: Trainer) -> list[str]:
     i, r = trainer.info, trainer.recipe
     if getattr(trainer, "brief_banner", False):  # one stage of a multi-stage driver: one line
         d = i["data"]
-        size = f"{d['train']:,} train samples" if "train" in d else f"step source {d['name']}"
+        size = f"{d['train'] or 0:,} train samples" if "train" in d else f"step source {d['name']}"
         return [f"  {r.name}: {i['model']} ({fmt_count(i['params'])} params), {size}, {i['steps_per_epoch']:,} "
                 f"steps per epoch x {i['epochs']} epochs, {i['device']} {i['precision']}"
                 + (f"; {trainer._resume_note}" if getattr(trainer, "_resume_note", None) else "")]
@@ -391,7 +400,8 @@ def banner(trainer: Trainer) -> list[str]:
                      "generators: not in the deployed model)")
     d = i["data"]
     if "train" in d:
-        lines.append(f"  data     {d['name']}: {d['train']:,} train, {d['val']:,} val, {d['test']:,} test; "
+        n = {k: "?" if d[k] is None else f"{d[k]:,}" for k in ("train", "val", "test")}
+        lines.append(f"  data     {d['name']}: {n['train']} train, {n['val']} val, {n['test']} test; "
                      f"batch {i['batch_size']}")
     else:
         lines.append(f"  data     step source {d['name']}")
