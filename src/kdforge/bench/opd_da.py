@@ -32,6 +32,8 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("independent", {"lambda_dec": 0.0, "lambda_feat": 0.0}),
     ("OPD-mean", {"aggregation": "mean", "lambda_dec": 1.0, "lambda_feat": 0.0}),
     ("OPD-DA", {"aggregation": "attention", "lambda_dec": 1.0, "lambda_feat": 0.1}),
+    # the spec's remedy for attention collapsing onto the identity (its §5): attend to the peers only
+    ("OPD-DA, peers only", {"aggregation": "attention", "lambda_dec": 1.0, "lambda_feat": 0.1, "include_self": False}),
 ]
 OPTIM = {"name": "adam", "lr": 2.5e-4, "eps": 1e-5, "weight_decay": 0.0}
 
@@ -178,7 +180,8 @@ def run(out: Path | None = None, quick: bool = False) -> Path:
                 "OPD-mean: target = uniform mean of the group's logits (self included), λ_dec 1, no feature loss. "
                 "OPD-DA: decision-attention (W_Q, W_K 64→8, no scaling, self included, targets not detached), "
                 "λ_dec 1, λ_feat 0.1 (feature target stop-gradient), τ 3, ramp-up over the first 10% of updates; "
-                "distillation on the union of the K minibatches. Training return: each policy's mean over its "
+                "distillation on the union of the K minibatches. OPD-DA, peers only: the same with "
+                "`include_self: false` (α_mm = 0). Training return: each policy's mean over its "
                 "last 10 finished episodes (stochastic actions); the group mean counts a policy without a finished "
                 "episode as 0. Final evaluation: greedy actions, episodes on seeds 100000+i, the same for every "
                 "policy. Probe set: 256 states of a uniformly random policy (seed 107919). Budget chosen so the "
