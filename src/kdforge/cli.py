@@ -298,15 +298,6 @@ def prune(
     prune_command(_recipe_path(recipe), out, set_, overwrite)
 
 
-def _cache_commands() -> None:
-    from kdforge.cache.cli import cache_app  # typer and the standard library only; the commands import lazily
-
-    app.add_typer(cache_app, name="cache")
-
-
-_cache_commands()
-
-
 @app.command()
 def sample(
     run: Annotated[Path, typer.Argument(help="diffusion run folder or .safetensors checkpoint")],
@@ -322,6 +313,14 @@ def sample(
     png, npz = sample_run(run, n, seed, steps, out)
     typer.echo(f"{png}\n{npz}")
 
+
+def _cache_commands() -> None:
+    from kdforge.cache.cli import cache_app  # typer and the standard library only; the commands import lazily
+
+    app.add_typer(cache_app, name="cache")
+
+
+_cache_commands()
 
 _CIL_FILES = ("config.yaml", "stages.json", "stages", "result.json")
 
