@@ -297,9 +297,10 @@ def test_two_gloo_processes_build_the_same_cache_as_one(teacher_ck: Path, tmp_pa
     r = _yaml(tmp_path, recipe(teacher_ck, tmp_path / "two"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launcher = str(Path(sys.executable).parent / "accelerate")
-    subprocess.run([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    proc = subprocess.run([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                     "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-                    "-m", "kdforge", "cache", "build", r], env=env, check=True, capture_output=True, timeout=300)
+                    "-m", "kdforge", "cache", "build", r], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     build_from_recipe(kd.Recipe.from_dict(recipe(teacher_ck, tmp_path / "one")))
     two = sorted((tmp_path / "two" / "t" / "chunks").iterdir())
     one = sorted((tmp_path / "one" / "t" / "chunks").iterdir())
