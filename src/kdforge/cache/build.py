@@ -97,8 +97,8 @@ def _dist() -> tuple[int, int, Callable[[], None]]:
     return st.process_index, st.num_processes, st.wait_for_everyone
 
 
-def _prepare(path: Path, ident: dict[str, Any], overwrite: bool, rank: int) -> None:
-    """Check an existing cache folder against the identity; start (or restart) the folder on rank 0."""
+def _check(path: Path, ident: dict[str, Any], overwrite: bool) -> None:
+    """Refuse a folder that is not a teacher cache, or a cache built differently (read-only: every rank)."""
     meta = read_meta(path) if path.is_dir() else None
     if meta is None and path.is_dir() and any(path.iterdir()):
         raise KdforgeError(f"cache folder {str(path)!r} exists and is not a teacher cache; choose another "
@@ -109,8 +109,11 @@ def _prepare(path: Path, ident: dict[str, Any], overwrite: bool, rank: int) -> N
             raise KdforgeError(f"teacher cache {str(path)!r} was built differently: {change}; "
                                "rebuild it with --overwrite (or clear it: kdforge cache clear "
                                f"{path.name} --dir {path.parent})")
-    if rank != 0:
-        return
+
+
+def _start(path: Path, ident: dict[str, Any], overwrite: bool) -> None:
+    """Start (or restart) the cache folder; rank 0 only, after every rank has checked it."""
+    meta = read_meta(path) if path.is_dir() else None
     if meta is not None and overwrite:
         shutil.rmtree(path / "chunks", ignore_errors=True)
         (path / META).unlink(missing_ok=True)
@@ -144,7 +147,10 @@ def build(teacher: nn.Module, views: ReplayViews, ident: dict[str, Any], cfg: Te
     """
     rank, world, barrier = _dist()
     path = cache_path(cfg)
-    _prepare(path, ident, overwrite, rank)
+    _check(path, ident, overwrite)
+    barrier()  # every rank has read the folder before rank 0 writes to it: the ranks agree on a refusal
+    if rank == 0:
+        _start(path, ident, overwrite)
     barrier()
     teacher = teacher.eval()
     n, chunk = len(views), cfg.chunk
