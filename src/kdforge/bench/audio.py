@@ -208,7 +208,7 @@ def _markdown(runs: dict[int, Any], models: list[dict[str, Any]], fused: list[di
         ("**Quick smoke run (1 epoch per stage on a tiny set): the numbers mean nothing.** " if quick else "")
         + f"Command: `{COMMAND}{' --quick' if quick else ''}` (recipe `src/kdforge/recipes/audio/synthetic_quick.yaml`"
         " plus three ablation stages). Machine: 2-core x86-64 VM, CPU, pinned to one core "
-        f"(`/work/bin/cpu-slot`), 1 thread ({machine_note()}). Seeds: {', '.join(map(str, seeds))} (model "
+        f"(`OMP_NUM_THREADS=1 taskset -c N`), 1 thread ({machine_note()}). Seeds: {', '.join(map(str, seeds))} (model "
         "initialisation, crops, SpecAugment and batch order; the data set is the same for all: data_seed 0). "
         f"Mean ± sample std over seeds. Wall time {wall / 60:.1f} min, CPU time of the process "
         f"{sizes['cpu'] / 60:.1f} min (they differ when another job shares the core): data synthesis and "

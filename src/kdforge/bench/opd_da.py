@@ -127,7 +127,7 @@ def _page(name: str, title: str, intro: str, command: str, table: list[dict[str,
           per_run: str, seeds: tuple[int, ...], images: list[str], settings: str) -> str:
     return "\n".join([
         f"# {title}", "", intro, "",
-        f"Command: `{command}` (pinned to one core: `/work/bin/cpu-slot .venv/bin/{command}`). Seeds: "
+        f"Command: `{command}` (pinned to one core: `OMP_NUM_THREADS=1 taskset -c 1 {command}`). Seeds: "
         f"{', '.join(map(str, seeds))}; mean ± sample std over seeds.", "",
         markdown_table(table), "",
         *[f"![{i}]({i})" for i in images], "",

@@ -253,7 +253,7 @@ def _report(rows: list[dict[str, Any]], mech: list[dict[str, Any]], seeds: tuple
     return f"""# PDM on synthetic visible–infrared pedestrians
 
 {note}Command: `{cmd}` ({wall / 60:.1f} min in total). Machine: {machine_note()}
-(the 2-core x86-64 VM, CPU only, pinned to one core by `/work/bin/cpu-slot`).
+(the 2-core x86-64 VM, CPU only, pinned to one core by `OMP_NUM_THREADS=1 taskset -c N`).
 Method page: [docs/methods/pdm.md](../methods/pdm.md).
 
 - Data: `reid_synthetic` — 60 procedural identities rendered at 64×32 and resized to 48×24

@@ -269,7 +269,7 @@ def _report(rows: list[dict[str, Any]], raw: dict[str, Any], losses: dict[str, A
 {"**Quick smoke run: not a result.**" if quick else ""}
 
 Command: `{cmd}` ({wall / 60:.1f} min in total). Machine: 2-core x86-64 VM, CPU, {machine_note()}; run through
-`/work/bin/cpu-slot` (pinned to one core, one thread).
+`OMP_NUM_THREADS=1 taskset -c N` (pinned to one core, one thread).
 
 - Data: scikit-learn digits 8×8 in [−1, 1], 1,437 train / 359 test (the spec's tiny set-up), batch {BATCH}
   ({steps_per_epoch} steps per epoch), no augmentation.

@@ -326,8 +326,8 @@ def markdown(res: dict[str, Any], sts: list[dict[str, Any]]) -> str:
         "# Benchmark: teacher-cache" + (" (smoke run)" if quick else ""),
         "",
         ("**Quick smoke run: the numbers mean nothing.** " if quick else "")
-        + f"Command: `/work/bin/cpu-slot {COMMAND}{' --quick' if quick else ' --publish'}` (the cpu-slot wrapper pins "
-        f"the process to one core with one thread). Machine: 2-core x86-64 VM, CPU only; {res['machine']}. "
+        + f"Command: `OMP_NUM_THREADS=1 taskset -c 1 {COMMAND}{' --quick' if quick else ' --publish'}` (one core, one "
+        f"thread). Machine: 2-core x86-64 VM, CPU only; {res['machine']}. "
         f"Seeds {', '.join(map(str, res['seeds']))}; mean ± sample std. Wall time {res['total_s'] / 60:.1f} min "
         f"({where}; LLM row {sec['llm'] / 60:.1f} min).",
         "",
