@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import types
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -171,7 +171,40 @@ class MethodConfig(BaseModel):
     name: str = "supervised"
 
 
-class Recipe(Strict):
+R = TypeVar("R", bound="RecipeFile")
+
+
+class RecipeFile(Strict):
+    """A YAML recipe: validated from a dict or a file after ``--set`` overrides, written back as YAML."""
+
+    # keys a resumed run may change (where it runs and how it prints), per section
+    resume_free: ClassVar[dict[str, tuple[str, ...]]] = {
+        "train": ("device", "progress", "threads", "log_every"), "data": ("num_workers", "eval_batch_size")}
+
+    @classmethod
+    def from_dict(cls: type[R], data: dict[str, Any], overrides: list[str] | None = None) -> R:
+        """Validate a dict (after ``key=value`` overrides), or fail in one line."""
+        return validate(cls, apply_overrides(copy.deepcopy(data), overrides or []))
+
+    @classmethod
+    def from_yaml(cls: type[R], path: str | Path, overrides: list[str] | None = None) -> R:
+        """Load and validate a YAML recipe (with ``key=value`` overrides)."""
+        return cls.from_dict(load_yaml(path), overrides)
+
+    def to_yaml(self) -> str:
+        """The resolved recipe as YAML text (``config.yaml`` of a run folder)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def identity(self) -> dict[str, Any]:
+        """What a resumed run must share with the run it continues."""
+        d = self.model_dump(mode="json")
+        for section, keys in self.resume_free.items():
+            for k in keys:
+                d.get(section, {}).pop(k, None)
+        return d
+
+
+class Recipe(RecipeFile):
     """A whole run: data, method, optimizer, schedule and loop."""
 
     name: str = "run"
@@ -182,20 +215,6 @@ class Recipe(Strict):
     sched: SchedConfig = Field(default_factory=SchedConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], overrides: list[str] | None = None) -> Recipe:
-        """Validate a dict (after ``key=value`` overrides) into a Recipe, or fail in one line."""
-        data = apply_overrides(copy.deepcopy(data), overrides or [])
-        return validate(cls, data)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> Recipe:
-        """Load and validate a YAML recipe."""
-        return cls.from_dict(load_yaml(path), overrides)
-
-    def to_yaml(self) -> str:
-        """The resolved recipe as YAML text."""
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

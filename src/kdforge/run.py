@@ -19,7 +19,6 @@ from kdforge.errors import KdforgeError
 from kdforge.method import DataInfo, Method, MethodStage, build_method
 
 # recipe keys a resumed staged run may change (as for continual runs)
-_RESUME_FREE = {"train": ("device", "progress", "threads", "log_every"), "data": ("num_workers", "eval_batch_size")}
 
 
 def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = False,
@@ -106,11 +105,7 @@ def stage_recipe(recipe: Recipe, stage: MethodStage) -> Recipe:
 
 
 def _identity(recipe: Recipe) -> dict[str, Any]:
-    d = recipe.model_dump(mode="json")
-    for section, keys in _RESUME_FREE.items():
-        for k in keys:
-            d[section].pop(k, None)
-    return d
+    return recipe.identity()
 
 
 def _prepare_root(root: Path, resume: bool, overwrite: bool) -> Any:

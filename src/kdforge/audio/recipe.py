@@ -8,16 +8,14 @@ searched on the validation split and applied to the test split.
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
-import yaml
 from pydantic import Field, model_validator
 from torch import nn
 
@@ -30,12 +28,10 @@ from kdforge.config import (
     ModelSpec,
     OptimConfig,
     Recipe,
+    RecipeFile,
     SchedConfig,
     Strict,
     TrainConfig,
-    apply_overrides,
-    load_yaml,
-    validate,
 )
 from kdforge.errors import KdforgeError
 
@@ -114,8 +110,11 @@ def _default_optim() -> OptimConfig:
     return OptimConfig(name="sgd", lr=1e-3, momentum=0.9, weight_decay=1e-4, no_decay=["norm"])
 
 
-class AudioRecipe(Strict):
+class AudioRecipe(RecipeFile):
     """A whole audio run (``kdforge audio RECIPE``)."""
+
+    resume_free: ClassVar[dict[str, tuple[str, ...]]] = {
+        "train": ("device", "progress", "threads", "log_every"), "data": ("num_workers", "cache")}
 
     name: str = "audio"
     seed: int = Field(0, ge=0, lt=2**31)
@@ -136,29 +135,6 @@ class AudioRecipe(Strict):
                 raise ValueError(f"stage {s.name!r} starts from {s.init!r}, which is not an earlier stage "
                                  f"(earlier: {names[:i] or 'none'})")
         return self
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], overrides: list[str] | None = None) -> AudioRecipe:
-        """Validate a dict (after ``key=value`` overrides), or fail in one line."""
-        return validate(cls, apply_overrides(copy.deepcopy(data), overrides or []))
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> AudioRecipe:
-        """Load and validate a YAML audio recipe."""
-        return cls.from_dict(load_yaml(path), overrides)
-
-    def to_yaml(self) -> str:
-        """The resolved recipe as YAML."""
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-    def identity(self) -> dict[str, Any]:
-        """What a resumed run must share with the run it continues."""
-        d = self.model_dump(mode="json")
-        for k in ("device", "progress", "threads", "log_every"):
-            d["train"].pop(k, None)
-        d["data"].pop("num_workers", None)
-        d["data"].pop("cache", None)
-        return d
 
 
 # -- data ------------------------------------------------------------------------------------------------

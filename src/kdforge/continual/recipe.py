@@ -10,11 +10,8 @@ not from the training recipe's defaults.
 
 from __future__ import annotations
 
-import copy
-from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import Field, model_validator
 
 from kdforge.config import (
@@ -22,12 +19,10 @@ from kdforge.config import (
     MethodConfig,
     OptimConfig,
     Recipe,
+    RecipeFile,
     SchedConfig,
     Strict,
     TrainConfig,
-    apply_overrides,
-    load_yaml,
-    validate,
 )
 from kdforge.errors import KdforgeError
 
@@ -44,8 +39,6 @@ MOVED = {"learner": "cil.learner", "base": "cil.base", "increment": "cil.increme
          "base_epochs": "cil.base_epochs", "data_kwargs": "data", "epochs": "train.epochs", "lr": "optim.lr",
          "weight_decay": "optim.weight_decay", "batch_size": "data.batch_size",
          "lr_step_epochs": "sched: {name: step, step_size: N, gamma: 0.1}"}
-#: keys that may change between a run and its resume (they do not change what is computed)
-RESUME_FREE = {"train": ("device", "progress", "threads", "log_every"), "data": ("num_workers", "eval_batch_size")}
 
 
 class CilConfig(Strict):
@@ -61,7 +54,7 @@ class CilConfig(Strict):
     learner_kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
-class CilRecipe(Strict):
+class CilRecipe(RecipeFile):
     """A whole class-incremental run: the engine's shared sections and the ``cil`` section."""
 
     name: str = "cil"
@@ -90,28 +83,12 @@ class CilRecipe(Strict):
         if old is not None:
             raise KdforgeError(f"recipe key {old!r} moved to {MOVED[old]} (cil recipes share data/optim/sched/train "
                                "with training recipes; see recipes/continual/)")
-        r = validate(cls, apply_overrides(copy.deepcopy(data), overrides or []))
+        r = super().from_dict(data, overrides)
         if r.train.max_steps is not None:
             raise KdforgeError("train.max_steps is not used by cil runs: every stage trains train.epochs epochs "
                                "(cil.base_epochs on the base task)")
         return r
 
-    @classmethod
-    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> CilRecipe:
-        """Load and validate a YAML cil recipe."""
-        return cls.from_dict(load_yaml(path), overrides)
-
-    def to_yaml(self) -> str:
-        """The resolved recipe as YAML text (``config.yaml`` of the run folder)."""
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-    def identity(self) -> dict[str, Any]:
-        """What a resumed run must share with the run it continues (device, progress and the like may differ)."""
-        d = self.model_dump(mode="json")
-        for section, keys in RESUME_FREE.items():
-            for k in keys:
-                d[section].pop(k, None)
-        return d
 
     def stage_recipe(self, stage: str, seed: int, epochs: int, lr: float) -> Recipe:
         """The engine recipe of one stage: the shared sections with the stage's epochs and lr."""

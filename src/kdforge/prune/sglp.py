@@ -21,11 +21,11 @@ from kdforge.config import (
     ModelSpec,
     OptimConfig,
     Recipe,
+    RecipeFile,
     SchedConfig,
     Strict,
     TrainConfig,
     apply_overrides,
-    load_yaml,
     validate,
 )
 from kdforge.errors import KdforgeError
@@ -156,7 +156,7 @@ def default_select(candidate_mode: str) -> str:
     return "min" if candidate_mode == "subnet" else "max"
 
 
-class PruneRecipe(Strict):
+class PruneRecipe(RecipeFile):
     """A ``kdforge prune`` recipe: one of ``model`` (a CNN) or ``llm``, plus how to prune and heal it.
 
     ``compat``: ``paper`` (default), ``official`` (both quirks of the official code) or a list of them:
@@ -245,17 +245,6 @@ class PruneRecipe(Strict):
                 raise KdforgeError(f"recipe key 'heal.{key}' moved to {where} (prune recipes share "
                                    "data/optim/sched/train with training recipes; see recipes/prune/)")
         return validate(cls, data)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> PruneRecipe:
-        """Load and validate a YAML prune recipe (with ``key=value`` overrides)."""
-        return cls.from_dict(load_yaml(path), overrides)
-
-    def to_yaml(self) -> str:
-        """The resolved recipe as YAML text (``config.yaml`` of the run folder)."""
-        import yaml
-
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
     def heal_recipe(self, method: str, batch_size: int | None = None) -> Recipe:
         """The engine recipe of the healing fit: this recipe's shared sections (and the heal batch size)."""
