@@ -24,6 +24,44 @@ from kdforge.rl.group import DecisionAttention, DistillConfig, mean_pairwise_js
 from kdforge.rl.nets import PolicyGroup, build_group, encoder_kind
 
 
+class GroupSteps:
+    """What the PPO and DQN step sources share: each policy's environments and generator, its finished episodes.
+
+    All randomness lives in per-policy generators and environment states held here, so a resumed run
+    (``state_dict`` at a step boundary) continues exactly; subclasses add their own state.
+    """
+
+    def __init__(self, method: GroupMethod) -> None:
+        c = method.cfg
+        self.method, self.cfg = method, c
+        self.envs = [VecEnv(c.env, c.num_envs, s * 1000) for s in method.seeds]
+        self.gens = [torch.Generator().manual_seed(s) for s in method.seeds]
+        self.steps_per_epoch = c.steps_per_epoch
+        self.env_steps = 0  # per policy
+        self.episodes: list[tuple[int, int, float]] = []  # (env steps per policy when it ended, policy, return)
+        self._cache: tuple[int, dict[str, Any]] | None = None  # the engine may ask for one step's batch twice
+
+    def recent_returns(self, window: int = 10) -> Tensor:
+        """Each policy's mean return over its last ``window`` finished episodes (NaN before the first)."""
+        out = []
+        for m in range(len(self.envs)):
+            r = [ret for _, p, ret in self.episodes if p == m][-window:]
+            out.append(float(np.mean(r)) if r else float("nan"))
+        return torch.tensor(out)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"envs": [e.state_dict() for e in self.envs], "gens": [g.get_state() for g in self.gens],
+                "env_steps": self.env_steps, "episodes": [list(e) for e in self.episodes]}
+
+    def load_state_dict(self, st: dict[str, Any]) -> None:
+        for e, s in zip(self.envs, st["envs"], strict=True):
+            e.load_state_dict(s)
+        for g, s in zip(self.gens, st["gens"], strict=True):
+            g.set_state(s)
+        self.env_steps = int(st["env_steps"])
+        self.episodes = [(int(a), int(b), float(r)) for a, b, r in st["episodes"]]
+        self._cache = None
+
 class GroupConfig(Strict):
     """Recipe keys every RL group method has."""
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 from contextlib import ExitStack
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -22,8 +21,8 @@ from torch import Tensor
 
 from kdforge.config import validate
 from kdforge.registry import METHODS
-from kdforge.rl.base import GroupConfig, GroupMethod
-from kdforge.rl.envs import VecEnv, obs_tensor
+from kdforge.rl.base import GroupConfig, GroupMethod, GroupSteps
+from kdforge.rl.envs import obs_tensor
 from kdforge.rl.group import attention_stats, boltzmann, group_step, ramp_up
 
 
@@ -90,29 +89,16 @@ def epsilon(cfg: DQNConfig, env_step: int, total_env_steps: int) -> float:
     return max(cfg.end_e, cfg.start_e + (cfg.end_e - cfg.start_e) * env_step / span)
 
 
-class DQNSteps:
+class DQNSteps(GroupSteps):
     """The step source: ε-greedy steps of every policy in its own environments into its own replay, then a sample."""
 
     def __init__(self, method: DQNGroup, total_updates: int) -> None:
+        super().__init__(method)
         c = method.cfg
-        self.method, self.cfg = method, c
-        self.envs = [VecEnv(c.env, c.num_envs, s * 1000) for s in method.seeds]
-        self.gens = [torch.Generator().manual_seed(s) for s in method.seeds]
         shape = tuple(method.group.kdforge_spec["obs_shape"])
         image = not c.env.startswith(("CartPole", "Acrobot"))
         self.replays = [Replay(c.buffer_size, shape, image) for _ in method.seeds]
         self.total_env_steps = total_updates * c.train_frequency * c.num_envs
-        self.steps_per_epoch = c.steps_per_epoch
-        self.env_steps = 0  # per policy
-        self.episodes: list[tuple[int, int, float]] = []
-        self._cache: tuple[int, dict[str, Any]] | None = None
-
-    def recent_returns(self, window: int = 10) -> Tensor:
-        out = []
-        for m in range(len(self.envs)):
-            r = [ret for _, p, ret in self.episodes if p == m][-window:]
-            out.append(float(np.mean(r)) if r else float("nan"))
-        return torch.tensor(out)
 
     @torch.no_grad()
     def batch(self, step: int) -> dict[str, Any]:
@@ -143,20 +129,12 @@ class DQNSteps:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"envs": [e.state_dict() for e in self.envs], "gens": [g.get_state() for g in self.gens],
-                "replays": [rb.state_dict() for rb in self.replays], "env_steps": self.env_steps,
-                "episodes": [list(e) for e in self.episodes]}
+        return {**super().state_dict(), "replays": [rb.state_dict() for rb in self.replays]}
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
-        for e, s in zip(self.envs, st["envs"], strict=True):
-            e.load_state_dict(s)
-        for g, s in zip(self.gens, st["gens"], strict=True):
-            g.set_state(s)
+        super().load_state_dict(st)
         for rb, s in zip(self.replays, st["replays"], strict=True):
             rb.load_state_dict(s)
-        self.env_steps = int(st["env_steps"])
-        self.episodes = [(int(a), int(b), float(r)) for a, b, r in st["episodes"]]
-        self._cache = None
 
 
 @METHODS.register("dqn")

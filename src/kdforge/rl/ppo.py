@@ -14,7 +14,6 @@ from __future__ import annotations
 from contextlib import ExitStack
 from typing import Any
 
-import numpy as np
 import torch
 from pydantic import Field
 from torch import Tensor
@@ -22,8 +21,8 @@ from torch import Tensor
 from kdforge.config import validate
 from kdforge.errors import KdforgeError
 from kdforge.registry import METHODS
-from kdforge.rl.base import GroupConfig, GroupMethod
-from kdforge.rl.envs import VecEnv, obs_tensor
+from kdforge.rl.base import GroupConfig, GroupMethod, GroupSteps
+from kdforge.rl.envs import obs_tensor
 from kdforge.rl.group import attention_stats, group_step, ramp_up
 
 
@@ -45,7 +44,7 @@ class PPOConfig(GroupConfig):
     max_grad_norm: float = Field(0.5, ge=0)
 
 
-class PPORollouts:
+class PPORollouts(GroupSteps):
     """The step source: rollouts of every policy in its own vectorised environments, with GAE.
 
     All randomness (environments, action sampling, minibatch orders) comes from per-policy generators
@@ -53,23 +52,8 @@ class PPORollouts:
     """
 
     def __init__(self, method: PPOGroup) -> None:
-        c = method.cfg
-        self.method, self.cfg = method, c
-        self.envs = [VecEnv(c.env, c.num_envs, s * 1000) for s in method.seeds]
-        self.gens = [torch.Generator().manual_seed(s) for s in method.seeds]
-        self.next_done = [torch.zeros(c.num_envs) for _ in method.seeds]
-        self.steps_per_epoch = c.steps_per_epoch
-        self.env_steps = 0  # per policy
-        self.episodes: list[tuple[int, int, float]] = []  # (env steps per policy when it ended, policy, return)
-        self._cache: tuple[int, dict[str, Any]] | None = None
-
-    def recent_returns(self, window: int = 10) -> Tensor:
-        """Each policy's mean return over its last ``window`` finished episodes (NaN before the first)."""
-        out = []
-        for m in range(len(self.envs)):
-            r = [ret for _, p, ret in self.episodes if p == m][-window:]
-            out.append(float(np.mean(r)) if r else float("nan"))
-        return torch.tensor(out)
+        super().__init__(method)
+        self.next_done = [torch.zeros(method.cfg.num_envs) for _ in method.seeds]
 
     @torch.no_grad()
     def batch(self, step: int) -> dict[str, Any]:
@@ -121,19 +105,11 @@ class PPORollouts:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"envs": [e.state_dict() for e in self.envs], "gens": [g.get_state() for g in self.gens],
-                "next_done": [d.clone() for d in self.next_done], "env_steps": self.env_steps,
-                "episodes": [list(e) for e in self.episodes]}
+        return {**super().state_dict(), "next_done": [d.clone() for d in self.next_done]}
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
-        for e, s in zip(self.envs, st["envs"], strict=True):
-            e.load_state_dict(s)
-        for g, s in zip(self.gens, st["gens"], strict=True):
-            g.set_state(s)
+        super().load_state_dict(st)
         self.next_done = [d.clone() for d in st["next_done"]]
-        self.env_steps = int(st["env_steps"])
-        self.episodes = [(int(a), int(b), float(r)) for a, b, r in st["episodes"]]
-        self._cache = None
 
 
 def ppo_loss(c: PPOConfig, logits: Tensor, newvalue: Tensor, a: Tensor, oldlogprob: Tensor, adv: Tensor,
