@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -240,7 +241,7 @@ class Paraphraser(nn.Module):
         return factor, self.decoder(factor)
 
 
-class TwoStageLoss(FeatureLoss):
+class TwoStageLoss(FeatureLoss, ABC):
     """A feature loss with an initialisation stage before the main training (FT's paraphraser, AB's init).
 
     ``stages: two`` (default, the papers): :class:`~kdforge.distill.Distill` runs an init stage of
@@ -287,9 +288,9 @@ class TwoStageLoss(FeatureLoss):
         """The loss's own parameters trained in the init stage and frozen afterwards."""
         return list(self.parameters())
 
+    @abstractmethod
     def init_loss(self, student: Sequence[Tensor] | None, teacher: Sequence[Tensor]) -> Tensor:
         """The init stage's objective (``student`` is ``None`` unless ``init_trains_student``)."""
-        raise NotImplementedError
 
     @property
     def in_main_loss(self) -> bool:

@@ -8,6 +8,7 @@ clipping and Adam state), so a group trained with zero distillation weights is K
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 import numpy as np
@@ -137,7 +138,7 @@ def evaluate_group(group: nn.Module, episodes: int | None = None) -> dict[str, f
     return res
 
 
-class GroupMethod(Method):
+class GroupMethod(Method, ABC):
     """K policies of one algorithm learning online together, with the decision-attention module when asked."""
 
     uses_data: ClassVar[bool] = False
@@ -196,5 +197,6 @@ class GroupMethod(Method):
         """Deterministic evaluation episodes of every policy (the spec's env, episodes and seeds)."""
         return evaluate_group(model)
 
+    @abstractmethod
     def step_source(self, recipe: Any) -> Any:
-        raise NotImplementedError
+        """The engine's step source of this algorithm (rollouts for PPO, replay samples for DQN)."""
