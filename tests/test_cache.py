@@ -256,7 +256,7 @@ def test_cache_list_size_clear(teacher_ck: Path, tmp_path: Path, capsys: pytest.
 
 
 def test_bucket_kd_is_the_kl_of_the_bucketed_distributions() -> None:
-    from kdforge.cache.llm import bucket_kd
+    from kdforge.llm.cache import bucket_kd
 
     t = torch.tensor([[2.0, 0.5, -1.0, 1.0, 0.0]])
     s = torch.tensor([[1.0, 1.0, 0.0, -0.5, 0.3]])
@@ -270,8 +270,8 @@ def test_bucket_kd_is_the_kl_of_the_bucketed_distributions() -> None:
 
 
 def test_lm_topk_cache_heals_like_the_live_teacher(tmp_path: Path, one_thread: None) -> None:
-    from kdforge.cache.llm import LMTopKCache
-    from kdforge.prune.llm import heal_kd, tiny_llama
+    from kdforge.llm import heal_kd, tiny_llama
+    from kdforge.llm.cache import LMTopKCache
 
     teacher, student = tiny_llama(3, 32, vocab=64), tiny_llama(2, 32, vocab=64, seed=1)
     blocks = torch.randint(0, 64, (12, 16), generator=torch.Generator().manual_seed(0))

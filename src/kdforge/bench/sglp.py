@@ -239,8 +239,8 @@ def _llm_settings(quick: bool) -> dict[str, Any]:
 
 
 def _llm_metrics(m: nn.Module, ev: torch.Tensor, s: dict[str, Any]) -> dict[str, float]:
+    from kdforge.llm import perplexity, tokens_per_second
     from kdforge.profile import count_params
-    from kdforge.prune.llm import perplexity, tokens_per_second
 
     return {"ppl": perplexity(m, ev), "params": float(count_params(m)),
             "prefill_tok_s": tokens_per_second(m, ev, 1, repeats=2),
@@ -250,8 +250,7 @@ def _llm_metrics(m: nn.Module, ev: torch.Tensor, s: dict[str, Any]) -> dict[str,
 @BENCHES.register("sglp-llm")
 def run_llm(out: Path | None = None, quick: bool = False) -> dict[str, Any]:
     """SmolLM2-135M on pydoc text: perplexity after removing 25% of layers by SGLP and baselines, then KD heal."""
-    from kdforge.prune.importance import causal_lm_task, select_baseline, sglp_select
-    from kdforge.prune.llm import (
+    from kdforge.llm import (
         ByteTokenizer,
         heal_kd,
         load_smollm2,
@@ -261,6 +260,7 @@ def run_llm(out: Path | None = None, quick: bool = False) -> dict[str, Any]:
         tiny_llama,
         token_blocks,
     )
+    from kdforge.prune.importance import causal_lm_task, select_baseline, sglp_select
     from kdforge.prune.report import plot_cka
     from kdforge.prune.sglp import AnalysisConfig, BudgetConfig, analyze, keep_budget
     from kdforge.prune.surgery import find_units, prune_model
@@ -376,7 +376,7 @@ def _write_llm_md(path: Path, res: dict[str, Any], quick: bool) -> None:
             f"{h['first_loss']:.3f} → {h['last_loss']:.3f}.", "",
             "Throughput: prefill tokens/s of one sequence, and greedy decode tokens/s with the KV cache "
             f"({s['decode_tokens']} new tokens), batch 1, fp32 on the CPU.", "",
-            "Zero-shot accuracy: `kdforge.prune.llm.lm_eval_zero_shot` (or `eval.lm_eval_tasks` in a prune recipe) "
+            "Zero-shot accuracy: `kdforge.llm.lm_eval_zero_shot` (or `eval.lm_eval_tasks` in a prune recipe) "
             "runs lm-eval-harness tasks when `lm-eval` is installed and their data can be fetched; not run here "
             "(offline).", "",
             "![CKA](sglp-llm-cka.png)", "",

@@ -165,8 +165,7 @@ LLM_REMOVED = (3, 13, 14, 15, 16, 17, 25, 26)
 
 def llm_row(out: Path, quick: bool) -> dict[str, Any]:
     """SmolLM2 with 8 layers removed, healed by KD from the unpruned model: live teacher vs a top-k cache."""
-    from kdforge.cache.llm import LMTopKCache
-    from kdforge.prune.llm import (
+    from kdforge.llm import (
         ByteTokenizer,
         heal_kd,
         load_smollm2,
@@ -178,6 +177,7 @@ def llm_row(out: Path, quick: bool) -> dict[str, Any]:
         tiny_llama,
         token_blocks,
     )
+    from kdforge.llm.cache import LMTopKCache
 
     s = {"rows": 8, "n_eval": 4, "seq_len": 32, "steps": 3, "k": 8, "lr": 1e-3} if quick else \
         {"rows": 48, "n_eval": 16, "seq_len": 128, "steps": 20, "k": 32, "lr": 5e-5}

@@ -69,7 +69,7 @@ class LMTopKCache:
     def build(cls, teacher: nn.Module, blocks: Tensor, path: str | Path, k: int = 32, dtype: str = "fp16",
               batch_size: int = 4, chunk: int = 16, overwrite: bool = False) -> LMTopKCache:
         """Run the teacher over ``blocks`` (n, L) once and store its top-k per token; resumes a stopped build."""
-        from kdforge.prune.llm import lm_logits
+        from kdforge.llm.metrics import lm_logits
 
         path = Path(path)
         teacher = teacher.eval()
@@ -152,7 +152,7 @@ class LMTopKCache:
 
     def heal_parts(self, student: nn.Module, blocks: Tensor, batch_size: int, seed: int, T: float = 1.0,
                    ce_weight: float = 0.0, tail: str = "bucket") -> tuple[Method, CachedBlocks]:
-        """The method and step source :func:`kdforge.prune.llm.heal_kd` trains with when it reads this cache."""
+        """The method and step source :func:`kdforge.llm.heal.heal_kd` trains with when it reads this cache."""
         if blocks_fingerprint(blocks) != self.meta["identity"]["data"]["fingerprint"]:
             raise KdforgeError(f"LM teacher cache {str(self.path)!r} was built on other token rows than the ones "
                                "to heal on; rebuild it on these rows")
@@ -166,10 +166,10 @@ def _write_meta(path: Path, meta: dict[str, Any]) -> None:
 
 
 class CachedBlocks:
-    """The calibration rows of :class:`kdforge.prune.llm.CalibrationBlocks` (the same draws), with their row ids."""
+    """The calibration rows of :class:`kdforge.llm.heal.CalibrationBlocks` (the same draws), with their row ids."""
 
     def __init__(self, blocks: Tensor, batch_size: int, seed: int = 0) -> None:
-        from kdforge.prune.llm import CalibrationBlocks
+        from kdforge.llm.heal import CalibrationBlocks
 
         self.inner = CalibrationBlocks(blocks, batch_size, seed)
         self.steps_per_epoch = self.inner.steps_per_epoch
@@ -213,8 +213,8 @@ class CachedLogitDistill(Method):
         self._no_split_modules = getattr(student, "_no_split_modules", None)
 
     def training_step(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+        from kdforge.llm.metrics import lm_logits
         from kdforge.losses import kd_loss
-        from kdforge.prune.llm import lm_logits
 
         ids = batch["ids"]
         s_logits = lm_logits(self.student, ids).float()

@@ -41,7 +41,7 @@ def classification_task(train_mode: bool = True) -> Task:
 
 def causal_lm_task() -> Task:
     """Batches are token-id rows; next-token CE in eval mode; embeddings and head frozen for GradNorm."""
-    from kdforge.prune.llm import lm_logits, lm_loss
+    from kdforge.llm import lm_logits, lm_loss
 
     def trainable(name: str) -> bool:
         return not any(k in name for k in ("embed", "wte", "wpe", "lm_head"))

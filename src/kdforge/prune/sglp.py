@@ -522,7 +522,7 @@ def _run_cnn(r: PruneRecipe, out: Path | None, verbose: bool) -> PruneResult:
 
 def llm_data(r: PruneRecipe, tokenizer: Any) -> tuple[Tensor, Tensor]:
     """(calibration/heal rows, held-out evaluation rows) of token ids from the recipe's text."""
-    from kdforge.prune.llm import read_text, split_blocks, token_blocks
+    from kdforge.llm import read_text, split_blocks, token_blocks
 
     blocks = token_blocks(tokenizer, read_text(r.text.source), r.text.seq_len, r.text.max_tokens)
     calib, ev = split_blocks(blocks, r.text.eval_fraction)
@@ -533,7 +533,7 @@ def llm_data(r: PruneRecipe, tokenizer: Any) -> tuple[Tensor, Tensor]:
 
 def load_llm(spec: LLMSpec) -> tuple[nn.Module, Any]:
     """The LLM and tokenizer named by a recipe."""
-    from kdforge.prune.llm import ByteTokenizer, load_causal_lm, tiny_llama
+    from kdforge.llm import ByteTokenizer, load_causal_lm, tiny_llama
 
     if spec.source == "tiny":
         return tiny_llama(spec.tiny_layers), ByteTokenizer()
@@ -543,8 +543,8 @@ def load_llm(spec: LLMSpec) -> tuple[nn.Module, Any]:
 
 def llm_metrics(model: nn.Module, ev: Tensor, cfg: EvalConfig, tokenizer: Any = None) -> dict[str, float]:
     """Perplexity on held-out text, params and forward (prefill) tokens/s at batch 1."""
+    from kdforge.llm import lm_eval_zero_shot, perplexity, tokens_per_second
     from kdforge.profile import count_params
-    from kdforge.prune.llm import lm_eval_zero_shot, perplexity, tokens_per_second
 
     out = {"ppl": perplexity(model, ev), "params": float(count_params(model)),
            "tokens_per_s": tokens_per_second(model, ev, 1, repeats=max(1, min(3, cfg.latency_repeats)))}
@@ -567,7 +567,7 @@ def llm_calibration(calib: Tensor, cfg: CalibrationConfig) -> tuple[list[Tensor]
 
 
 def _run_llm(r: PruneRecipe, out: Path | None, verbose: bool) -> PruneResult:
-    from kdforge.prune.llm import heal_kd
+    from kdforge.llm import heal_kd
 
     assert r.llm is not None
     model, tok = load_llm(r.llm)

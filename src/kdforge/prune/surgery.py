@@ -57,7 +57,7 @@ def find_units(model: nn.Module, names: Sequence[str] | None = None, example: Te
     ResNet blocks with a downsample path change the shape and are pinned; for user-given names an
     example input decides: a unit whose input and output shapes differ is pinned.
     """
-    from kdforge.prune.llm import decoder_layers
+    from kdforge.llm import decoder_layers
 
     if names is None:
         found = decoder_layers(model, required=False)
@@ -174,7 +174,7 @@ def removed(model: nn.Module, units: Sequence[UnitSpec], keep: Iterable[int]) ->
 
 def prune_model(model: nn.Module, units: Sequence[UnitSpec], keep: Iterable[int], inplace: bool = False) -> nn.Module:
     """A copy of ``model`` with only the kept units; kept weights are bit-identical, HF configs updated."""
-    from kdforge.prune.llm import decoder_layers, prune_decoder_layers
+    from kdforge.llm import decoder_layers, prune_decoder_layers
 
     keep = _check_keep(units, keep)
     out = model if inplace else copy.deepcopy(model)

