@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -80,13 +81,7 @@ def train(
     from kdforge.engine.run_dir import check_writable_dir
 
     check_writable_dir(run_dir, "run folder")  # before data and model are built
-    from kdforge.engine.trainer import TrainingInterrupted
-
-    try:
-        result = run_train(r, run_dir, resume=resume, overwrite=overwrite)
-    except TrainingInterrupted as e:
-        print(str(e), file=sys.stderr)
-        raise typer.Exit(130) from None
+    result = run_train(r, run_dir, resume=resume, overwrite=overwrite)
     key = result.monitor
     last = result.test_last.get(key)
     line = f"test {key} {last:.2f} (last)" if last is not None else "done"
@@ -367,8 +362,40 @@ def _settle_runs(ok: bool) -> None:
     run_dir.release_all()
 
 
+def _speaks_on_ctrl_c(fn: Any) -> Any:
+    """A command body that prints the one "interrupted ...; resume with: ..." line on Ctrl-C (typer would exit
+    130 silently) and turns an EOFError (a truncated file) into a one-line error instead of typer's "Aborted"."""
+    if getattr(fn, "_kdforge_ctrl_c", False):
+        return fn
+
+    @functools.wraps(fn)
+    def body(*args: Any, **kwargs: Any) -> Any:
+        from kdforge.engine.run_dir import RunInterrupted
+
+        try:
+            return fn(*args, **kwargs)
+        except KeyboardInterrupt as e:
+            if _is_main_rank():
+                print(str(e) if isinstance(e, RunInterrupted) and str(e) else "interrupted", file=sys.stderr)
+            raise typer.Exit(130) from None
+        except EOFError as e:
+            raise KdforgeError(f"a file ended early (truncated?): {e or 'EOFError'}") from None
+
+    body._kdforge_ctrl_c = True  # type: ignore[attr-defined]
+    return body
+
+
+def _wrap_commands(t: typer.Typer) -> None:
+    for c in t.registered_commands:
+        c.callback = _speaks_on_ctrl_c(c.callback)
+    for g in t.registered_groups:
+        if g.typer_instance is not None:
+            _wrap_commands(g.typer_instance)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: every user error is one line on stderr and exit code 2."""
+    _wrap_commands(app)
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="kdforge")
         _settle_runs(ok=True)
@@ -386,11 +413,11 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Exit as e:
         return e.exit_code
     except (typer.Abort, KeyboardInterrupt) as e:
-        from kdforge.engine.trainer import TrainingInterrupted
+        from kdforge.engine.run_dir import RunInterrupted
 
-        cause = e if isinstance(e, TrainingInterrupted) else e.__cause__ or e.__context__
+        cause = e if isinstance(e, RunInterrupted) else e.__cause__ or e.__context__
         if _is_main_rank():
-            print(str(cause) if isinstance(cause, TrainingInterrupted) else "interrupted", file=sys.stderr)
+            print(str(cause) if isinstance(cause, RunInterrupted) else "interrupted", file=sys.stderr)
         return 130
     except Exception:
         _settle_runs(ok=False)

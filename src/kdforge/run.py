@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 from kdforge.config import Recipe
 from kdforge.data import DataBundle, load_data
+from kdforge.engine.run_dir import open_run
 from kdforge.engine.trainer import FitResult, Trainer, TrainingInterrupted, seed_everything
 from kdforge.errors import KdforgeError
 from kdforge.method import DataInfo, Method, MethodStage, build_method
@@ -57,8 +59,11 @@ def fit(method: Method, data: DataBundle, recipe: Recipe, run_dir: str | Path | 
     from kdforge.engine.stages import StagedRun
 
     root = Path(run_dir) if run_dir is not None else None
-    lease = _prepare_root(root, resume, overwrite) if root is not None else None
-    try:
+    if root is not None and resume:
+        _check_staged_root(root)
+    held = (open_run(root, "train", overwrite=overwrite, resume=resume, resume_cmd=f"kdforge train {root} --resume")
+            if root is not None else contextlib.nullcontext())
+    with held:
         staged = StagedRun(root, _identity(recipe), resume=resume)
         if root is not None:
             atomic_write_text(root / "config.yaml", recipe.to_yaml())
@@ -74,24 +79,14 @@ def fit(method: Method, data: DataBundle, recipe: Recipe, run_dir: str | Path | 
             except TrainingInterrupted as e:
                 if root is None:
                     raise
-                raise TrainingInterrupted(f"{str(e).split(';')[0]} of stage {stage.name!r}; resume with: "
-                                          f"kdforge train {root} --resume") from None
+                raise TrainingInterrupted(f"{str(e).split(';')[0]} of stage {stage.name!r}") from None
             del trainer  # drops a DDP wrapper before the next stage wraps the same modules
             if staged.done(stage.name) is None:
                 staged.finish(stage.name, {"epochs": result.epochs, "test_last": result.test_last})
-            if lease is not None:
-                lease.commit()
         assert result is not None
         if root is not None and result.run_dir is not None:
             _publish(result.run_dir, root)
         return result
-    except BaseException:
-        if lease is not None and not _any_state(root):
-            lease.rollback()
-        raise
-    finally:
-        if lease is not None:
-            lease.release()
 
 
 def stage_recipe(recipe: Recipe, stage: MethodStage) -> Recipe:
@@ -108,24 +103,11 @@ def _identity(recipe: Recipe) -> dict[str, Any]:
     return recipe.identity()
 
 
-def _prepare_root(root: Path, resume: bool, overwrite: bool) -> Any:
-    """The top folder of a staged run: created (or replaced with ``overwrite``) and locked; checked on resume."""
-    from kdforge.engine.run_dir import prepare_run_dir
-
-    if not resume:
-        return prepare_run_dir(root, resume=False, overwrite=overwrite)
-    if overwrite:
-        raise KdforgeError("--resume and --overwrite exclude each other: choose one")
-    if not root.is_dir():
-        raise KdforgeError(f"cannot resume: run folder {str(root)!r} does not exist")
+def _check_staged_root(root: Path) -> None:
+    """A staged run resumes only from a staged run folder (not from a one-stage run)."""
     if (root / "checkpoints" / "state").is_dir() and not (root / "stages").is_dir():
         raise KdforgeError(f"cannot resume {str(root)!r}: it holds a one-stage run, and this recipe trains in "
                            "stages; start it in another folder")
-    return None
-
-
-def _any_state(root: Path | None) -> bool:
-    return root is not None and any((root / "stages").glob("*/checkpoints/state"))
 
 
 def _publish(stage_dir: Path, root: Path) -> None:

@@ -1,20 +1,25 @@
-"""The run folder: where a run writes its recipe, metrics, checkpoints and report.
+"""The run folder: the one layer through which every command that writes a folder goes.
 
-A folder kdforge creates carries a marker file (``.kdforge-run``); ``--overwrite`` replaces only such a
-folder, and only after the new run has written its first checkpoint (the old one waits aside until then).
-A lock file (``.lock``, ``fcntl.flock``) stops two runs from writing one folder.
+A folder kdforge creates carries a marker file (``.kdforge-run``) that records the kind of run (``train``,
+``prune``, ``cil``, ``audio``, ``cache``, ``sample``, ``report``, ``bench``, ``compress``, ...);
+``--overwrite`` replaces only such a folder (of any kind), and only after the new run's first durable write
+(the old one waits aside until then). A lock file (``.lock``, ``fcntl.flock``) stops two runs from writing
+one folder. :func:`open_run` is the API a command uses; :func:`run_kind` and :func:`describe_folder` are
+for readers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import os
 import re
 import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from kdforge.errors import KdforgeError
 
@@ -28,6 +33,74 @@ _ASIDE = re.compile(r"^\.(?P<name>.+)\.old-(?P<pid>\d+)$")
 _HELD: dict[str, RunDirLease] = {}
 
 
+@dataclass(frozen=True)
+class RunKind:
+    """A kind of run folder: what it is in words, and which commands read (or resume) it."""
+
+    noun: str
+    readers: str
+
+
+#: every kind of folder kdforge writes; ``{dir}`` in ``readers`` is the folder
+KINDS: dict[str, RunKind] = {
+    "train": RunKind("a 'kdforge train' run", "evaluate it with 'kdforge eval {dir}', continue it with "
+                     "'kdforge train {dir} --resume'"),
+    "prune": RunKind("a 'kdforge prune' run", "its pruned model is evaluated with 'kdforge eval {dir}/pruned'"),
+    "cil": RunKind("a 'kdforge cil' run", "rerun 'kdforge cil RECIPE -r {dir}' to resume it"),
+    "audio": RunKind("a 'kdforge audio' run", "classify a file with 'kdforge audio-predict {dir} FILE'"),
+    "cache": RunKind("a teacher cache ('kdforge cache build')", "'kdforge train' reads it through method.cache; "
+                     "'kdforge cache list' shows it"),
+    "sample": RunKind("a folder of 'kdforge sample' grids", "open its .png files"),
+    "report": RunKind("a 'kdforge report -o' page", "open its index.html"),
+    "bench": RunKind("a 'kdforge bench' output folder", "'kdforge report -o SITE {dir}' shows it"),
+    "demo": RunKind("a 'kdforge demo' folder", "its runs are read with 'kdforge eval {dir}/kd-seed0'"),
+}
+
+
+def register_kind(name: str, noun: str, readers: str) -> None:
+    """Add a kind of run folder (a new command's): ``noun`` in words, ``readers`` the commands that read it."""
+    KINDS[name] = RunKind(noun, readers)
+
+
+def marker_text(kind: str) -> str:
+    """The marker file's text: a line for people, then ``kind: NAME``."""
+    return f"made by kdforge; '--overwrite' of a kdforge command may replace this folder\nkind: {kind}\n"
+
+
+def run_kind(path: str | Path) -> str | None:
+    """The kind of run a kdforge folder holds (``train``, ``prune``, ...), or None if kdforge did not make it.
+
+    A marker without a ``kind:`` line (kdforge before the kinds) is a train run; a teacher cache of that age
+    (``meta.json``, no marker) is ``cache``.
+    """
+    path = Path(path)
+    m = path / MARKER
+    if not m.is_file():
+        return "cache" if (path / "meta.json").is_file() and (path / "chunks").is_dir() else None
+    try:
+        text = m.read_text(errors="replace")
+    except OSError:
+        return "train"
+    for line in text.splitlines():
+        if line.startswith("kind:"):
+            return line.split(":", 1)[1].strip() or "train"
+    return "train"
+
+
+def describe_folder(path: str | Path) -> str:
+    """``'DIR' is a 'kdforge prune' run (its pruned model is evaluated with ...)`` for a reader's refusal."""
+    path = Path(path)
+    kind = run_kind(path)
+    if kind is None:
+        return f"{str(path)!r} was not made by kdforge"
+    k = KINDS.get(kind, RunKind(f"a kdforge {kind!r} folder", "see its own command"))
+    return f"{str(path)!r} is {k.noun} ({k.readers.format(dir=path)})"
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run with a folder: the message says where, and how to resume."""
+
+
 @dataclass(eq=False)
 class RunDirLease:
     """A run folder held by this process: its lock, and the previous run kept aside until ``commit()``.
@@ -38,6 +111,9 @@ class RunDirLease:
 
     path: Path
     fresh: bool = False
+    kind: str = "train"
+    committed: bool = False
+    resumed: bool = False
     aside: Path | None = None
     created: bool = False
     adopted: bool = False
@@ -56,6 +132,7 @@ class RunDirLease:
             if p is not None and p.exists():
                 shutil.rmtree(p, ignore_errors=True)
         self.aside, self.stale, self.created, self.adopted = None, [], False, False
+        self.committed = True
 
     def settle(self) -> None:
         """Commit if the run got as far as a checkpoint or a result, else roll back; then unlock."""
@@ -94,43 +171,135 @@ class RunDirLease:
             del _HELD[_key(self.path)]
 
 
-def prepare_run_dir(path: Path, resume: bool = False, overwrite: bool = False) -> RunDirLease:
-    """Create (or check) a run folder and lock it; never writes into an existing one without a flag."""
+def prepare_run_dir(path: Path, resume: bool = False, overwrite: bool = False, kind: str = "train",
+                    legacy: Callable[[Path], bool] | None = None) -> RunDirLease:
+    """Create (or check) a run folder of ``kind`` and lock it; never writes into an existing one without a flag.
+
+    ``resume``: continue a folder of the same kind (train: from its checkpoint state). ``legacy(path)`` says
+    whether a folder without a marker was made by an older kdforge of this kind (it is adopted).
+    """
     path = Path(path)
     if resume and overwrite:
         raise KdforgeError("--resume and --overwrite exclude each other: choose one")
-    check_writable_dir(path, "run folder")
+    check_writable_dir(path, f"{_word(kind)} folder")
     _release_own(path)
-    if resume:
-        return _prepare_resume(path)
     if not path.exists():
         _restore_orphan(path)
+    if legacy is not None and path.is_dir() and not _is_run(path) and not _is_empty(path) and legacy(path):
+        (path / MARKER).write_text(marker_text(kind))  # made by an older kdforge: adopt it
+    if resume:
+        _check_kind(path, kind, "resume")
+        return _prepare_resume(path) if kind == "train" else _resume_other(path, kind)
     if path.exists() and not _is_empty(path):
         if not overwrite:
-            hint = "pass --resume to continue it or --overwrite to replace it" if _is_run(path) else (
-                "it was not made by kdforge, so --overwrite will not replace it either; choose another folder")
-            raise KdforgeError(f"run folder {str(path)!r} already exists; {hint}")
-        return _prepare_overwrite(path)
+            have = run_kind(path)
+            if have is None:
+                hint = "it was not made by kdforge, so --overwrite will not replace it either; choose another folder"
+            elif have == kind == "train":
+                hint = "pass --resume to continue it or --overwrite to replace it"
+            else:
+                hint = f"it holds {KINDS[have].noun if have in KINDS else repr(have)}; pass --overwrite to replace it"
+            raise KdforgeError(f"{_word(kind)} folder {str(path)!r} already exists; {hint}")
+        return _prepare_overwrite(path, kind)
     existed = path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise KdforgeError(f"cannot create run folder {str(path)!r}: {e.strerror}") from None
-    lease = _lock(RunDirLease(path, created=not existed, adopted=existed and not _is_run(path)))
-    (path / MARKER).write_text("made by kdforge; 'kdforge train --overwrite' may replace this folder\n")
+        raise KdforgeError(f"cannot create {_word(kind)} folder {str(path)!r}: {e.strerror}") from None
+    lease = _lock(RunDirLease(path, kind=kind, created=not existed, adopted=existed and not _is_run(path)))
+    (path / MARKER).write_text(marker_text(kind))
     return lease
+
+
+def _word(kind: str) -> str:
+    return {"train": "run", "cache": "cache", "report": "report", "sample": "sample", "bench": "bench output"}.get(
+        kind, f"{kind} run")
+
+
+def _check_kind(path: Path, kind: str, doing: str) -> None:
+    """Refuse to resume (or read) a kdforge folder of another kind, saying what it is and who reads it."""
+    have = run_kind(path) if path.is_dir() else None
+    if have is not None and have != kind:
+        raise KdforgeError(f"cannot {doing} {str(path)!r} as {KINDS[kind].noun if kind in KINDS else kind}: "
+                           f"{describe_folder(path).split(' is ', 1)[1]}")
+
+
+def _resume_other(path: Path, kind: str) -> RunDirLease:
+    """Resume a folder of a kind without engine state: lock it and clear temp files; the command continues."""
+    if not path.is_dir():
+        raise KdforgeError(f"cannot resume: {_word(kind)} folder {str(path)!r} does not exist")
+    if not _is_run(path):
+        raise KdforgeError(f"cannot resume {str(path)!r}: it was not made by kdforge; choose another folder")
+    lease = _lock(RunDirLease(path, kind=kind, resumed=True, stale=_asides(path)))
+    remove_temp_files(path)
+    return lease
+
+
+@contextlib.contextmanager
+def open_run(path: str | Path, kind: str, *, overwrite: bool = False, resume: bool | Literal["auto"] = False,
+             resume_cmd: str | None = None, legacy: Callable[[Path], bool] | None = None,
+             main: bool = True) -> Iterator[RunDirLease]:
+    """The run folder of one command, held for the whole run: checked, created or replaced, locked, settled.
+
+    - ``resume``: ``True`` continues a folder of this kind; ``"auto"`` continues one if it exists (cil, audio,
+      cache: "a rerun resumes") and starts a new one otherwise; ``False`` needs a new or empty folder.
+    - ``overwrite``: replace a kdforge folder of any kind; the old one waits aside until the new run's first
+      durable write (:meth:`RunDirLease.commit`, or any checkpoint saved below the folder).
+    - On success the lease commits and unlocks. On an error before the first durable write, everything this
+      run made is removed and the old folder put back (the corrected retry is not blocked).
+    - Ctrl-C becomes :class:`RunInterrupted` with one line ``interrupted ...; resume with: RESUME_CMD``.
+    - ``main``: False on the other ranks of a launch (they neither lock nor write the marker).
+    """
+    path = Path(path)
+    if not main:
+        yield RunDirLease(path, kind=kind, committed=True)
+        return
+    if resume == "auto":
+        exists = path.is_dir() and not _is_empty(path)
+        resume = bool(exists and not overwrite and (run_kind(path) == kind or (
+            legacy is not None and not _is_run(path) and legacy(path))))
+    lease = prepare_run_dir(path, resume=bool(resume), overwrite=overwrite, kind=kind, legacy=legacy)
+    if lease.resumed or lease.fresh or resume:
+        lease.committed = True  # nothing of another run to put back: a failure keeps what is there
+    try:
+        yield lease
+    except KeyboardInterrupt as e:
+        if not lease.committed and not _has_state(path):
+            lease.rollback()
+        raise interrupted(e, resume_cmd) from None
+    except BaseException:
+        if not lease.committed and not _has_state(path):
+            lease.rollback()
+        raise
+    else:
+        lease.commit()
+    finally:
+        lease.release()
+
+
+def interrupted(e: BaseException | None, resume_cmd: str | None) -> RunInterrupted:
+    """The one Ctrl-C line: ``interrupted <where>; resume with: <command>`` (an inner run's place is kept)."""
+    where = str(e).split(";")[0].strip() if isinstance(e, RunInterrupted) and str(e) else "interrupted"
+    if resume_cmd is None:
+        return e if isinstance(e, RunInterrupted) else RunInterrupted(where)
+    return RunInterrupted(f"{where}; resume with: {resume_cmd}")
+
+
+def _has_state(path: Path) -> bool:
+    """Whether any engine checkpoint state lies below ``path`` (a durable write of a train-like run)."""
+    return (path / "checkpoints" / "state").is_dir() or any(path.glob("**/checkpoints/state"))
 
 
 def _prepare_resume(path: Path) -> RunDirLease:
     if not path.is_dir():
         raise KdforgeError(f"cannot resume: run folder {str(path)!r} does not exist")
-    lease = _lock(RunDirLease(path, stale=_asides(path)))
+    lease = _lock(RunDirLease(path, resumed=True, stale=_asides(path)))
     from kdforge.engine.checkpoint import recover_state
 
     remove_temp_files(path)
     recover_state(path / "checkpoints" / "state")
-    if (path / "checkpoints" / "state").is_dir():
-        return lease
+    if (path / "checkpoints" / "state").is_dir() or (path / "stages.json").is_file():
+        return lease  # a one-stage run's state, or a staged run (each stage resumes from its own folder)
     if _is_run(path) and all(p.name in RUN_FILES for p in path.iterdir()):
         # Stopped before its first checkpoint: nothing of value yet, so start over in the same folder.
         for p in path.iterdir():
@@ -145,12 +314,12 @@ def _prepare_resume(path: Path) -> RunDirLease:
                        "(or replace this one with --overwrite)")
 
 
-def _prepare_overwrite(path: Path) -> RunDirLease:
+def _prepare_overwrite(path: Path, kind: str = "train") -> RunDirLease:
     _refuse_special(path)
     if not _is_run(path):
         raise KdforgeError(f"--overwrite refused: {str(path)!r} was not made by kdforge (no {MARKER} file); "
                            "remove it yourself or choose another folder")
-    old = _lock(RunDirLease(path))  # fails if another run is writing it
+    old = _lock(RunDirLease(path, kind=run_kind(path) or kind))  # fails if another run is writing it
     aside = path.with_name(f".{path.name}.old-{os.getpid()}")
     if aside.exists():
         shutil.rmtree(aside)
@@ -158,8 +327,8 @@ def _prepare_overwrite(path: Path) -> RunDirLease:
     old.release()
     try:
         path.mkdir()
-        lease = _lock(RunDirLease(path, aside=aside, stale=_asides(path, exclude=aside)))
-        (path / MARKER).write_text("made by kdforge; 'kdforge train --overwrite' may replace this folder\n")
+        lease = _lock(RunDirLease(path, kind=kind, aside=aside, stale=_asides(path, exclude=aside)))
+        (path / MARKER).write_text(marker_text(kind))
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)
         os.replace(aside, path)

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from kdforge.config import OptimConfig, Recipe, SchedConfig
 from kdforge.data import DataBundle, make_loader
 from kdforge.engine.optim import EngineOptimizer, OptimizerHandle, OptimizerSpec, named_of, resolve
+from kdforge.engine.run_dir import RunInterrupted
 from kdforge.engine.run_format import RUN_FORMAT, is_accuracy, rounded, upgrade_results
 from kdforge.errors import KdforgeError
 from kdforge.method import Method
@@ -136,7 +137,7 @@ class NonFiniteLoss(KdforgeError):
     """A loss term became NaN or infinite."""
 
 
-class TrainingInterrupted(KeyboardInterrupt):
+class TrainingInterrupted(RunInterrupted):
     """Ctrl-C during a run with a folder: the message says where, and how to resume."""
 
 
