@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import torch
 import kdforge as kd
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# teachers' measured accuracies are cached per user; the suite keeps its own, never the developer's
+os.environ["KDFORGE_CACHE_DIR"] = tempfile.mkdtemp(prefix="kdforge-test-cache-")
 torch.set_num_threads(2)
 
 

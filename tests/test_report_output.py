@@ -209,7 +209,8 @@ def test_every_recipe_ships_and_can_be_listed_and_copied(tmp_path: Path, capsys:
     monkeypatch.chdir(tmp_path)
     assert main(["recipes", "demo", "--copy", "mine"]) == 0
     kd_yaml = yaml.safe_load((tmp_path / "mine" / "demo" / "kd.yaml").read_text())
-    assert Path(kd_yaml["method"]["teacher"]["checkpoint"]).is_file()  # the shipped teacher came along
+    # the shipped teacher came along, named relative to the copied recipe
+    assert (tmp_path / "mine" / "demo" / kd_yaml["method"]["teacher"]["checkpoint"]).is_file()
     before = (tmp_path / "mine" / "demo" / "kd.yaml").read_text()
     (tmp_path / "mine" / "demo" / "kd.yaml").write_text(before + "# edited\n")
     capsys.readouterr()

@@ -73,6 +73,9 @@ def train(
                                "started); start it again: kdforge train RECIPE -o " + str(out))
     recipe = _recipe_path(recipe)
     r = Recipe.from_yaml(recipe, set_)
+    from kdforge.models.loading import check_teacher_weights
+
+    check_teacher_weights(r.method.model_dump())
     if dry_run:
         res = run_dry(r)
         typer.echo(f"recipe {str(recipe)!r} is valid; one step: " + ", ".join(f"{k}={v:.4f}" for k, v in res.items()))

@@ -65,10 +65,17 @@ def _scalar_mismatch(ann: Any, value: Any) -> str:
 
 
 class ModelSpec(Strict):
-    """A model by registry name, optionally with weights from a checkpoint."""
+    """A model by name (``resnet20``, ``timm:NAME``, ``torchvision:NAME``, ``module:function``) and its weights."""
 
+    #: a registered name, ``timm:NAME``, ``torchvision:NAME``, or your own ``package.module:function`` / ``file.py:fn``
     model: str
+    #: weights: a .safetensors file, a .pt/.pth state dict (loaded with weights_only) or a kdforge run folder
     checkpoint: str | None = None
+    #: ``random``: a distillation teacher with no checkpoint is meant to be untrained (otherwise it is refused)
+    weights: Literal["random"] | None = None
+    #: keep a fresh classifier head where the checkpoint's has another number of classes (pretrained weights)
+    new_head: bool = False
+    #: keyword arguments of the model's factory
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -189,7 +196,7 @@ class RecipeFile(Strict):
     @classmethod
     def from_yaml(cls: type[R], path: str | Path, overrides: list[str] | None = None) -> R:
         """Load and validate a YAML recipe (with ``key=value`` overrides)."""
-        return cls.from_dict(load_yaml(path), overrides)
+        return cls.from_dict(resolve_files(load_yaml(path), Path(path).parent), overrides)
 
     def to_yaml(self) -> str:
         """The resolved recipe as YAML text (``config.yaml`` of a run folder)."""
@@ -232,6 +239,26 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         data = {}
     if not isinstance(data, dict):
         raise KdforgeError(f"recipe {str(p)!r} must be a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+#: recipe keys that name a file: a relative path missing from the current folder is read next to the recipe
+FILE_KEYS = ("checkpoint",)
+
+
+def resolve_files(data: Any, base: Path) -> Any:
+    """Resolve relative file keys against the recipe's folder where the current folder lacks them (in place)."""
+    if isinstance(data, dict):
+        for k, v in data.items():
+            if k in FILE_KEYS and isinstance(v, str) and v and not Path(v).is_absolute() and not Path(v).exists():
+                there = base / v
+                if there.exists():
+                    data[k] = str(there.resolve())
+            else:
+                resolve_files(v, base)
+    elif isinstance(data, list):
+        for v in data:
+            resolve_files(v, base)
     return data
 
 

@@ -186,7 +186,8 @@ def evaluate_classifier(model: nn.Module, loader: DataLoader, acc: Any = None) -
 def build_model(spec: ModelSpec, info: DataInfo) -> nn.Module:
     """Build a model from a recipe's model spec for this data; it remembers the spec that rebuilt it."""
     model = create_model(spec.model, num_classes=info.num_classes, in_chans=info.in_chans,
-                         checkpoint=spec.checkpoint, image_size=info.image_size, **spec.kwargs)
+                         checkpoint=spec.checkpoint, image_size=info.image_size, new_head=spec.new_head,
+                         **spec.kwargs)
     model.kdforge_spec = {"builder": "model", "model": spec.model, "kwargs": dict(spec.kwargs),
                           "num_classes": info.num_classes, "in_chans": info.in_chans, "image_size": info.image_size}
     return model

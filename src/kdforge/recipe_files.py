@@ -82,18 +82,40 @@ def select(patterns: list[str] | None) -> list[PackagedRecipe]:
     return chosen
 
 
+def referenced_files(recipe: Path) -> list[Path]:
+    """Shipped files a recipe reads by a path relative to its folder (``checkpoint: ../demo/teacher.safetensors``)."""
+    from kdforge.config import FILE_KEYS, load_yaml
+
+    root = recipes_root().resolve()
+    found: list[Path] = []
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k in FILE_KEYS and isinstance(v, str) and not Path(v).is_absolute():
+                    f = (recipe.parent / v).resolve()
+                    if f.is_file() and f.is_relative_to(root) and f not in found:
+                        found.append(f)
+                else:
+                    walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(load_yaml(recipe))
+    return [recipes_root() / f.relative_to(root) for f in found]
+
+
 def copy_recipes(chosen: list[PackagedRecipe], dest: Path, overwrite: bool = False) -> list[Path]:
     """Copy recipes to ``dest/AREA/NAME.yaml`` with the files they reference; refuses to replace files first."""
     root = recipes_root()
     plan: list[tuple[Path, Path]] = []
     for r in chosen:
         plan.append((r.path, dest / r.path.relative_to(root)))
-        text = r.path.read_text()
-        for f in r.path.parent.iterdir():  # weights a recipe names by file name (the demo teacher)
-            if f.is_file() and f.suffix not in (".yaml", ".yml") and f.name in text:
-                pair = (f, dest / f.relative_to(root))
-                if pair not in plan:
-                    plan.append(pair)
+        for f in referenced_files(r.path):
+            pair = (f, dest / f.relative_to(root))
+            if pair not in plan:
+                plan.append(pair)
     if not overwrite:
         taken = [str(d) for _, d in plan if d.exists()]
         if taken:

@@ -331,6 +331,8 @@ def run_info(trainer: Trainer) -> dict[str, Any]:
         info["teacher"] = teacher
         t = getattr(m, "teacher", None) or getattr(m, "teachers", None)
         info["teacher_params"] = count_params(t) if isinstance(t, nn.Module) else info["frozen_params"]
+        if isinstance(t, nn.Module):
+            info.update(_teacher_weights(trainer, t))
     if isinstance(md.get("terms"), list):
         info["terms"] = [{k: v for k, v in t.items() if k in ("loss", "weight")} for t in md["terms"]
                          if isinstance(t, dict)]
@@ -340,6 +342,27 @@ def run_info(trainer: Trainer) -> dict[str, Any]:
     else:
         info["data"] = {"name": type(trainer.source).__name__, "steps_per_epoch": trainer.batches_per_epoch}
     return info
+
+
+def _teacher_weights(trainer: Trainer, teacher: nn.Module) -> dict[str, Any]:
+    """The teacher's weights file and its top-1 on the validation split (cached per file and data)."""
+    path = getattr(teacher, "kdforge_weights", None)
+    if path is None:
+        return {"teacher_weights": None}
+    out: dict[str, Any] = {"teacher_weights": path}
+    d = trainer.data
+    if d is None or d.val is None or trainer.method.monitor[0] != "top1":
+        return out
+    from kdforge.models.loading import teacher_val_accuracy
+
+    key = trainer.recipe.data.model_dump(mode="json")
+    for k in ("batch_size", "eval_batch_size", "num_workers"):
+        key.pop(k, None)
+    try:
+        out["teacher_val_top1"] = teacher_val_accuracy(teacher, path, d.val, key, trainer.recipe.data.eval_batch_size)
+    except Exception:  # a teacher whose outputs are not class logits: no accuracy, never a failed run
+        pass
+    return out
 
 
 def _size(ds: Any) -> int | None:
@@ -393,6 +416,10 @@ def banner(trainer: Trainer) -> list[str]:
     lines.append(f"  {role:8s} {i['model']} ({fmt_count(i['params'])} params{flops})")
     if "teacher" in i:
         lines.append(f"  teacher  {i['teacher']} ({fmt_count(i['teacher_params'])} params, frozen)")
+        if "teacher_weights" in i:
+            acc = i.get("teacher_val_top1")
+            lines.append(f"  weights  {i['teacher_weights'] or 'random (weights: random)'}"
+                         + (f", val top1 {acc:.2f} %" if acc is not None else ""))
     if i.get("terms"):
         lines.append("  loss     " + " + ".join(f"{t.get('weight', 1.0):g} x {t['loss']}" for t in i["terms"]))
     if i["other_trained_params"]:

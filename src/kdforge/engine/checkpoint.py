@@ -12,10 +12,11 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
 from torch import nn
 
 from kdforge.errors import KdforgeError
+from kdforge.models.loading import load_weights  # noqa: F401 - the one loader, re-exported for the engine
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -88,36 +89,6 @@ def read_metadata(path: str | Path) -> dict[str, str]:
             return dict(f.metadata() or {})
     except (SafetensorError, OSError) as e:
         raise KdforgeError(f"cannot read checkpoint {str(path)!r}: {e}") from None
-
-
-def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:
-    """Load safetensors weights into ``model``; a missing file or mismatch is a KdforgeError."""
-    p = Path(path)
-    if not p.is_file():
-        raise KdforgeError(f"checkpoint not found: {str(p)!r} (train one with 'kdforge train' first)")
-    name = type(model).__name__
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise KdforgeError(f"cannot read checkpoint {str(p)!r}: not a complete safetensors file "
-                           f"({_first_line(e)})") from None
-    own = {k: list(v.shape) for k, v in model.state_dict().items()}
-    bad = [k for k in own if k in shapes and shapes[k] != own[k]]
-    if bad:
-        k = bad[0]
-        raise KdforgeError(f"checkpoint {str(p)!r} does not fit {name}: {k!r} has shape {shapes[k]} in the file "
-                           f"but {own[k]} in the model ({len(bad)} of {len(own)} tensors differ; was it trained "
-                           "with other model kwargs?)")
-    try:
-        missing, unexpected = load_model(model, str(p), strict=False)
-    except (SafetensorError, RuntimeError, OSError) as e:
-        raise KdforgeError(f"cannot read checkpoint {str(p)!r}: {_first_line(e)}") from None
-    if strict and (missing or unexpected):
-        raise KdforgeError(f"checkpoint {str(p)!r} does not fit {name}: {len(missing)} model keys missing from "
-                           f"the file (e.g. {sorted(missing)[:2]}), {len(unexpected)} file keys unknown to the model "
-                           f"(e.g. {sorted(unexpected)[:2]}); is it a checkpoint of another architecture?")
-    return model
 
 
 def save_state(directory: Path, method_state: dict[str, torch.Tensor], trainer_state: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ from torch import nn
 from kdforge.errors import KdforgeError, closest
 from kdforge.models import small  # noqa: F401 - registers the small models
 from kdforge.models.adapters import timm_model, torchvision_model
+from kdforge.models.loading import entry_point_factory, load_weights, user_factory, weights_file
 from kdforge.registry import MODELS
 
 try:  # the 32×32 zoo: one family per module
@@ -22,31 +23,74 @@ except ImportError:  # pragma: no cover - only while the zoo is being written
 
 
 def create_model(name: str, num_classes: int, in_chans: int = 3, checkpoint: str | Path | None = None,
-                 image_size: int | None = None, **kwargs: Any) -> nn.Module:
-    """Build a model by name (``resnet20``, ``timm:resnet18``, ``torchvision:resnet18``), load weights."""
+                 image_size: int | None = None, new_head: bool = False, **kwargs: Any) -> nn.Module:
+    """Build a model by name (``resnet20``, ``timm:resnet18``, ``torchvision:resnet18``, ``my_pkg.nets:build``).
+
+    ``checkpoint``: a .safetensors file, a .pt/.pth state dict or a kdforge run folder; ``new_head`` keeps the
+    fresh classifier where the file's has another number of classes.
+    """
     prefix, sep, rest = name.partition(":")
     if sep and prefix in ("timm", "torchvision"):
         build = timm_model if prefix == "timm" else torchvision_model
         model = _one_line(name, kwargs, lambda: build(rest, num_classes, in_chans, **kwargs))
+    elif sep and ("." in prefix or prefix.endswith(".py") or "/" in prefix or _importable(prefix)):
+        factory = user_factory(name)
+        model = _one_line(name, kwargs, lambda: _call_user(factory, num_classes, in_chans, image_size, kwargs))
     elif sep:
-        raise KdforgeError(f"unknown model source {prefix!r} in {name!r} (valid: timm:, torchvision:, "
-                           "or a name from 'kdforge list models')")
+        raise KdforgeError(f"unknown model source {prefix!r} in {name!r} (valid: timm:, torchvision:, your own "
+                           "'module:function', or a name from 'kdforge list models')")
     else:
-        factory = MODELS.get(name)
-        valid = model_kwargs(factory)
-        if valid is not None:
-            unknown = sorted(k for k in kwargs if k not in valid)
-            if unknown:
-                raise KdforgeError(f"model {name!r} has no keyword argument {unknown[0]!r}"
-                                   f"{closest(unknown[0], valid)} (valid kwargs: {', '.join(sorted(valid)) or 'none'})")
-        if image_size is not None and "image_size" in inspect.signature(factory).parameters:
-            kwargs.setdefault("image_size", image_size)  # models with a fixed input size (MLP) need it
-        model = _one_line(name, kwargs, lambda: factory(num_classes=num_classes, in_chans=in_chans, **kwargs))
+        if name not in MODELS and (ep := entry_point_factory(name)) is not None:
+            model = _one_line(name, kwargs, lambda: _call_user(ep, num_classes, in_chans, image_size, kwargs))
+        else:
+            model = _registered(name, num_classes, in_chans, image_size, kwargs)
+    if not isinstance(model, nn.Module):
+        raise KdforgeError(f"model {name!r} returned a {type(model).__name__}, not a torch.nn.Module")
     if checkpoint is not None:
-        from kdforge.engine.checkpoint import load_weights
-
-        load_weights(model, checkpoint)
+        path = weights_file(checkpoint)
+        load_weights(model, path, new_head=new_head)
+        model.kdforge_weights = str(path)
     return model
+
+
+def _registered(name: str, num_classes: int, in_chans: int, image_size: int | None,
+                kwargs: dict[str, Any]) -> nn.Module:
+    """A model of the registry, its kwargs checked against what its factory accepts."""
+    factory = MODELS.get(name)
+    valid = model_kwargs(factory)
+    if valid is not None:
+        unknown = sorted(k for k in kwargs if k not in valid)
+        if unknown:
+            raise KdforgeError(f"model {name!r} has no keyword argument {unknown[0]!r}"
+                               f"{closest(unknown[0], valid)} (valid kwargs: {', '.join(sorted(valid)) or 'none'})")
+    if image_size is not None and "image_size" in inspect.signature(factory).parameters:
+        kwargs = {**kwargs, "image_size": kwargs.get("image_size", image_size)}  # fixed-input models (MLP)
+    return _one_line(name, kwargs, lambda: factory(num_classes=num_classes, in_chans=in_chans, **kwargs))
+
+
+def _importable(module: str) -> bool:
+    """Whether a top-level module of that name can be imported (from the current folder too)."""
+    import importlib.util
+    import sys
+
+    if not module.isidentifier():
+        return False
+    if (Path.cwd() / f"{module}.py").is_file() or (Path.cwd() / module / "__init__.py").is_file():
+        return True
+    return module in sys.modules or importlib.util.find_spec(module) is not None
+
+
+def _call_user(factory: Callable[..., Any], num_classes: int, in_chans: int, image_size: int | None,
+               kwargs: dict[str, Any]) -> Any:
+    """Call a user's factory with what it accepts of num_classes / in_chans / image_size, and the recipe kwargs."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    extra = {k: v for k, v in (("num_classes", num_classes), ("in_chans", in_chans), ("image_size", image_size))
+             if v is not None and (k in params or takes_any) and k not in kwargs}
+    return factory(**extra, **kwargs)
 
 
 def model_kwargs(factory: Callable[..., Any]) -> set[str] | None:
@@ -97,4 +141,4 @@ def _one_line(name: str, kwargs: dict[str, Any], build: Callable[[], nn.Module])
         raise KdforgeError(f"model {name!r} cannot be built with kwargs {kwargs}: {text}") from None
 
 
-__all__ = ["MODELS", "create_model", "model_kwargs"]
+__all__ = ["MODELS", "create_model", "load_weights", "model_kwargs", "weights_file"]
