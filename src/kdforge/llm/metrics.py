@@ -14,32 +14,75 @@ from torch import Tensor, nn
 from kdforge.errors import KdforgeError
 
 
-def lm_logits(model: nn.Module, ids: Tensor) -> Tensor:
-    """Logits of a causal LM for a batch of token ids (no KV cache)."""
-    return model(input_ids=ids, use_cache=False).logits
+def lm_logits(model: nn.Module, ids: Tensor | dict[str, Tensor]) -> Tensor:
+    """Logits of a causal LM (no KV cache) for token-id rows, or a packed batch (dict with ``positions``, ``doc``)."""
+    if isinstance(ids, Tensor):
+        return model(input_ids=ids, use_cache=False).logits
+    from kdforge.llm.text import block_causal_mask
+
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa")
+    if impl not in ("sdpa", "eager"):
+        raise KdforgeError(f"packed batches need attention 'sdpa' or 'eager' (4-D masks), the model uses {impl!r}")
+    dtype = next(model.parameters()).dtype
+    mask = block_causal_mask(ids["doc"], dtype, boolean=impl == "sdpa")
+    return model(input_ids=ids["ids"], position_ids=ids["positions"], attention_mask=mask, use_cache=False).logits
 
 
-def lm_loss(model: nn.Module, ids: Tensor) -> Tensor:
-    """Mean next-token cross-entropy of a batch of token ids."""
+def next_token_targets(batch: Tensor | dict[str, Tensor]) -> Tensor:
+    """(B, L) next token per position, -100 where nothing is predicted (last position, prompts, across documents)."""
+    if isinstance(batch, dict):
+        return batch["targets"]
+    return F.pad(batch[:, 1:], (0, 1), value=-100)
+
+
+def lm_loss(model: nn.Module, ids: Tensor | dict[str, Tensor]) -> Tensor:
+    """Mean next-token cross-entropy of a batch (token-id rows or a packed batch)."""
     logits = lm_logits(model, ids).float()
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    return F.cross_entropy(logits.flatten(0, 1), next_token_targets(ids).to(logits.device).flatten(),
+                           ignore_index=-100)
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, blocks: Tensor, batch_size: int = 4) -> float:
-    """exp(mean next-token NLL) over rows of token ids."""
+def perplexity(model: nn.Module, blocks: Tensor | Any, batch_size: int = 4) -> float:
+    """exp(mean next-token NLL) over rows of token ids, or over the trained tokens of a :class:`Packed`."""
     was = model.training
     model.eval()
     dev = next(model.parameters()).device
     nll, count = 0.0, 0
     for i in range(0, len(blocks), batch_size):
-        ids = blocks[i: i + batch_size].to(dev)
-        logits = lm_logits(model, ids).float()
-        nll += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                     reduction="sum"))
-        count += ids[:, 1:].numel()
+        if isinstance(blocks, Tensor):
+            batch: Any = blocks[i: i + batch_size].to(dev)
+        else:
+            batch = {k: v.to(dev) for k, v in blocks.rows(torch.arange(i, min(i + batch_size, len(blocks)))).items()}
+        logits = lm_logits(model, batch).float()
+        tgt = next_token_targets(batch).flatten()
+        nll += float(F.cross_entropy(logits.flatten(0, 1), tgt, ignore_index=-100, reduction="sum"))
+        count += int((tgt != -100).sum())
     model.train(was)
     return math.exp(min(nll / max(count, 1), 700.0))
+
+
+@torch.no_grad()
+def greedy_agreement(student: nn.Module, teacher: nn.Module, prompts: Tensor, new_tokens: int = 32,
+                     pad_id: int = 0) -> float:
+    """Share of the teacher's greedy continuation tokens that the student's argmax predicts on the same prefixes.
+
+    The teacher continues each prompt (rows of equal length) greedily for ``new_tokens`` tokens; the
+    student reads the teacher's sequence (teacher forcing) and its top-1 next token is compared with the
+    teacher's at every generated position.
+    """
+    flags = student.training, teacher.training
+    student.eval()
+    teacher.eval()
+    dev = next(teacher.parameters()).device
+    p = prompts.to(dev)
+    seq = teacher.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id)
+    n = p.shape[1]
+    pred = lm_logits(student, seq[:, :-1].to(next(student.parameters()).device)).argmax(-1)[:, n - 1:]
+    student.train(flags[0])
+    teacher.train(flags[1])
+    return float((pred.cpu() == seq[:, n:].cpu()).float().mean())
 
 
 @torch.no_grad()

@@ -10,6 +10,10 @@ from torch import nn
 
 from kdforge.errors import KdforgeError
 
+# config entries with one value per layer (Qwen2/Gemma attention kinds, SmolLM3 NoPE flags) ...
+PER_LAYER_LISTS = ("layer_types", "no_rope_layers", "attention_chunk_layers")
+# ... and entries that list layer indices (Qwen-MoE dense layers)
+LAYER_INDEX_LISTS = ("mlp_only_layers",)
 _LAYER_PATHS = ("model.layers", "transformer.h", "layers", "h", "model.decoder.layers", "gpt_neox.layers")
 
 
@@ -51,12 +55,17 @@ def _update_config(config: Any, keep: list[int], n_before: int) -> None:
     config.num_hidden_layers = len(keep)
     if hasattr(config, "n_layer"):
         config.n_layer = len(keep)
-    types = getattr(config, "layer_types", None)
-    if isinstance(types, (list, tuple)) and len(types) == n_before:
-        config.layer_types = [types[i] for i in keep]
+    for name in PER_LAYER_LISTS:
+        values = getattr(config, name, None)
+        if isinstance(values, (list, tuple)) and len(values) == n_before:
+            setattr(config, name, [values[i] for i in keep])
+    remap = {old: new for new, old in enumerate(keep)}
+    for name in LAYER_INDEX_LISTS:
+        values = getattr(config, name, None)
+        if isinstance(values, (list, tuple)):
+            setattr(config, name, [remap[int(i)] for i in values if int(i) in remap])
     plc = getattr(config, "per_layer_config", None)
     if isinstance(plc, dict) and plc:
-        remap = {old: new for new, old in enumerate(keep)}
         config.per_layer_config = {remap[int(k)]: v for k, v in plc.items() if int(k) in remap}
     prev = getattr(config, "kdforge_pruned", None)
     original = prev["original_layers"] if isinstance(prev, dict) else n_before
