@@ -297,6 +297,19 @@ def prune(
 
 
 @app.command()
+def compress(
+    recipe: Annotated[Path, typer.Argument(help="compress recipe (recipes/compress/*.yaml)")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="folder (default runs/compress/<name>)")] = None,
+    set_: SetOpt = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing compress folder")] = False,
+) -> None:
+    """Compress a model to a budget (depth/width pruning healed by KD), export it and gate it (exit 1 if it fails)."""
+    from kdforge.compress.cli import compress_command
+
+    compress_command(_recipe_path(recipe), out, set_, overwrite)
+
+
+@app.command()
 def sample(
     run: Annotated[Path, typer.Argument(help="diffusion run folder or .safetensors checkpoint")],
     n: Annotated[int, typer.Option("-n", help="number of samples")] = 64,

@@ -1,0 +1,260 @@
+"""``kdforge compress``: search candidates against the budget, heal each by KD, export, gate, report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdforge.compress.candidates import Candidate, Skipped, search_candidates, skipped_json
+from kdforge.compress.export import FILES, export_all
+from kdforge.compress.gate import (
+    Check,
+    GateFailed,
+    check_faster,
+    check_loads,
+    check_matches,
+    check_quality,
+    check_smaller,
+    checks_json,
+    onnx_runner,
+    torch_runner,
+    verdict,
+)
+from kdforge.compress.recipe import CompressRecipe
+from kdforge.compress.source import Source, load_source, plain_batch
+from kdforge.profile import count_flops, count_params
+
+
+@dataclass
+class Evaluated:
+    """A model's row: how it was made, its size, speed, quality and the gate's verdict."""
+
+    name: str
+    family: str
+    params: int
+    flops: int
+    top1: float
+    files: dict[str, Path] = field(default_factory=dict)
+    checks: list[Check] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.checks) and verdict(self.checks) is None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "family": self.family, "params": self.params, "flops": self.flops,
+                "top1": self.top1, "files": {k: str(v) for k, v in self.files.items()},
+                "bytes": {k: v.stat().st_size for k, v in self.files.items() if v.exists()},
+                "passed": self.passed, "gate": checks_json(self.checks), **self.info}
+
+
+@dataclass
+class CompressResult:
+    """What a compress run produced: the original's row, every candidate's row, the chosen one."""
+
+    recipe: CompressRecipe
+    original: Evaluated
+    candidates: list[Evaluated]
+    skipped: list[Skipped]
+    chosen: Evaluated | None
+    out: Path
+    environment: dict[str, Any]
+    seconds: float
+
+    def pareto(self) -> list[str]:
+        """Names of candidates no other candidate beats on quality, latency (batch 1) and size at once."""
+        rows = [(c.name, c.top1, _lat(c, 1), c.params) for c in self.candidates]
+        front = []
+        for n, q, lat, p in rows:
+            dominated = any(q2 >= q and l2 <= lat and p2 <= p and (q2, l2, p2) != (q, lat, p)
+                            for _, q2, l2, p2 in rows)
+            if not dominated:
+                front.append(n)
+        return front
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": "kdforge-compress-report/1", "name": self.recipe.name, "environment": self.environment,
+                "budget": self.recipe.budget.model_dump(), "original": self.original.to_json(),
+                "candidates": [c.to_json() for c in self.candidates], "skipped": skipped_json(self.skipped),
+                "pareto": self.pareto(), "chosen": self.chosen.name if self.chosen else None,
+                "seconds": self.seconds, "recipe": self.recipe.model_dump(mode="json")}
+
+
+def _lat(e: Evaluated, batch: int) -> float:
+    """The compressed (or, for the original, the original) median latency at ``batch`` from the gate."""
+    fast = next((c for c in e.checks if c.name == "faster"), None)
+    if fast is None or str(batch) not in fast.values.get("latency", {}):
+        return float(e.info.get("latency_ms", {}).get(str(batch), float("nan")))
+    return float(fast.values["latency"][str(batch)]["compressed"]["median_ms"])
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, src: Source) -> float:
+    """Top-1 (%) on the test split."""
+    from kdforge.data import make_loader
+    from kdforge.metrics import evaluate
+
+    return float(evaluate(model.eval(), make_loader(src.data.test, 512, False), "cpu")["top1"])
+
+
+def environment(threads: int) -> dict[str, Any]:
+    """The machine and versions a report's caption names."""
+    import datetime
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        import onnxruntime
+
+        ort = onnxruntime.__version__
+    except ImportError:
+        ort = None
+    import os
+
+    return {"cpu": cpu, "cores_visible": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "threads": threads, "torch": torch.__version__, "onnxruntime": ort, "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def gate_candidate(cand: nn.Module, files: dict[str, Path], orig: Evaluated, src: Source, r: CompressRecipe,
+                   top1: float, original_runner: Any = None) -> tuple[list[Check], dict[str, Any]]:
+    """Run the five checks on an exported candidate (stops at the first failure; what failed is kept)."""
+    g = r.gate
+    x, _ = plain_batch(src.data.test, g.held_out, r.seed + 1)
+    checks: list[Check] = []
+    loads, outs, facts = check_loads(files, x, g.threads, max(g.batch_sizes))
+    checks.append(loads)
+    info = {"peak_rss_mb": facts.get("onnx", {}).get("peak_rss_mb")}
+    if not loads.ok:
+        return checks, info
+    with torch.no_grad():
+        ref = cand.eval()(x)
+    checks.append(check_matches(ref, outs, g.atol))
+    sizes = {f: (orig.files[f].stat().st_size, files[f].stat().st_size) for f in files if f in orig.files}
+    checks.append(check_smaller((orig.params, count_params(cand)), sizes))
+    if "onnx" in files and "onnx" in orig.files:
+        o = original_runner or onnx_runner(orig.files["onnx"], g.threads)
+        c, rt = onnx_runner(files["onnx"], g.threads), f"onnxruntime {g.threads} thread(s)"
+    else:
+        o, c, rt = torch_runner(src.model), torch_runner(cand), f"torch eager {torch.get_num_threads()} thread(s)"
+    checks.append(check_faster(o, c, src.input_shape, g.batch_sizes, g.rounds, g.iters, rt))
+    checks.append(check_quality(orig.top1, top1, r.budget.max_drop))
+    return checks, info
+
+
+def run_compress(r: CompressRecipe, out: str | Path, overwrite: bool = False, verbose: bool = True
+                 ) -> CompressResult:
+    """Compress the recipe's model into ``out``; raises :class:`GateFailed` when no candidate passes the gate."""
+    from kdforge.engine.checkpoint import atomic_write_text
+    from kdforge.engine.run_dir import prepare_run_dir
+    from kdforge.engine.trainer import seed_everything
+
+    def log(msg: str) -> None:
+        if verbose:
+            print(msg, file=sys.stderr, flush=True)
+
+    out = Path(out)
+    t_start = time.perf_counter()
+    lease = prepare_run_dir(out, overwrite=overwrite)
+    ok = False
+    try:
+        atomic_write_text(out / "config.yaml", r.to_yaml())
+        seed_everything(r.seed)
+        src = load_source(r)
+        log(f"compress: {type(src.model).__name__} from {src.where}, {count_params(src.model):,} params; "
+            f"budget {r.budget.metric} <= {r.budget.fraction:g}x, accuracy drop <= {r.budget.max_drop:g} points")
+        original_value, cands, skipped = search_candidates(src, r, log)  # bad budgets fail before any export
+        orig = Evaluated("original", "original", count_params(src.model),
+                         count_flops(src.model, src.input_shape), accuracy(src.model, src))
+        orig.files = export_all(src.model, src.input_shape, out / "original", r.export.formats, src.spec, {})
+        loads, _, facts = check_loads(orig.files, plain_batch(src.data.test, 2, 0)[0], r.gate.threads,
+                                      max(r.gate.batch_sizes))
+        if not loads.ok:
+            from kdforge.errors import KdforgeError
+
+            raise KdforgeError(f"the original model's own export fails to load: {loads.detail}")
+        orig.info["peak_rss_mb"] = facts.get("onnx", {}).get("peak_rss_mb")
+        orig.info["budget_value"] = original_value
+        rows: list[Evaluated] = []
+        for c in cands:
+            rows.append(_evaluate_candidate(c, src, r, orig, out, log))
+        if orig.files.get("onnx") is not None:
+            fast = next((ch for e in rows for ch in e.checks if ch.name == "faster"), None)
+            if fast is not None:
+                orig.info["latency_ms"] = {b: v["original"]["median_ms"] for b, v in fast.values["latency"].items()}
+        passed = [e for e in rows if e.passed]
+        chosen = max(passed, key=lambda e: (e.top1, -_lat(e, 1))) if passed else None
+        if chosen is not None:
+            for f, p in chosen.files.items():
+                shutil.copy2(p, out / FILES[f])
+        res = CompressResult(r, orig, rows, skipped, chosen, out, environment(r.gate.threads),
+                             time.perf_counter() - t_start)
+        from kdforge.compress.report import write_report
+
+        atomic_write_text(out / "compress.json", json.dumps(res.to_json(), indent=2, default=str))
+        write_report(res)
+        ok = True
+        if chosen is None:
+            first = max(rows, key=lambda e: e.top1)
+            failed = verdict(first.checks)
+            assert failed is not None
+            raise GateFailed(f"gate check '{failed.name}' failed for every candidate (best by accuracy: {first.name}: "
+                             f"{failed.detail}); artifacts kept in {out}")
+        log(f"compress: chosen {chosen.name}: " + "; ".join(c.line() for c in chosen.checks))
+        return res
+    finally:
+        if ok:
+            lease.commit()
+        else:
+            lease.rollback()
+        lease.release()
+
+
+def _evaluate_candidate(c: Candidate, src: Source, r: CompressRecipe, orig: Evaluated, out: Path,
+                        log: Any) -> Evaluated:
+    """Heal, measure, export and gate one candidate."""
+    healed, heal_info = heal_candidate(c, src, r)
+    top1 = accuracy(healed, src)
+    e = Evaluated(c.name, c.family, count_params(healed), count_flops(healed, src.input_shape), top1,
+                  info={"budget_value": c.budget_value, "budget_fraction": c.budget_fraction,
+                        "search_seconds": c.search_seconds, "heal": heal_info, **c.info})
+    e.files = export_all(healed, src.input_shape, out / "candidates" / c.name, r.export.formats, src.spec, c.plan)
+    e.checks, info = gate_candidate(healed, e.files, orig, src, r, top1)
+    e.info.update(info)
+    failed = verdict(e.checks)
+    log(f"compress: {c.name}: top-1 {top1:.2f} (original {orig.top1:.2f}), "
+        + ("gate passed" if failed is None else f"gate FAILED {failed.line()}"))
+    return e
+
+
+def heal_candidate(c: Candidate, src: Source, r: CompressRecipe) -> tuple[nn.Module, dict[str, Any]]:
+    """The candidate healed by KD from the original (or as cut, with heal.mode none)."""
+    from kdforge.compress.heal import heal
+
+    return heal(c.model, src.model, src.data, r)
+
+
+def compress(recipe: CompressRecipe | str | Path | dict[str, Any], out: str | Path, overwrite: bool = False,
+             overrides: list[str] | None = None, verbose: bool = True) -> CompressResult:
+    """Compress a model by a recipe (object, YAML path or dict) into ``out``: the Python twin of the command."""
+    if isinstance(recipe, CompressRecipe):
+        r = recipe if not overrides else CompressRecipe.from_dict(recipe.model_dump(mode="json"), overrides)
+    elif isinstance(recipe, dict):
+        r = CompressRecipe.from_dict(recipe, overrides)
+    else:
+        r = CompressRecipe.from_yaml(recipe, overrides)
+    return run_compress(r, out, overwrite, verbose)

@@ -1,0 +1,101 @@
+"""The ``kdforge compress`` recipe: which model, which data, the budget, the candidates, healing, export, gate."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from kdforge.config import DataConfig, ModelSpec, OptimConfig, RecipeFile, SchedConfig, Strict, TrainConfig
+
+#: candidate families: depth pruning by a unit-selection criterion, width pruning by Torch-Pruning
+DEPTH_FAMILIES = {"sglp": "sglp", "block_influence": "block_influence", "uniform": "every_other", "random": "random"}
+FAMILIES = (*DEPTH_FAMILIES, "width")
+
+
+class BudgetSpec(Strict):
+    """What must shrink and by how much, and the quality the user will give up for it.
+
+    ``metric``: ``params``, ``flops``, ``layers`` (prunable units) or ``latency`` (measured here, batch
+    ``latency_batch``); a candidate is within budget when its metric is at most ``fraction`` of the original's.
+    ``max_drop``: accuracy points (test split) the compressed model may lose.
+    """
+
+    metric: Literal["params", "flops", "layers", "latency"] = "latency"
+    fraction: float = Field(0.5, gt=0, le=1)
+    max_drop: float = Field(1.0, ge=0)
+    latency_batch: int = Field(64, ge=1)
+
+
+class CandidateSpec(Strict):
+    """Which candidate families to search, and their knobs."""
+
+    families: list[Literal["sglp", "block_influence", "uniform", "random", "width"]] = Field(
+        default_factory=lambda: ["sglp", "block_influence", "uniform", "random", "width"], min_length=1)
+    seed: int = Field(0, ge=0)
+    calib_samples: int = Field(512, ge=8)
+    calib_batch: int = Field(128, ge=4)
+    score_batches: int = Field(2, ge=1)
+    score_batch_size: int = Field(64, ge=2)
+    max_candidates: int = Field(32, ge=1)
+    width_importance: Literal["l1", "l2"] = "l2"
+
+
+class HealSpec(Strict):
+    """Healing of each candidate by KD from the original model (an engine fit); ``none`` skips it."""
+
+    mode: Literal["kd", "none"] = "kd"
+    T: float = Field(4.0, gt=0)
+    kd_weight: float = Field(0.9, ge=0)
+    ce_weight: float = Field(0.1, ge=0)
+
+
+class ExportSpec(Strict):
+    """Formats written for each candidate: ONNX (dynamo exporter), torch.export (.pt2), safetensors."""
+
+    formats: list[Literal["onnx", "pt2", "safetensors"]] = Field(
+        default_factory=lambda: ["onnx", "pt2", "safetensors"], min_length=1)
+
+
+class GateSpec(Strict):
+    """The gate's settings: held-out inputs, tolerance, latency rounds and batch sizes, runtime threads."""
+
+    held_out: int = Field(32, ge=1)
+    atol: float = Field(1e-4, gt=0)
+    rounds: int = Field(7, ge=7)
+    iters: int = Field(5, ge=1)
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 64], min_length=1)
+    threads: int = Field(1, ge=1)
+
+
+class CompressRecipe(RecipeFile):
+    """A compress recipe: a user's model (``model`` with weights, or a ``run`` folder), data and a budget."""
+
+    name: str = "compress"
+    seed: int = Field(0, ge=0, lt=2**31)
+    model: ModelSpec | None = None
+    run: str | None = None
+    data: DataConfig = Field(default_factory=lambda: DataConfig(augment=True))
+    budget: BudgetSpec = Field(default_factory=BudgetSpec)
+    candidates: CandidateSpec = Field(default_factory=CandidateSpec)
+    heal: HealSpec = Field(default_factory=HealSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
+    gate: GateSpec = Field(default_factory=GateSpec)
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(name="sgd", lr=0.01, weight_decay=5e-4))
+    sched: SchedConfig = Field(default_factory=lambda: SchedConfig(name="cosine"))
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=1, progress="never",
+                                                                   save_checkpoints=False))
+
+    @model_validator(mode="after")
+    def _one_model(self) -> CompressRecipe:
+        if (self.model is None) == (self.run is None):
+            raise ValueError("give exactly one of 'model' ({model: NAME, checkpoint: WEIGHTS}) or 'run' "
+                             "(a kdforge run folder)")
+        if self.model is not None and self.model.checkpoint is None:
+            raise ValueError("model.checkpoint is required: compressing a model with random weights measures "
+                             "nothing (give the trained weights, or 'run: RUN_FOLDER')")
+        return self
+
+    def heal_section(self) -> dict[str, Any]:
+        """The engine sections of the healing fit."""
+        return {"optim": self.optim, "sched": self.sched, "train": self.train}
