@@ -12,8 +12,8 @@ from torch import nn
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from kdforge.compress.export import apply_plan, export_all, export_onnx, export_pt2, load_compressed  # noqa: E402
-from kdforge.compress.gate import (  # noqa: E402
+from kdforge.compress.export import apply_plan, export_all, export_onnx, export_pt2, load_compressed
+from kdforge.compress.gate import (
     check_faster,
     check_loads,
     check_matches,
@@ -21,10 +21,10 @@ from kdforge.compress.gate import (  # noqa: E402
     check_smaller,
     torch_runner,
 )
-from kdforge.engine.checkpoint import save_weights  # noqa: E402
-from kdforge.models import create_model  # noqa: E402
-from kdforge.profile import count_params  # noqa: E402
-from kdforge.prune.surgery import find_units, prune_model  # noqa: E402
+from kdforge.engine.checkpoint import save_weights
+from kdforge.models import create_model
+from kdforge.profile import count_params
+from kdforge.prune.surgery import find_units, prune_model
 
 SHAPE = (3, 32, 32)
 
@@ -88,7 +88,8 @@ def test_smaller_fails_on_a_model_that_grows(tmp_path):
     small, big = create_model("resnet8", 10, 3), create_model("resnet14", 10, 3)
     save_weights(small, tmp_path / "small.safetensors")
     save_weights(big, tmp_path / "big.safetensors")
-    sizes = {"safetensors": ((tmp_path / "small.safetensors").stat().st_size, (tmp_path / "big.safetensors").stat().st_size)}
+    sizes = {"safetensors": ((tmp_path / "small.safetensors").stat().st_size,
+                             (tmp_path / "big.safetensors").stat().st_size)}
     grows = check_smaller((count_params(small), count_params(big)), sizes)
     assert not grows.ok and "params" in grows.detail and ">= original" in grows.detail
     shrinks = check_smaller((count_params(big), count_params(small)), {"safetensors": sizes["safetensors"][::-1]})
