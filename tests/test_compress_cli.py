@@ -66,7 +66,7 @@ def test_state_dict_that_does_not_fit_lists_the_first_keys(tmp_path, capsys):
     torch.save(sd, tmp_path / "w.pt")
     r = _recipe(tmp_path, model={"model": "resnet8", "checkpoint": str(tmp_path / "w.pt")})
     code, line = _run(capsys, str(r), "-o", str(tmp_path / "out"))
-    assert code == 2 and "missing ['fc.bias']" in line and "unexpected ['extra.weight']" in line
+    assert code == 2 and "(first: ['fc.bias'])" in line and "(first: ['extra.weight'])" in line
 
 
 def test_model_without_weights_is_refused(tmp_path, capsys):

@@ -30,7 +30,13 @@ from kdforge.compress.gate import (
 )
 from kdforge.compress.recipe import CompressRecipe
 from kdforge.compress.source import Source, load_source, plain_batch
+from kdforge.engine.run_dir import KINDS, register_kind
+from kdforge.errors import KdforgeError
 from kdforge.profile import count_flops, count_params
+
+if "compress" not in KINDS:
+    register_kind("compress", "a 'kdforge compress' folder", "read {dir}/report.md; the chosen model is "
+                  "{dir}/model.onnx (onnxruntime), model.pt2 (torch.export.load), model.safetensors")
 
 
 @dataclass
@@ -160,7 +166,7 @@ def run_compress(r: CompressRecipe, out: str | Path, overwrite: bool = False, ve
                  ) -> CompressResult:
     """Compress the recipe's model into ``out``; raises :class:`GateFailed` when no candidate passes the gate."""
     from kdforge.engine.checkpoint import atomic_write_text
-    from kdforge.engine.run_dir import prepare_run_dir
+    from kdforge.engine.run_dir import open_run
     from kdforge.engine.trainer import seed_everything
 
     def log(msg: str) -> None:
@@ -169,9 +175,7 @@ def run_compress(r: CompressRecipe, out: str | Path, overwrite: bool = False, ve
 
     out = Path(out)
     t_start = time.perf_counter()
-    lease = prepare_run_dir(out, overwrite=overwrite)
-    ok = False
-    try:
+    with open_run(out, "compress", overwrite=overwrite) as lease:
         atomic_write_text(out / "config.yaml", r.to_yaml())
         seed_everything(r.seed)
         src = load_source(r)
@@ -184,18 +188,13 @@ def run_compress(r: CompressRecipe, out: str | Path, overwrite: bool = False, ve
         loads, _, facts = check_loads(orig.files, plain_batch(src.data.test, 2, 0)[0], r.gate.threads,
                                       max(r.gate.batch_sizes))
         if not loads.ok:
-            from kdforge.errors import KdforgeError
-
             raise KdforgeError(f"the original model's own export fails to load: {loads.detail}")
         orig.info["peak_rss_mb"] = facts.get("onnx", {}).get("peak_rss_mb")
         orig.info["budget_value"] = original_value
-        rows: list[Evaluated] = []
-        for c in cands:
-            rows.append(_evaluate_candidate(c, src, r, orig, out, log))
-        if orig.files.get("onnx") is not None:
-            fast = next((ch for e in rows for ch in e.checks if ch.name == "faster"), None)
-            if fast is not None:
-                orig.info["latency_ms"] = {b: v["original"]["median_ms"] for b, v in fast.values["latency"].items()}
+        rows = [_evaluate_candidate(c, src, r, orig, out, log) for c in cands]
+        fast = next((ch for e in rows for ch in e.checks if ch.name == "faster"), None)
+        if fast is not None:
+            orig.info["latency_ms"] = {b: v["original"]["median_ms"] for b, v in fast.values["latency"].items()}
         passed = [e for e in rows if e.passed]
         chosen = max(passed, key=lambda e: (e.top1, -_lat(e, 1))) if passed else None
         if chosen is not None:
@@ -207,21 +206,15 @@ def run_compress(r: CompressRecipe, out: str | Path, overwrite: bool = False, ve
 
         atomic_write_text(out / "compress.json", json.dumps(res.to_json(), indent=2, default=str))
         write_report(res)
-        ok = True
-        if chosen is None:
-            first = max(rows, key=lambda e: e.top1)
-            failed = verdict(first.checks)
-            assert failed is not None
-            raise GateFailed(f"gate check '{failed.name}' failed for every candidate (best by accuracy: {first.name}: "
-                             f"{failed.detail}); artifacts kept in {out}")
-        log(f"compress: chosen {chosen.name}: " + "; ".join(c.line() for c in chosen.checks))
-        return res
-    finally:
-        if ok:
-            lease.commit()
-        else:
-            lease.rollback()
-        lease.release()
+        lease.commit()  # the report is written: a gate failure below keeps every artifact for inspection
+    if chosen is None:
+        first = max(rows, key=lambda e: e.top1)
+        failed = verdict(first.checks)
+        assert failed is not None
+        raise GateFailed(f"gate check '{failed.name}' failed for every candidate (best by accuracy: {first.name}: "
+                         f"{failed.detail}); artifacts kept in {out}")
+    log(f"compress: chosen {chosen.name}: " + "; ".join(c.line() for c in chosen.checks))
+    return res
 
 
 def _evaluate_candidate(c: Candidate, src: Source, r: CompressRecipe, orig: Evaluated, out: Path,

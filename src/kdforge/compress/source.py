@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,42 +46,16 @@ def load_source(r: CompressRecipe) -> Source:
 
         m = r.model
         assert m is not None and m.checkpoint is not None
-        ck = Path(m.checkpoint)
-        if ck.suffix in (".pt", ".pth"):
-            model = create_model(m.model, data.num_classes, data.in_chans, image_size=data.image_size, **m.kwargs)
-            load_torch_state(model, ck)
-        else:
-            model = create_model(m.model, data.num_classes, data.in_chans, m.checkpoint,
-                                 image_size=data.image_size, **m.kwargs)
+        # the one model door: .safetensors, .pt/.pth state dicts (weights_only), run folders; mismatches in one line
+        model = create_model(m.model, data.num_classes, data.in_chans, m.checkpoint, image_size=data.image_size,
+                             new_head=m.new_head, **m.kwargs)
         spec = {"builder": "model", "model": m.model, "kwargs": dict(m.kwargs), "num_classes": data.num_classes,
                 "in_chans": data.in_chans, "image_size": data.image_size}
-        where = str(ck)
+        where = str(m.checkpoint)
     if hasattr(model, "kdforge_spec"):
         del model.kdforge_spec
     check_input(model, shape, where)
     return Source(model.eval(), spec, data, shape, where)
-
-
-def load_torch_state(model: nn.Module, path: Path) -> None:
-    """Load a ``.pt``/``.pth`` state dict (``weights_only``); a mismatch lists the first keys."""
-    if not path.is_file():
-        raise KdforgeError(f"checkpoint not found: {str(path)!r}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise KdforgeError(f"cannot read {str(path)!r} as a state dict: {str(e).splitlines()[0][:160]}") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise KdforgeError(f"{str(path)!r} holds a {type(state).__name__}, not a state dict")
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shape = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shape:
-        raise KdforgeError(f"state dict {str(path)!r} does not fit {type(model).__name__}: missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]}, shape differs {shape[:3]}")
-    model.load_state_dict(state)
 
 
 @torch.no_grad()
