@@ -218,6 +218,7 @@ def _size(cfg: DataConfig, default_h: int) -> tuple[int, int]:
 
 # -- synthetic pedestrians --------------------------------------------------------------------------
 SYN_VIS_CAMS, SYN_IR_CAMS = (1, 2, 4, 5), (3, 6)
+SYN_IDS, SYN_TEST_IDS = 100, 20
 # part labels of the layout map
 BG, SKIN, HAIR, SHIRT, PATTERN, TROUSERS, SHOES, BAG = range(8)
 
@@ -231,9 +232,19 @@ def _identity_attrs(rng: np.random.Generator) -> dict[str, object]:
             "col": {SKIN: rng.uniform([150, 100, 70], [240, 200, 170]), HAIR: rng.uniform(10, 120, 3),
                     SHIRT: rng.uniform(0, 255, 3), PATTERN: rng.uniform(0, 255, 3), TROUSERS: rng.uniform(0, 255, 3),
                     SHOES: rng.uniform(0, 90, 3), BAG: rng.uniform(0, 255, 3)},
-            "temp": {SKIN: rng.uniform(0.85, 1.0), HAIR: rng.uniform(0.45, 0.65), SHIRT: rng.uniform(0.3, 0.75),
-                     PATTERN: rng.uniform(0.1, 0.9), TROUSERS: rng.uniform(0.25, 0.7), SHOES: rng.uniform(0.15, 0.35),
-                     BAG: rng.uniform(0.05, 0.3)}}
+            "skin_temp": rng.uniform(0.85, 1.0)}
+
+
+def _thermal(a: dict[str, object], rng: np.random.Generator, coupling: float) -> np.ndarray:
+    """Per-part infrared brightness of one identity: ``coupling`` of it from the fabric's visible luminance
+    (dark cloth reads warm), the rest independent of colour; skin is warm. Index = part label."""
+    col = a["col"]
+    t = np.zeros(8)
+    for k in (HAIR, SHIRT, PATTERN, TROUSERS, SHOES, BAG):
+        lum = float(np.dot(col[k], (0.299, 0.587, 0.114))) / 255.0  # type: ignore[index]
+        t[k] = coupling * (0.9 - 0.75 * lum) + (1 - coupling) * rng.uniform(0.1, 0.8)
+    t[SKIN] = a["skin_temp"]
+    return t
 
 
 def _layout(a: dict[str, object], h: int, w: int, rng: np.random.Generator) -> np.ndarray:
@@ -298,17 +309,19 @@ def _box_blur(img: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=2)
-def render_pedestrians(n_ids: int, seed: int, per_cam: int = 5, size: tuple[int, int] = (64, 32)
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def render_pedestrians(n_ids: int, seed: int, per_cam: int = 5, size: tuple[int, int] = (64, 32),
+                       coupling: float = 0.8) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Synthetic pedestrians: ``per_cam`` images per (identity, camera); visible cams 1, 2, 4, 5 (RGB), infrared
     cams 3, 6 (a thermal-like rendering: per-part temperatures, a random monotone response curve, blur,
-    sensor noise, grey replicated to 3 channels). Shape survives across modalities, colour does not.
+    sensor noise, grey replicated to 3 channels). Shape survives across modalities, colour does not;
+    ``coupling`` of each cloth's temperature comes from its visible luminance (0: colour-independent temperatures).
 
     Returns images (N, 3, H, W) uint8, identities, cameras, modalities.
     """
     h, w = size
     rng = np.random.default_rng(seed)
     attrs = [_identity_attrs(rng) for _ in range(n_ids)]
+    thermal = [_thermal(a, rng, coupling) for a in attrs]
     cam_bg = {c: rng.uniform(40, 200, 3) for c in SYN_VIS_CAMS}
     cam_tint = {c: rng.uniform(0.8, 1.2, 3) for c in SYN_VIS_CAMS}
     cam_bg_temp = {c: rng.uniform(0.1, 0.4) for c in SYN_IR_CAMS}
@@ -329,7 +342,7 @@ def render_pedestrians(n_ids: int, seed: int, per_cam: int = 5, size: tuple[int,
                     img = _box_blur(img) * 0.4 + img * 0.6
                     m = VISIBLE
                 else:
-                    temps = np.array([0.0] + [a["temp"][k] for k in range(1, 8)])  # type: ignore[index]
+                    temps = thermal[pid]
                     t = np.where(lab == BG, cam_bg_temp[cam] + rng.normal(0, 0.05, (h, w)), temps[lab])
                     t = _box_blur(_box_blur(t)) + rng.normal(0, 0.03, (h, w))
                     gamma = rng.uniform(0.6, 1.6)
@@ -346,19 +359,20 @@ def render_pedestrians(n_ids: int, seed: int, per_cam: int = 5, size: tuple[int,
 
 @DATASETS.register("reid_synthetic")
 def reid_synthetic(cfg: DataConfig) -> DataBundle:
-    """Offline synthetic two-modality pedestrians: 60 identities (40 train, 20 test), 4 visible + 2 infrared cams.
+    """Offline synthetic two-modality pedestrians: 100 identities (80 train, 20 test), 4 visible + 2 infrared cams.
 
     5 images per (identity, camera), 64×32 (``data.resize`` sets the height); validation identities are
-    ``val_fraction`` of the 40; test is SYSU-like (IR queries, one visible image per identity and camera
-    per trial, 10 trials, cam-3 queries skip cam-2 gallery images).
+    ``val_fraction`` of the 80; test is SYSU-like (IR queries, one visible image per identity and camera
+    per trial, 10 trials, cam-3 queries skip cam-2 gallery images). The infrared brightness of the clothes
+    follows their visible luminance (80 %), so both modalities share shape and a brightness pattern.
     """
     h, w = _size(cfg, 64)
-    x, pids, cams, modal = render_pedestrians(60, 20260 + cfg.split_seed, 5, (64, 32))
+    x, pids, cams, modal = render_pedestrians(SYN_IDS, 20260 + cfg.split_seed, 5, (64, 32))
     t = torch.from_numpy(x)
     if (h, w) != (64, 32):
         t = F.interpolate(t.float(), size=(h, w), mode="bilinear", align_corners=False).round().clamp(0, 255).byte()
     images = Images((h, w), array=t)
-    train_mask = pids < 40
+    train_mask = pids < SYN_IDS - SYN_TEST_IDS
     te = np.flatnonzero(~train_mask)
     test = ReIDEvalSet(_subset(images, te), pids[te], cams[te], modal[te], "synthetic")
     return make_bundle(images, pids, cams, modal, train_mask, test, cfg, max(1, round(2 * h / 64)), (0.02, 0.4),
