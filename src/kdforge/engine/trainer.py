@@ -75,7 +75,8 @@ class StepSource(Protocol):
     """Batches that are not one pass over a data set (rollouts, generated or noise batches).
 
     ``batch(step)`` returns the batch of engine step ``step``; a source with state of its own also
-    has ``state_dict``/``load_state_dict`` (saved in every checkpoint).
+    has ``state_dict``/``load_state_dict`` (saved in every checkpoint). Optional ``val_set`` / ``test_set``
+    reach the method's ``evaluate`` where a data set's loaders would (validation picks ``best``).
     """
 
     steps_per_epoch: int
@@ -292,6 +293,9 @@ class Trainer:
             self.batches_per_epoch = len(self.train_loader)
         else:
             assert self.source is not None
+            # a step source may hold its own evaluation splits (RL: validation and test episodes)
+            self.val_loader = getattr(self.source, "val_set", None)
+            self.test_loader = getattr(self.source, "test_set", None)
             self.batches_per_epoch = int(getattr(self.source, "steps_per_epoch", 0)) or (r.train.max_steps or 1)
         self.accum = r.train.grad_accum if method.automatic_optimization else 1
         self.steps_per_epoch = max(1, math.ceil(self.batches_per_epoch / self.accum))

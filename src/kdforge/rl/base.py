@@ -9,6 +9,7 @@ clipping and Adam state), so a group trained with zero distillation weights is K
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -23,6 +24,28 @@ from kdforge.method import Method
 from kdforge.rl.envs import VecEnv, make_env, obs_tensor
 from kdforge.rl.group import DecisionAttention, DistillConfig, mean_pairwise_js
 from kdforge.rl.nets import PolicyGroup, build_group, encoder_kind
+
+
+@dataclass(frozen=True)
+class Episodes:
+    """An RL evaluation split: ``episodes`` episodes on environment seeds ``seed``, ``seed + 1``, ...
+
+    A step source offers two (``val_set``, ``test_set``; the engine passes them to ``evaluate`` as it
+    passes a data set's loaders): ``best`` is picked on the validation episodes only, and the reported
+    test episodes (also ``kdforge eval``'s) are never seen before.
+    """
+
+    split: str
+    seed: int
+    episodes: int
+
+
+def check_eval_seeds(cfg: Any, prefix: str = "method") -> None:
+    """Refuse validation episode seeds that overlap the test episode seeds."""
+    n = cfg.eval_episodes
+    if abs(cfg.val_seed - cfg.eval_seed) < n:
+        raise KdforgeError(f"{prefix}.val_seed {cfg.val_seed} overlaps the test episodes on seeds "
+                           f"{cfg.eval_seed}..{cfg.eval_seed + n - 1} (keep |val_seed - eval_seed| >= eval_episodes)")
 
 
 class GroupSteps:
@@ -41,6 +64,8 @@ class GroupSteps:
         self.env_steps = 0  # per policy
         self.episodes: list[tuple[int, int, float]] = []  # (env steps per policy when it ended, policy, return)
         self._cache: tuple[int, dict[str, Any]] | None = None  # the engine may ask for one step's batch twice
+        self.val_set = Episodes("val", c.val_seed, c.eval_episodes)
+        self.test_set = Episodes("test", c.eval_seed, c.eval_episodes)
 
     def recent_returns(self, window: int = 10) -> Tensor:
         """Each policy's mean return over its last ``window`` finished episodes (NaN before the first)."""
@@ -75,7 +100,10 @@ class GroupConfig(Strict):
     #: engine steps (PPO rollouts / DQN train steps) per engine epoch: evaluation and checkpoint cadence
     steps_per_epoch: int = Field(10, ge=1)
     eval_episodes: int = Field(5, ge=1)
+    #: test episodes play on seeds eval_seed + i (reported, and kdforge eval's); validation episodes, which
+    #: pick ``best``, on val_seed + i: disjoint sets
     eval_seed: int = 100_000
+    val_seed: int = 200_000
     probe_states: int = Field(256, ge=1)
     distill: DistillConfig = Field(default_factory=DistillConfig)
 
@@ -103,7 +131,7 @@ def probe_set(env_id: str, n: int, seed: int) -> Tensor:
 def play(model: nn.Module, env_id: str, episodes: int, seed: int, epsilon: float = 0.0) -> list[float]:
     """Returns of ``episodes`` full episodes of one network acting greedily (argmax; ε-greedy if ``epsilon``).
 
-    ALE games are played without episodic life and with unclipped rewards.
+    ALE games are played without episodic life and with unclipped rewards (the whole game's raw return).
     """
     rng, out = np.random.default_rng(seed), []
     dev = next(model.parameters(), torch.zeros(())).device
@@ -116,21 +144,25 @@ def play(model: nn.Module, env_id: str, episodes: int, seed: int, epsilon: float
                 a = int(rng.integers(env.action_space.n))
             else:
                 a = int(model(obs_tensor(np.asarray(obs)[None], env_id).to(dev)).argmax(-1))
-            obs, r, term, trunc, _ = env.step(a)
+            obs, r, term, trunc, info = env.step(a)
             total += float(r)
             done = term or trunc
+            if done and "game_return" in info:  # ALE: the raw game, FIRE steps of the reset included
+                total = float(info["game_return"])
         env.close()
         out.append(total)
     return out
 
 
-def evaluate_group(group: nn.Module, episodes: int | None = None) -> dict[str, float]:
-    """Mean return per policy over deterministic evaluation episodes (seeds from the group's spec), and of all."""
+def evaluate_group(group: nn.Module, split: Episodes | None = None) -> dict[str, float]:
+    """Mean return per policy over deterministic evaluation episodes, and of all; ``split`` None: the test
+    episodes of the group's spec (``eval_seed``, ``eval_episodes``)."""
     spec = group.kdforge_spec
-    n = episodes or int(spec["eval_episodes"])
+    split = split or Episodes("test", int(spec["eval_seed"]), int(spec["eval_episodes"]))
+    n = split.episodes
     was = group.training
     group.eval()
-    per = [play(m, spec["env"], n, int(spec["eval_seed"])) for m in group.members]
+    per = [play(m, spec["env"], n, split.seed) for m in group.members]
     group.train(was)
     means = [float(np.mean(r)) for r in per]
     res = {"return": float(np.mean(means)), "return_best": max(means), "episodes": float(n)}
@@ -152,6 +184,7 @@ class GroupMethod(Method, ABC):
         super().__init__()
         self.cfg = cfg
         k = cfg.num_policies
+        check_eval_seeds(cfg)
         if cfg.policy_seeds is not None and len(cfg.policy_seeds) != k:
             raise KdforgeError(f"method.policy_seeds has {len(cfg.policy_seeds)} seeds for num_policies={k}")
         self.seeds = list(cfg.policy_seeds) if cfg.policy_seeds is not None else \
@@ -194,8 +227,9 @@ class GroupMethod(Method, ABC):
         return mean_pairwise_js(self.distribution(self.group(self.probe)))
 
     def evaluate(self, loader: Any, trainer: Any, model: nn.Module) -> dict[str, float]:
-        """Deterministic evaluation episodes of every policy (the spec's env, episodes and seeds)."""
-        return evaluate_group(model)
+        """Deterministic episodes of every policy: the validation or test :class:`Episodes` the engine passes
+        (``kdforge eval`` passes none: the test episodes of the checkpoint's spec)."""
+        return evaluate_group(model, loader if isinstance(loader, Episodes) else None)
 
     @abstractmethod
     def step_source(self, recipe: Any) -> Any:

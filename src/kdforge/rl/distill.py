@@ -20,7 +20,7 @@ from kdforge.config import Strict, validate
 from kdforge.errors import KdforgeError
 from kdforge.method import Method
 from kdforge.registry import METHODS
-from kdforge.rl.base import env_shape, evaluate_group
+from kdforge.rl.base import Episodes, check_eval_seeds, env_shape, evaluate_group
 from kdforge.rl.envs import VecEnv, obs_tensor
 from kdforge.rl.nets import build_group, encoder_kind
 
@@ -75,7 +75,8 @@ class PolicyDistillConfig(Strict):
     batch_size: int = Field(128, ge=1)
     steps_per_epoch: int = Field(100, ge=1)
     eval_episodes: int = Field(5, ge=1)
-    eval_seed: int = 100_000
+    eval_seed: int = 100_000  # test episodes (reported); validation episodes (pick best) on val_seed + i
+    val_seed: int = 200_000
 
 
 class LabelledStates:
@@ -92,6 +93,8 @@ class LabelledStates:
         self.pos = self.size = 0
         self.steps_per_epoch = c.steps_per_epoch
         self._cache: tuple[int, dict[str, Tensor]] | None = None
+        self.val_set = Episodes("val", c.val_seed, c.eval_episodes)
+        self.test_set = Episodes("test", c.eval_seed, c.eval_episodes)
 
     @torch.no_grad()
     def batch(self, step: int) -> dict[str, Tensor]:
@@ -138,6 +141,7 @@ class PolicyDistill(Method):
 
     def __init__(self, cfg: PolicyDistillConfig) -> None:
         super().__init__()
+        check_eval_seeds(cfg)
         self.cfg = cfg
         obs_shape, num_actions = env_shape(cfg.env)
         spec = {"builder": "rl", "algo": "policy", "env": cfg.env, "k": 1, "obs_shape": list(obs_shape),
@@ -172,7 +176,7 @@ class PolicyDistill(Method):
         return self.student
 
     def evaluate(self, loader: Any, trainer: Any, model: nn.Module) -> dict[str, float]:
-        return evaluate_group(model)
+        return evaluate_group(model, loader if isinstance(loader, Episodes) else None)
 
 
 def teacher_return(env: str = "CartPole-v1", episodes: int = 5, seed: int = 100_000) -> float:

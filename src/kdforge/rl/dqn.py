@@ -14,6 +14,7 @@ from __future__ import annotations
 from contextlib import ExitStack
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -44,6 +45,9 @@ class DQNConfig(GroupConfig):
     learning_starts: int = Field(10_000, ge=0)
     train_frequency: int = Field(10, ge=1)
     td_loss: Literal["huber", "mse"] = "huber"
+    #: CleanRL (default): done = terminated, a time-limit truncation bootstraps from the stored final
+    #: observation; false: a truncation is terminal as well (no bootstrap)
+    bootstrap_truncated: bool = True
     max_grad_norm: float = Field(10.0, ge=0)
 
 
@@ -114,8 +118,11 @@ class DQNSteps(GroupSteps):
                 explore = torch.rand(c.num_envs, generator=g) < eps
                 random = torch.randint(0, envs.num_actions, (c.num_envs,), generator=g)
                 a = torch.where(explore, random, greedy)
-                o, r, d = envs.step(a.numpy())
-                rb.add(obs, obs_tensor(o, c.env), a, torch.from_numpy(r), torch.from_numpy(d))
+                _, r, term, trunc = envs.step(a.numpy())
+                # CleanRL: the true next observation (not the reset one); done = terminated, so a
+                # time-limit truncation bootstraps from its final observation
+                done = term if c.bootstrap_truncated else np.maximum(term, trunc)
+                rb.add(obs, obs_tensor(envs.final_obs, c.env), a, torch.from_numpy(r), torch.from_numpy(done))
                 for ret, _ in envs.pop_finished():
                     self.episodes.append((self.env_steps + (i + 1) * c.num_envs, m, ret))
         self.env_steps += c.train_frequency * c.num_envs

@@ -35,7 +35,8 @@ def make_env(env_id: str, seed: int, train: bool = True) -> Any:
     """A seeded gymnasium environment: ``CartPole-v1``, ``Acrobot-v1``, ``MinAtar/<Game>-v1``, ``ALE/<Game>-v5``.
 
     ALE games get the standard preprocessing (no-op reset ≤ 30, frame-skip 4 with max-pool, 84x84 grey,
-    4 stacked frames; with ``train``: episodic life and rewards clipped to their sign).
+    FIRE on reset where needed, 4 stacked frames; with ``train``: episodic life that does not reset the
+    game, and rewards clipped to their sign): see :mod:`kdforge.rl.atari`.
     """
     gym = _gym()
     if env_id.startswith("MinAtar/"):
@@ -56,14 +57,9 @@ def make_env(env_id: str, seed: int, train: bool = True) -> Any:
             raise KdforgeError(f"{env_id!r} needs ale-py (GPL-2.0, an optional extra): pip install ale-py "
                                "opencv-python-headless") from None
         gym.register_envs(ale_py)
-        from gymnasium.wrappers import AtariPreprocessing, FrameStackObservation, TransformReward
+        from kdforge.rl.atari import make_atari
 
-        env = gym.make(env_id, frameskip=1, repeat_action_probability=0.25, full_action_space=False)
-        env = AtariPreprocessing(env, noop_max=30, frame_skip=4, screen_size=84, terminal_on_life_loss=train,
-                                 grayscale_obs=True, scale_obs=False)
-        if train:
-            env = TransformReward(env, lambda r: float(np.sign(r)))
-        env = FrameStackObservation(env, 4)
+        env = make_atari(env_id, train)
     else:
         if env_id not in gym.registry:
             raise KdforgeError(f"unknown environment {env_id!r} (valid: {', '.join(CLASSIC)}, "
@@ -85,16 +81,20 @@ def obs_tensor(obs: Any, env_id: str) -> Tensor:
 class VecEnv:
     """``n`` copies of one environment stepped in turn; a finished one is reset in the same step.
 
-    Episode returns and lengths of finished episodes (unclipped where the env reports the raw reward)
-    are collected in ``finished``.
+    ``finished`` collects the (return, length in agent steps) of finished episodes: unclipped whole
+    games on ALE (every life, from ``info['game_return']``; a lost life ends only the learner's episode),
+    the plain episode elsewhere. ``final_obs`` holds each environment's last observation before any
+    reset of the latest step (the true next observation a replay buffer stores).
     """
 
     def __init__(self, env_id: str, n: int, seed: int) -> None:
         seed = seed % 2**31  # MinAtar's RandomState takes seeds below 2**32
         self.env_id, self.n, self.seed = env_id, n, seed
+        self.atari = env_id.startswith("ALE/")
         self.envs = [make_env(env_id, seed + i) for i in range(n)]
         self.num_actions = int(self.envs[0].action_space.n)
         self._obs = np.stack([e.reset(seed=seed + i)[0] for i, e in enumerate(self.envs)])
+        self.final_obs = self._obs
         self._ret = np.zeros(n)
         self._len = np.zeros(n, dtype=np.int64)
         self.finished: list[tuple[float, int]] = []
@@ -104,22 +104,31 @@ class VecEnv:
         """The current observation of every environment."""
         return self._obs
 
-    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Step every environment; (next observations, rewards, done flags); done = terminated or truncated."""
-        obs, rew, done = [], np.zeros(self.n, dtype=np.float32), np.zeros(self.n, dtype=np.float32)
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Step every environment: (next observations after any reset, rewards, terminated, truncated)."""
+        obs, final = [], []
+        rew = np.zeros(self.n, dtype=np.float32)
+        term_a, trunc_a = np.zeros(self.n, dtype=np.float32), np.zeros(self.n, dtype=np.float32)
         for i, e in enumerate(self.envs):
-            o, r, term, trunc, _ = e.step(int(actions[i]))
-            rew[i] = r
+            o, r, term, trunc, info = e.step(int(actions[i]))
+            rew[i], term_a[i], trunc_a[i] = r, term, trunc
             self._ret[i] += r
             self._len[i] += 1
+            final.append(o)
             if term or trunc:
-                done[i] = 1.0
-                self.finished.append((float(self._ret[i]), int(self._len[i])))
-                self._ret[i], self._len[i] = 0.0, 0
-                o, _ = e.reset()
+                o, reset_info = e.reset()
+                info = {**reset_info, **info}
+                if not self.atari:
+                    self._end(i, float(self._ret[i]))
+            if self.atari and "game_return" in info:
+                self._end(i, float(info["game_return"]))
             obs.append(o)
-        self._obs = np.stack(obs)
-        return self._obs, rew, done
+        self._obs, self.final_obs = np.stack(obs), np.stack(final)
+        return self._obs, rew, term_a, trunc_a
+
+    def _end(self, i: int, ret: float) -> None:
+        self.finished.append((ret, int(self._len[i])))
+        self._ret[i], self._len[i] = 0.0, 0
 
     def pop_finished(self) -> list[tuple[float, int]]:
         """The (return, length) of the episodes finished since the last call."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 from contextlib import ExitStack
 from typing import Any
 
+import numpy as np
 import torch
 from pydantic import Field
 from torch import Tensor
@@ -74,9 +75,9 @@ class PPORollouts(GroupSteps):
                 a = torch.multinomial(logits.softmax(-1), 1, generator=g).flatten()
                 actions[t] = a.float()
                 logprobs[t] = logits.log_softmax(-1).gather(1, a[:, None]).flatten()
-                o, r, d = envs.step(a.numpy())
+                o, r, term, trunc = envs.step(a.numpy())
                 rewards[t] = torch.from_numpy(r)
-                next_obs, next_done = obs_tensor(o, c.env), torch.from_numpy(d)
+                next_obs, next_done = obs_tensor(o, c.env), torch.from_numpy(np.maximum(term, trunc))  # CleanRL
             for ret, _ in envs.pop_finished():
                 self.episodes.append((self.env_steps + T * E, m, ret))
             self.next_done[m] = next_done
@@ -147,6 +148,10 @@ class PPOGroup(GroupMethod):
         n = cfg.num_envs * cfg.num_steps
         if n % cfg.num_minibatches:
             raise KdforgeError(f"method.num_minibatches {cfg.num_minibatches} must divide num_envs x num_steps = {n}")
+        if cfg.norm_adv and n // cfg.num_minibatches < 2:
+            raise KdforgeError(f"method.num_minibatches {cfg.num_minibatches} makes minibatches of one transition "
+                               f"(num_envs x num_steps = {n}); advantage normalisation needs at least 2 "
+                               "(use num_minibatches <= n/2, or norm_adv: false)")
         super().__init__(cfg)
         self.cfg: PPOConfig = cfg
         self.clip = cfg.max_grad_norm
