@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from kdforge.reid.losses import block_labels, ch_loss, cpm_loss, dcs_loss, ort_l
 from kdforge.reid.metrics import (
     Setting,
     eval_ranking,
+    evaluate_protocol,
     evaluate_setting,
     sample_gallery,
 )
@@ -239,24 +241,75 @@ def test_gallery_trials_sample_one_per_identity_camera_and_average() -> None:
 
 
 # -- inference -------------------------------------------------------------------------------------
-def test_fused_similarity_is_the_sum_of_six_dot_products_and_flip_sum_is_symmetric() -> None:
+def _six_dot_products(net: torch.nn.Module, q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The official fused similarity from the raw head outputs: Σ over 3 branches of ⟨f, f'⟩ + ⟨s, s'⟩."""
+    with torch.no_grad():
+        oq, og = net._heads(net._trunk(net.stem_i(q))), net._heads(net._trunk(net.stem_v(g)))
+    total = torch.zeros(len(q), len(g))
+    for b in range(3):
+        for key in ("f", "bn_feats"):
+            a = F.normalize(oq[key][b * len(q):(b + 1) * len(q)], dim=1)
+            c = F.normalize(og[key][b * len(g):(b + 1) * len(g)], dim=1)
+            total += a @ c.T
+    return total
+
+
+def test_fused_similarity_is_the_sum_of_six_dot_products_and_flip_fusion_adds_the_mirror_images() -> None:
     torch.manual_seed(0)
     net = build_reid(5, image_size=(32, 16), width=4, prototypes=2).eval()
     q, g = torch.randn(3, 3, 32, 16), torch.randn(4, 3, 32, 16)
-    eq, eg = net.embed(q, 1), net.embed(g, 0)
+    assert torch.allclose(net.embed(q, 1) @ net.embed(g, 0).T, _six_dot_products(net, q, g), atol=1e-5)
+    # flip fusion: (e(q) + e(q_mirror)) · (e(g) + e(g_mirror)), mirrors built by reversing the columns
+    cols = torch.arange(15, -1, -1)
+    qm, gm = q[..., cols], g[..., cols]
+    want = sum(_six_dot_products(net, a, b) for a in (q, qm) for b in (g, gm))
     with torch.no_grad():
-        outs = []
-        for x, stem in ((q, net.stem_i), (g, net.stem_v)):
-            outs.append(net._heads(net._trunk(stem(x))))
-    total = torch.zeros(3, 4)
-    for b in range(3):
-        for key in ("f", "bn_feats"):
-            a = F.normalize(outs[0][key][b * 3:(b + 1) * 3], dim=1)
-            c = F.normalize(outs[1][key][b * 4:(b + 1) * 4], dim=1)
-            total += a @ c.T
-    assert torch.allclose(eq @ eg.T, total, atol=1e-5)
-    with torch.no_grad():
-        assert torch.allclose(net.embed_flip(q, 1), net.embed_flip(q.flip(-1), 1), atol=1e-5)
+        got = net.embed_flip(q, 1) @ net.embed_flip(g, 0).T
+        upside_down = net.embed_flip(q.flip(-2), 1) @ net.embed_flip(g.flip(-2), 0).T
+    assert torch.allclose(got, want, atol=1e-4)
+    assert not torch.allclose(upside_down, want, atol=1e-2)  # a wrong flip axis would be caught
+    with torch.no_grad():  # summed, not re-normalised: 6 unit parts per view, two views that differ
+        norms = net.embed_flip(q, 1).norm(dim=1)
+    assert (norms > 6**0.5 + 1e-3).all() and (norms <= 2 * 6**0.5 + 1e-4).all()
+
+
+def _official_eval_regdb(distmat: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray, max_rank: int = 20
+                         ) -> tuple[np.ndarray, float, float]:
+    """A transcription of the official RegDB evaluation (DDAG/AGW/DEEN ``eval_regdb``): raw-ranking CMC."""
+    indices = np.argsort(distmat, axis=1, kind="stable")
+    matches = (g_pids[indices] == q_pids[:, None]).astype(np.int32)
+    all_cmc, all_ap, all_inp = [], [], []
+    for qi in range(len(q_pids)):
+        raw_cmc = matches[qi]  # RegDB: query cam 1, gallery cam 2, nothing removed
+        if not raw_cmc.any():
+            continue
+        cmc = raw_cmc.cumsum()
+        pos_max = np.max(np.where(raw_cmc == 1))
+        all_inp.append(cmc[pos_max] / (pos_max + 1.0))
+        cmc[cmc > 1] = 1
+        all_cmc.append(cmc[:max_rank])
+        tmp = np.asarray([x / (i + 1.0) for i, x in enumerate(raw_cmc.cumsum())]) * raw_cmc
+        all_ap.append(tmp.sum() / raw_cmc.sum())
+    return np.asarray(all_cmc).astype(np.float32).mean(0), float(np.mean(all_ap)), float(np.mean(all_inp))
+
+
+def test_regdb_cmc_is_the_official_raw_ranking_and_other_protocols_stay_deduplicated() -> None:
+    rng = np.random.default_rng(0)
+    ids = np.repeat(np.arange(30), 10)  # RegDB: 10 images per identity per modality
+    feats = rng.standard_normal((600, 16)) + 0.4 * rng.standard_normal((30, 16))[np.r_[ids, ids]]
+    pids, modal = np.r_[ids, ids], np.r_[np.zeros(300), np.ones(300)].astype(int)
+    cams = np.where(modal == 0, 1, 2)
+    r = evaluate_protocol(feats, pids, cams, modal, "regdb")
+    for key, (qm, gm) in (("", (0, 1)), ("i2v_", (1, 0))):
+        q, g = feats[modal == qm], feats[modal == gm]
+        cmc, m_ap, m_inp = _official_eval_regdb(-(q @ g.T), ids, ids)
+        for k in (1, 5, 10, 20):
+            assert r[f"{key}rank{k}"] == pytest.approx(100 * cmc[k - 1], abs=1e-4)
+        assert r[f"{key}mAP"] == pytest.approx(100 * m_ap) and r[f"{key}mINP"] == pytest.approx(100 * m_inp)
+    # the de-duplicated CMC of the SYSU/LLCM code ranks identities, not images: higher at rank 5 on this set
+    q, g = feats[modal == 0], feats[modal == 1]
+    dedup = eval_ranking(q @ g.T, ids, ids, np.ones(300), np.full(300, 2))
+    assert dedup["rank5"] > r["rank5"] + 1 and dedup["rank1"] == pytest.approx(r["rank1"])
 
 
 def test_synthetic_pedestrians_share_shape_but_not_colour_across_modalities() -> None:
@@ -380,3 +433,59 @@ def test_compat_official_turns_on_every_code_quirk() -> None:
     a, b = paper.losses(out, yv, yi), code.losses(out, yv, yi)
     assert a["ch"].item() == pytest.approx(b["ch"].item() / math.sqrt(8 / 288), rel=1e-5)  # HW = 4×2
     assert a["id"].item() == pytest.approx(b["id"].item())  # y_V == y_I: both label layouts agree
+
+
+def _regdb_folder(root: Path, trials: tuple[int, ...]) -> None:
+    """A RegDB-layout folder of synthetic pedestrians: 8 identities, 4 images per modality; trial t tests ids
+    (2t, 2t+1) mod 8 and trains on the rest."""
+    from PIL import Image
+
+    x, pids, cams, _ = render_pedestrians(8, 1, per_cam=4, size=(32, 16))
+    for sub in ("Visible", "Thermal", "idx"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    names: dict[str, list[tuple[str, int]]] = {"visible": [], "thermal": []}
+    for i, (p, c) in enumerate(zip(pids, cams, strict=True)):
+        if c in (1, 3):  # one visible and one thermal camera
+            mod = "visible" if c == 1 else "thermal"
+            rel = f"{mod.title()}/{i:04d}.png"
+            Image.fromarray(x[i].transpose(1, 2, 0)).save(root / rel)
+            names[mod].append((rel, int(p)))
+    for t in trials:
+        test_ids = {(2 * t) % 8, (2 * t + 1) % 8}
+        for mod, items in names.items():
+            for split, keep in (("train", False), ("test", True)):
+                lines = [f"{rel} {p}" for rel, p in items if (p in test_ids) == keep]
+                (root / "idx" / f"{split}_{mod}_{t}.txt").write_text("\n".join(lines) + "\n")
+
+
+def test_regdb_driver_trains_each_split_and_averages_both_directions(tmp_path: Path, monkeypatch: Any) -> None:
+    import json
+
+    from kdforge.cli import main
+    from kdforge.reid import regdb as driver
+
+    _regdb_folder(tmp_path / "RegDB", (1, 2))
+    recipe = kd.Recipe.from_dict({
+        "name": "regdb-tiny", "seed": 0,
+        "data": {"name": "regdb", "root": str(tmp_path / "RegDB"), "resize": 32, "batch_size": 8,
+                 "val_fraction": 0.0, "split_seed": 1},
+        "method": {"name": "pdm", "ids_per_batch": 2, "num_pos": 4, "model": {"width": 4, "prototypes": 2}},
+        "optim": {"lr": 0.05}, "sched": {"name": "constant"},
+        "train": {"epochs": 1, "max_steps": 1, "progress": "never", "threads": 1, "save_checkpoints": False}})
+    out = tmp_path / "runs"
+    summary = driver.run_trials(recipe, out, (1, 2))
+    per = {t: json.loads((out / f"trial-{t}" / "results.json").read_text())["test_last"] for t in (1, 2)}
+    for t in (1, 2):  # each trial trained and tested on its own split, both directions
+        cfg = (out / f"trial-{t}" / "config.yaml").read_text()
+        assert f"split_seed: {t}" in cfg and {"rank1", "i2v_rank1", "mAP", "i2v_mAP"} <= set(per[t])
+    for key in ("rank1", "mAP", "i2v_rank1", "i2v_mINP"):
+        vals = [per[1][key], per[2][key]]
+        assert summary["mean"][key]["mean"] == pytest.approx(sum(vals) / 2)
+        assert summary["mean"][key]["std"] == pytest.approx(abs(vals[0] - vals[1]) / 2**0.5)
+    assert "thermal → visible" in (out / "regdb.md").read_text()
+    # a finished trial is reused, not retrained
+    monkeypatch.setattr("kdforge.run.train", lambda *a, **k: pytest.fail("retrained a finished trial"))
+    assert driver.run_trials(recipe, out, (1, 2))["mean"] == summary["mean"]
+    assert main(["regdb", "x.yaml", "--trials", "0-3"]) == 2
+    with pytest.raises(KdforgeError, match=r"needs a recipe with data\.name: regdb"):
+        driver.trial_recipe(kd.Recipe.from_dict({"data": {"name": "digits"}}), 1)

@@ -51,7 +51,7 @@ def test_best_is_chosen_on_validation_episodes_and_reported_on_unseen_test_episo
 
 
 def test_overlapping_validation_and_test_seeds_are_refused() -> None:
-    with pytest.raises(kd.KdforgeError, match="val_seed 100003 overlaps the test episodes on seeds 100000..100004"):
+    with pytest.raises(kd.KdforgeError, match=r"val_seed 100003 overlaps the test episodes on seeds 100000\.\.100004"):
         build_method({"name": "ppo", "eval_episodes": 5, "val_seed": 100_003}, None)  # type: ignore[arg-type]
 
 

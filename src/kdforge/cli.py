@@ -253,6 +253,28 @@ def audio(
             typer.echo(f"fused {label:8s} ({', '.join(f'{x:.2f}' for x in w)}) top1={t['top1']:.2f} mca={t['mca']:.2f}")
 
 
+@app.command()
+def regdb(
+    recipe: Annotated[Path, typer.Argument(help="a RegDB recipe (src/kdforge/recipes/reid/regdb_resnet50.yaml)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder of the trial runs and the summary")] = Path(
+        "runs/regdb"),
+    trials: Annotated[str, typer.Option(help="RegDB splits to run: 1-10, 1,3,5 or one number")] = "1-10",
+    set_: SetOpt = None,
+    overwrite: Annotated[bool, typer.Option(help="retrain trials that already have results")] = False,
+) -> None:
+    """Train a RegDB recipe on each official split, test both directions, print the mean over the trials."""
+    from kdforge.config import Recipe
+    from kdforge.reid.regdb import parse_trials, run_trials
+
+    chosen = parse_trials(trials)
+    res = run_trials(Recipe.from_yaml(_recipe_path(recipe), set_), out, chosen, overwrite)
+    m = res["mean"]
+    for prefix, label in (("", "visible→thermal"), ("i2v_", "thermal→visible")):
+        typer.echo(f"{label}: " + ", ".join(f"{k} {m[prefix + k]['mean']:.2f} ± {m[prefix + k]['std']:.2f}"
+                                             for k in ("rank1", "mAP", "mINP") if prefix + k in m))
+    typer.echo(f"{len(chosen)} trial(s); summary: {out / 'regdb.md'}")
+
+
 @app.command("audio-predict")
 def audio_predict(
     run_dir: Annotated[Path, typer.Argument(help="a finished audio run folder (kdforge audio RECIPE -r FOLDER)")],

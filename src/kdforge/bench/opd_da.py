@@ -185,8 +185,8 @@ def run(out: Path | None = None, quick: bool = False) -> Path:
                 "last 10 finished episodes (stochastic actions); the group mean counts a policy without a finished "
                 "episode as 0. Final evaluation: greedy actions, test episodes on seeds 100000+i, the same for every "
                 "policy (validation episodes, which pick `best`, play seeds 200000+i; the whole run is one engine "
-                "epoch here, so best = last). Probe set: 256 states of a uniformly random policy (seed 107919). Budget chosen so the "
-                "whole bench fits 25 minutes on one core.")
+                "epoch here, so best = last). Probe set: 256 states of a uniformly random policy (seed 107919). "
+                "Budget chosen so the whole bench fits 25 minutes on one core.")
     per_run = "; ".join(f"{r['variant']}: {r['time / run (s)']} s per group run" for r in table)
     intro = ("Online policy distillation with decision-attention (Yu et al., IJCNN 2024; reconstructed, see "
              "[the method page](../methods/opd-da.md)) against its baselines. The spec infers diversity "

@@ -1,8 +1,9 @@
 """Cross-modal ReID metrics (CMC rank-k, mAP, mINP) and the SYSU-MM01 / RegDB / LLCM test protocols.
 
-CMC is the "unique identity" variant of the official evaluation code: the ranked gallery identities are
-de-duplicated (first occurrence kept) before the first match is found; AP and INP use the raw ranking.
-Queries without any positive left in the gallery are skipped.
+CMC of SYSU-MM01, LLCM and the synthetic set is the "unique identity" variant of their official evaluation
+code (the ranked gallery identities de-duplicated, first occurrence kept, before the first match is found);
+RegDB's is the standard one of the official ``eval_regdb`` (the first match in the raw ranking). AP and INP
+use the raw ranking. Queries without any positive left in the gallery are skipped.
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ RULES = ("none", "sysu", "same_cam")
 
 
 def eval_ranking(sim: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray, q_cams: np.ndarray, g_cams: np.ndarray,
-                 rule: str = "none", max_rank: int = 20) -> dict[str, float]:
-    """rank-1/5/10/20, mAP and mINP (%) of a query × gallery similarity matrix (higher = more similar)."""
+                 rule: str = "none", max_rank: int = 20, unique_ids: bool = True) -> dict[str, float]:
+    """rank-1/5/10/20, mAP and mINP (%) of a query × gallery similarity matrix (higher = more similar).
+
+    ``unique_ids``: CMC on the de-duplicated ranking (SYSU/LLCM code); False: the raw ranking (RegDB's).
+    """
     if rule not in RULES:
         raise ValueError(f"unknown removal rule {rule!r} (valid: {', '.join(RULES)})")
     order = np.argsort(-sim, axis=1, kind="stable")
@@ -39,9 +43,12 @@ def eval_ranking(sim: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray, q_cams
         raw = gp == q_pids[q]
         if not raw.any():
             continue  # no positive for this query: skipped, as in the official code
-        _, first = np.unique(gp, return_index=True)
-        dedup = gp[np.sort(first)] == q_pids[q]
-        cmc = np.minimum(dedup.cumsum(), 1)[:max_rank]
+        if unique_ids:
+            _, first = np.unique(gp, return_index=True)
+            matches = gp[np.sort(first)] == q_pids[q]
+        else:
+            matches = raw
+        cmc = np.minimum(matches.cumsum(), 1)[:max_rank]
         cmc_sum[: len(cmc)] += cmc
         cmc_sum[len(cmc):] += cmc[-1] if len(cmc) else 0
         hits = np.flatnonzero(raw)
@@ -78,6 +85,7 @@ class Setting:
     shots: int | None = None       # None: the whole gallery; else images per (identity, camera) per trial
     trials: int = 10
     rule: str = "none"
+    unique_ids: bool = True        # CMC on de-duplicated identities (False: RegDB's raw ranking)
 
 
 def protocol_settings(protocol: str, trials: int = 10) -> list[Setting]:
@@ -94,7 +102,8 @@ def protocol_settings(protocol: str, trials: int = 10) -> list[Setting]:
         return [Setting("", ir, vis, None, 1, trials, "same_cam"),
                 Setting("v2i_", vis, ir, None, 1, trials, "same_cam")]
     if protocol == "regdb":
-        return [Setting("", vis, ir, None, None, 1, "none"), Setting("i2v_", ir, vis, None, None, 1, "none")]
+        return [Setting("", vis, ir, None, None, 1, "none", unique_ids=False),
+                Setting("i2v_", ir, vis, None, None, 1, "none", unique_ids=False)]
     raise ValueError(f"unknown ReID protocol {protocol!r} (valid: sysu, synthetic, llcm, regdb)")
 
 
@@ -108,7 +117,7 @@ def evaluate_setting(feats: np.ndarray, pids: np.ndarray, cams: np.ndarray, moda
     for t in range(s.trials if s.shots is not None else 1):
         g = g_all if s.shots is None else g_all[sample_gallery(pids[g_all], cams[g_all], s.shots, t)]
         sim = feats[q] @ feats[g].T
-        runs.append(eval_ranking(sim, pids[q], pids[g], cams[q], cams[g], s.rule))
+        runs.append(eval_ranking(sim, pids[q], pids[g], cams[q], cams[g], s.rule, unique_ids=s.unique_ids))
     return {f"{s.key}{k}": float(np.mean([r[k] for r in runs])) for k in runs[0] if k != "queries"}
 
 

@@ -74,7 +74,7 @@ class FireReset(gym.Wrapper):
     def reset(self, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
         obs, info = self.env.reset(**kwargs)
         for a in (FIRE, 2):
-            obs, _, term, trunc, step_info = self.env.step(a)
+            obs, _, term, trunc, _ = self.env.step(a)
             if term or trunc:
                 obs, info = self.env.reset(**kwargs)
         return obs, info
