@@ -175,3 +175,105 @@ def test_crd_code_adds_eps_to_the_nce_denominators() -> None:
     assert CRDLoss(bank_size=8, num_negatives=2).nce_eps == 0.0
     for compat in ("official", "repdistiller", "torchdistill"):
         assert CRDLoss(bank_size=8, num_negatives=2, compat=compat).nce_eps == eps
+
+
+# -- compat as a list, torchdistill's reduction keys and CC's bilinear kernel ---------------------------
+def test_compat_given_as_a_list_selects_the_same_code_base_in_at_fsp_and_cc() -> None:
+    fs = [[[1.0, -2.0, 0.5], [0.0, 1.0, 1.0]], [[2.0, 0.0, 1.0], [1.0, 1.0, -1.0]]]
+    ft = [[[0.5, 1.0, 2.0], [1.0, 0.0, 0.0]], [[0.0, 3.0, 1.0], [2.0, 1.0, 0.0]]]
+    diffs = [[a - b for a, b in zip(_at_vec(x), _at_vec(y), strict=True)] for x, y in zip(fs, ft, strict=True)]
+    at_td = sum(math.sqrt(sum(d * d for d in row)) for row in diffs) / 2
+    s, t = torch.tensor(fs).unsqueeze(2), torch.tensor(ft).unsqueeze(2)
+    assert build_loss("at", compat=["torchdistill"])([s], [t]).item() == pytest.approx(at_td, rel=1e-5)
+    # FSP: one column after max-pooling (the hand value of the string test above)
+    s1, s2 = [[1.0, 2.0, 3.0, 6.0], [0.0, -1.0, 4.0, 1.0]], [2.0]
+    t1, t2 = [[2.0, 2.0, 0.0, 0.0], [1.0, 1.0, 1.0, 5.0]], [1.0]
+    mx = [[max(c) * s2[0] for c in s1], [max(c) * t2[0] for c in t1]]
+    feats = ([torch.tensor(s1).view(1, 2, 2, 2), torch.tensor(s2).view(1, 1, 1, 1)],
+             [torch.tensor(t1).view(1, 2, 2, 2), torch.tensor(t2).view(1, 1, 1, 1)])
+    fsp = build_loss("fsp", compat=["torchdistill"])
+    fsp.setup(*feats)
+    assert fsp(*feats).item() == pytest.approx(math.dist(*mx), rel=1e-5)
+    xs, xt = [[1.0, 2.0], [0.5, -1.0], [2.0, 0.0]], [[0.0, 1.0], [1.0, 1.0], [-1.0, 2.0]]
+    delta = [[abs(a - b) for a, b in zip(r, q, strict=True)] for r, q in zip(xs, xt, strict=True)]
+    cc = build_loss("cc", compat=["repdistiller"], embed_dim=0)
+    cc.setup([torch.tensor(xs)], [torch.tensor(xt)])
+    want = sum(_dot(delta[i], delta[i + 1]) for i in range(2)) / 2
+    assert cc([torch.tensor(xs)], [torch.tensor(xt)]).item() == pytest.approx(want, rel=1e-5)
+    with pytest.raises(KdforgeError, match="compat names one code base here"):
+        build_loss("cc", compat=["repdistiller", "torchdistill"])
+
+
+def test_kd_reduction_sum_and_mean_as_kldivloss() -> None:
+    s, t, T = [[1.0, 2.0, 0.0], [0.5, -1.0, 2.0]], [[0.0, 1.0, 3.0], [1.0, 1.0, 0.0]], 2.0
+    kl = [sum(b * (math.log(b) - math.log(a)) for a, b in zip(_softmax(x, T), _softmax(y, T), strict=True))
+          for x, y in zip(s, t, strict=True)]
+    st, tt = torch.tensor(s), torch.tensor(t)
+    for reduction, want in (("batchmean", sum(kl) / 2), ("sum", sum(kl)), ("mean", sum(kl) / 6)):
+        got = build_loss("kd", T=T, compat="torchdistill", reduction=reduction)(st, tt).item()
+        assert got == pytest.approx(want, rel=1e-5), reduction
+    assert build_loss("kd", T=T, reduction="sum")(st, tt).item() == pytest.approx(T * T * sum(kl), rel=1e-5)
+    with pytest.raises(KdforgeError, match="reduction must be one of batchmean, sum, mean"):
+        build_loss("kd", reduction="none")
+
+
+def test_sp_reduction_sum_drops_the_one_over_b_squared() -> None:
+    qs, qt = [[1.0, 2.0], [3.0, -1.0]], [[0.0, 1.0], [2.0, 2.0]]
+
+    def gram_l1(q: list[list[float]]) -> list[list[float]]:
+        rows = [[_dot(a, b) for b in q] for a in q]
+        return [[v / sum(abs(x) for x in r) for v in r] for r in rows]
+
+    gs, gt = gram_l1(qs), gram_l1(qt)
+    total = sum((gt[i][j] - gs[i][j]) ** 2 for i in range(2) for j in range(2))
+    got = build_loss("sp", compat="torchdistill", reduction="sum")([torch.tensor(qs)], [torch.tensor(qt)]).item()
+    assert got == pytest.approx(total, rel=1e-5)
+
+
+def test_cc_bilinear_kernel_and_reduction_sum() -> None:
+    xs, xt = [[1.0, 2.0], [0.5, -1.0], [2.0, 0.0]], [[0.0, 1.0], [1.0, 1.0], [-1.0, 2.0]]
+    cs = [[_dot(a, b) for b in xs] for a in xs]  # torchdistill's bilinear pool: X Xᵀ on raw outputs
+    ct = [[_dot(a, b) for b in xt] for a in xt]
+    frob = math.sqrt(sum((cs[i][j] - ct[i][j]) ** 2 for i in range(3) for j in range(3)))
+    s, t = [torch.tensor(xs)], [torch.tensor(xt)]
+    for reduction, want in (("batchmean", frob / 9), ("sum", frob)):
+        loss = build_loss("cc", compat="torchdistill", kernel="bilinear", reduction=reduction, embed_dim=0)
+        loss.setup(s, t)
+        assert loss(s, t).item() == pytest.approx(want, rel=1e-5), reduction
+    raw = [[(a - b) ** 2 for a, b in zip(r, q, strict=True)]
+           for r, q in zip(_cc_matrix(xs, False), _cc_matrix(xt, False), strict=True)]
+    gauss = build_loss("cc", compat="torchdistill", reduction="sum", embed_dim=0)
+    gauss.setup(s, t)
+    assert gauss(s, t).item() == pytest.approx(math.sqrt(sum(map(sum, raw))), rel=1e-5)
+    with pytest.raises(KdforgeError, match="compat repdistiller has no kernel"):
+        build_loss("cc", compat="repdistiller", kernel="bilinear")
+
+
+def _huber(a: float, b: float) -> float:
+    d = abs(a - b)
+    return 0.5 * d * d if d < 1 else d - 0.5
+
+
+def test_rkd_and_fitnet_reduction_sum() -> None:
+    # RKD distance term on 3 points in 1-D: normalised distance matrices, Huber summed over the 9 entries
+    es, et = [[0.0], [1.0], [3.0]], [[0.0], [2.0], [2.5]]
+
+    def dist(e: list[list[float]]) -> list[list[float]]:
+        d = [[abs(a[0] - b[0]) for b in e] for a in e]
+        mu = sum(v for r in d for v in r if v > 0) / 6
+        return [[v / mu for v in r] for r in d]
+
+    ds, dt = dist(es), dist(et)
+    h = [_huber(ds[i][j], dt[i][j]) for i in range(3) for j in range(3)]
+    s, t = [torch.tensor(es)], [torch.tensor(et)]
+    for reduction, want in (("mean", sum(h) / 9), ("sum", sum(h))):
+        got = build_loss("rkd", dist_weight=1.0, angle_weight=0.0, reduction=reduction)(s, t).item()
+        assert got == pytest.approx(want, rel=1e-5), reduction
+    # FitNet with an identity regressor (same shapes): squared errors summed vs averaged
+    hs, ht = torch.tensor([[1.0, -2.0], [0.5, 3.0]]), torch.tensor([[0.0, 1.0], [2.0, 2.0]])
+    sq = (1 - 0) ** 2 + (-2 - 1) ** 2 + (0.5 - 2) ** 2 + (3 - 2) ** 2
+    for reduction, want in (("mean", sq / 4), ("sum", sq)):
+        fit = build_loss("fitnet", reduction=reduction)
+        fit.setup([hs], [ht])
+        fit.regressors = torch.nn.ModuleList([torch.nn.Identity()])
+        assert fit([hs], [ht]).item() == pytest.approx(want, rel=1e-5), reduction

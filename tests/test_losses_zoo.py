@@ -434,6 +434,14 @@ def test_crd_keyed_negatives_never_draw_the_positive_and_need_indices() -> None:
     assert queue.mem_s.shape == (6, 8)  # a queue keeps its size
 
 
+def test_crd_queue_refuses_sample_indices_instead_of_ignoring_them() -> None:
+    queue, s, t = _crd(bank_size=6, num_negatives=4)
+    before = queue.mem_s.clone()
+    with pytest.raises(KdforgeError, match=r"memory 'queue' cannot use sample indices.*set memory: keyed"):
+        queue(s, t, targets=torch.tensor([0, 1, 0, 1]), indices=torch.tensor([0, 1, 2, 3]))
+    assert torch.equal(queue.mem_s, before)  # nothing written
+
+
 def test_crd_keyed_memory_runs_through_the_engine_with_sample_indices() -> None:
     cfg = {"name": "distill", "teacher": {"model": "cnn_small"}, "student": {"model": "cnn_tiny"},
            "terms": [{"loss": "ce"}, {"loss": "crd", "student_tap": "pool", "memory": "keyed", "num_negatives": 32,

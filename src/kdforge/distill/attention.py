@@ -86,7 +86,7 @@ class ATConfig(Strict):
     kd_weight: float = 0.0
     T: float = Field(4.0, gt=0)
     #: ``paper`` or ``torchdistill`` (its ATLoss ``mode: paper``); see the AT loss
-    compat: str = "paper"
+    compat: str | list[str] = "paper"
 
 
 def stage_taps(model: nn.Module) -> list[str]:

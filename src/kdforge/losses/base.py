@@ -33,6 +33,24 @@ def check_compat(owner: str, compat: str | Sequence[str], allowed: Sequence[str]
     return frozenset(v for v in values if v != PAPER)
 
 
+def compat_source(owner: str, compat: str | Sequence[str], allowed: Sequence[str]) -> str:
+    """The one code base a loss follows: ``paper`` or one of ``allowed``; a list names it as its only element.
+
+    For losses whose sources are alternative conventions (not independent quirks): two at once is refused.
+    """
+    chosen = check_compat(owner, compat, allowed)
+    if len(chosen) > 1:
+        raise ValueError(f"{owner}: compat names one code base here, got {sorted(chosen)}")
+    return next(iter(chosen), PAPER)
+
+
+def check_reduction(owner: str, reduction: str, allowed: Sequence[str]) -> str:
+    """Validate a torchdistill-style ``reduction`` key (one line naming the valid values)."""
+    if reduction not in allowed:
+        raise ValueError(f"{owner}: reduction must be one of {', '.join(allowed)}, got {reduction!r}")
+    return reduction
+
+
 def deprecated_key(old: str, new: str) -> None:
     """One-line note that a recipe key is an old spelling of ``compat`` (still accepted for now)."""
     warnings.warn(f"{old} is deprecated; use {new}", FutureWarning, stacklevel=3)

@@ -142,7 +142,10 @@ class CRDLoss(FeatureLoss):
                 raise KdforgeError(f"crd: sample index {int(indices.max())} >= bank_size {self.bank_size}")
             pos_t, pos_s = self.mem_t[indices], self.mem_s[indices]
         else:
-            pos_t, pos_s, indices = vt.detach(), vs.detach(), None
+            if indices is not None:
+                raise KdforgeError("crd: memory 'queue' cannot use sample indices (it would ignore them); "
+                                   "set memory: keyed to key the bank by sample index")
+            pos_t, pos_s = vt.detach(), vs.detach()
         neg = self.sample_negatives(targets, b, exclude=indices)
         loss_s = nce_loss(self._scores(vs, pos_t, self.mem_t, neg, self.z_s), self.bank_size, self.nce_eps)
         loss_t = nce_loss(self._scores(vt, pos_s, self.mem_s, neg, self.z_t), self.bank_size, self.nce_eps)

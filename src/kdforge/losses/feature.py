@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdforge.errors import KdforgeError
-from kdforge.losses.base import DistillLoss, check_compat
+from kdforge.losses.base import DistillLoss, check_reduction, compat_source
 from kdforge.registry import LOSSES
 
 
@@ -114,22 +114,28 @@ def regressor(s_shape: Sequence[int], t_shape: Sequence[int], relu: bool = True)
 
 
 # -- FitNets -----------------------------------------------------------------------------------------
-def fitnet_loss(student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
-    """Σ_pairs MSE(student_hint, teacher_hint), averaged over elements (hints already regressed)."""
-    return sum(F.mse_loss(s, t.detach()) for s, t in zip(student, teacher, strict=True))  # type: ignore[return-value]
+def fitnet_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], reduction: str = "mean") -> Tensor:
+    """Σ_pairs MSE(student_hint, teacher_hint), averaged over elements (``reduction: sum``: summed), hints
+    already regressed."""
+    return sum(F.mse_loss(s, t.detach(), reduction=reduction)  # type: ignore[return-value]
+               for s, t in zip(student, teacher, strict=True))
 
 
 @LOSSES.register("fitnet")
 class FitNetLoss(FeatureLoss):
-    """FitNets (Romero et al., ICLR 2015): MSE between a regressed student hint and the teacher's."""
+    """FitNets (Romero et al., ICLR 2015): MSE between a regressed student hint and the teacher's.
+
+    ``reduction``: ``mean`` over elements (default, RepDistiller's) or ``sum`` (torchdistill's MSELoss key).
+    """
 
     ndims = (4, 2)
     has_connectors = True
 
-    def __init__(self, two_stage: bool = False, hint_epochs: int = 0) -> None:
+    def __init__(self, two_stage: bool = False, hint_epochs: int = 0, reduction: str = "mean") -> None:
         super().__init__()
         if two_stage and hint_epochs < 1:
             raise ValueError("two_stage needs hint_epochs >= 1 (epochs of the hint stage)")
+        self.reduction = check_reduction("fitnet", reduction, ("mean", "sum"))
         self.two_stage, self.hint_epochs = two_stage, hint_epochs
         self.epoch = 0
         self.regressors = nn.ModuleList()
@@ -144,7 +150,7 @@ class FitNetLoss(FeatureLoss):
 
     def forward(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
         self.check(student, teacher)
-        loss = fitnet_loss([r(s) for r, s in zip(self.regressors, student, strict=True)], teacher)
+        loss = fitnet_loss([r(s) for r, s in zip(self.regressors, student, strict=True)], teacher, self.reduction)
         if self.two_stage and self.epoch >= self.hint_epochs:
             return loss * 0.0
         return loss
@@ -177,16 +183,16 @@ class ATLoss(FeatureLoss):
     reproduces torchdistill's ``mode: paper`` (per-sample unsquared L2 distance, batch mean).
     """
 
-    def __init__(self, p: float = 2.0, compat: str = "paper") -> None:
+    def __init__(self, p: float = 2.0, compat: str | list[str] = "paper") -> None:
         super().__init__()
         if p <= 0:
             raise ValueError(f"p must be > 0, got {p}")
-        check_compat("at", compat, ("torchdistill", "repdistiller"))
+        self.source = compat_source("at", compat, ("torchdistill", "repdistiller"))
         self.p, self.compat = p, compat
 
     def forward(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
         self.check(student, teacher)
-        return at_loss(student, teacher, self.p, self.compat)
+        return at_loss(student, teacher, self.p, self.source)
 
 
 # -- NST ---------------------------------------------------------------------------------------------
@@ -453,9 +459,9 @@ class FSPLoss(FeatureLoss):
     has_connectors = True
     min_pairs = 2
 
-    def __init__(self, compat: str = "paper") -> None:
+    def __init__(self, compat: str | list[str] = "paper") -> None:
         super().__init__()
-        check_compat("fsp", compat, ("torchdistill", "repdistiller"))
+        self.source = compat_source("fsp", compat, ("torchdistill", "repdistiller"))
         self.compat = compat
         self.connectors = nn.ModuleList()
 
@@ -466,7 +472,7 @@ class FSPLoss(FeatureLoss):
 
     def forward(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
         self.check(student, teacher)
-        return fsp_loss([c(s) for c, s in zip(self.connectors, student, strict=True)], teacher, self.compat)
+        return fsp_loss([c(s) for c, s in zip(self.connectors, student, strict=True)], teacher, self.source)
 
 
 # -- VID ---------------------------------------------------------------------------------------------

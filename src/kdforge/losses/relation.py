@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdforge.errors import KdforgeError
-from kdforge.losses.base import check_compat, deprecated_key
+from kdforge.losses.base import check_compat, check_reduction, compat_source, deprecated_key
 from kdforge.losses.feature import FeatureLoss
 from kdforge.registry import LOSSES
 
@@ -35,8 +35,10 @@ def angle_tensor(e: Tensor) -> Tensor:
     return diff @ diff.transpose(1, 2)
 
 
-def rkd_loss(student: Tensor, teacher: Tensor, dist_weight: float = 25.0, angle_weight: float = 50.0) -> Tensor:
-    """RKD: w_d·Huber(ψ_D(s), ψ_D(t)) + w_a·Huber(ψ_A(s), ψ_A(t)) on flattened embeddings."""
+def rkd_loss(student: Tensor, teacher: Tensor, dist_weight: float = 25.0, angle_weight: float = 50.0,
+             reduction: str = "mean") -> Tensor:
+    """RKD: w_d·Huber(ψ_D(s), ψ_D(t)) + w_a·Huber(ψ_A(s), ψ_A(t)) on flattened embeddings; the Huber terms
+    averaged over their B² / B³ entries (``reduction: sum``: summed)."""
     s = student.flatten(1)
     with torch.no_grad():
         t = teacher.detach().flatten(1)
@@ -44,39 +46,45 @@ def rkd_loss(student: Tensor, teacher: Tensor, dist_weight: float = 25.0, angle_
         t_a = angle_tensor(t) if angle_weight else None
     loss = s.new_zeros(())
     if dist_weight:
-        loss = loss + dist_weight * F.smooth_l1_loss(_normalised_distances(s), t_d)
+        loss = loss + dist_weight * F.smooth_l1_loss(_normalised_distances(s), t_d, reduction=reduction)
     if angle_weight:
-        loss = loss + angle_weight * F.smooth_l1_loss(angle_tensor(s), t_a)
+        loss = loss + angle_weight * F.smooth_l1_loss(angle_tensor(s), t_a, reduction=reduction)
     return loss
 
 
 @LOSSES.register("rkd")
 class RKDLoss(FeatureLoss):
-    """Relational KD (Park et al., CVPR 2019): distance- and angle-wise relations of embeddings."""
+    """Relational KD (Park et al., CVPR 2019): distance- and angle-wise relations of embeddings.
+
+    ``reduction``: the Huber terms' ``mean`` (default, the paper's) or ``sum`` (torchdistill's SmoothL1Loss key).
+    """
 
     ndims = (2, 4)
 
-    def __init__(self, dist_weight: float = 25.0, angle_weight: float = 50.0) -> None:
+    def __init__(self, dist_weight: float = 25.0, angle_weight: float = 50.0, reduction: str = "mean") -> None:
         super().__init__()
         self.dist_weight, self.angle_weight = dist_weight, angle_weight
+        self.reduction = check_reduction("rkd", reduction, ("mean", "sum"))
 
     def forward(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
         self.check(student, teacher)
-        return sum(rkd_loss(s, t, self.dist_weight, self.angle_weight)  # type: ignore[return-value]
+        return sum(rkd_loss(s, t, self.dist_weight, self.angle_weight, self.reduction)  # type: ignore[return-value]
                    for s, t in zip(student, teacher, strict=True))
 
 
 # -- SP ----------------------------------------------------------------------------------------------
-def sp_loss(student: Tensor, teacher: Tensor, p: float = 2.0) -> Tensor:
+def sp_loss(student: Tensor, teacher: Tensor, p: float = 2.0, reduction: str = "batchmean") -> Tensor:
     """Similarity-preserving KD: ‖G̃_t − G̃_s‖_F² / B² with row-normalised batch Gram matrices.
 
-    ``p`` is the norm of the row normalisation: 2 in the paper and RepDistiller, 1 in torchdistill.
+    ``p`` is the norm of the row normalisation: 2 in the paper and RepDistiller, 1 in torchdistill;
+    ``reduction: sum`` drops the 1/B² (torchdistill's SPKDLoss key).
     """
     b = student.shape[0]
     qs, qt = student.flatten(1), teacher.detach().flatten(1)
     gs = F.normalize(qs @ qs.t(), p=p, dim=1)
     gt = F.normalize(qt @ qt.t(), p=p, dim=1)
-    return (gt - gs).pow(2).sum() / (b * b)
+    total = (gt - gs).pow(2).sum()
+    return total / (b * b) if reduction == "batchmean" else total
 
 
 @LOSSES.register("sp")
@@ -85,18 +93,21 @@ class SPLoss(FeatureLoss):
 
     RepDistiller's Similarity is this form (L2-normalised Gram rows); ``compat="torchdistill"`` normalises
     the rows with L1 as its SPKDLoss does (``normalize(G, 1)``: p = 1), then the same ‖·‖_F²/B².
+    ``reduction``: ``batchmean`` (/B², default) or ``sum`` (torchdistill's key).
     """
 
     ndims = (2, 3, 4)
 
-    def __init__(self, compat: str = "paper") -> None:
+    def __init__(self, compat: str | list[str] = "paper", reduction: str = "batchmean") -> None:
         super().__init__()
         self.compat = compat
-        self.p = 1.0 if check_compat("sp", compat, ("torchdistill", "repdistiller")) & {"torchdistill"} else 2.0
+        self.p = 1.0 if compat_source("sp", compat, ("torchdistill", "repdistiller")) == "torchdistill" else 2.0
+        self.reduction = check_reduction("sp", reduction, ("batchmean", "sum"))
 
     def forward(self, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
         self.check(student, teacher)
-        return sum(sp_loss(s, t, self.p) for s, t in zip(student, teacher, strict=True))  # type: ignore[return-value]
+        return sum(sp_loss(s, t, self.p, self.reduction)  # type: ignore[return-value]
+                   for s, t in zip(student, teacher, strict=True))
 
 
 # -- CC ----------------------------------------------------------------------------------------------
@@ -114,19 +125,32 @@ def taylor_rbf(x: Tensor, gamma: float = 0.4, order: int = 2, normalise: bool = 
     return out
 
 
-def cc_loss(student: Tensor, teacher: Tensor, variant: str = "paper", gamma: float = 0.4, order: int = 2) -> Tensor:
+def correlation(x: Tensor, kernel: str = "gaussian", gamma: float = 0.4, order: int = 2, normalise: bool = True
+                ) -> Tensor:
+    """CC's correlation matrix: the Taylor-expanded Gaussian RBF (:func:`taylor_rbf`) or the bilinear kernel
+    x_iᵀx_j (torchdistill's ``bilinear``); rows L2-normalised first unless ``normalise=False``."""
+    if kernel == "bilinear":
+        x = F.normalize(x, dim=1) if normalise else x
+        return x @ x.t()
+    return taylor_rbf(x, gamma, order, normalise)
+
+
+def cc_loss(student: Tensor, teacher: Tensor, variant: str = "paper", gamma: float = 0.4, order: int = 2,
+            kernel: str = "gaussian", reduction: str = "batchmean") -> Tensor:
     """CC on embeddings: paper ‖C_s − C_t‖²/B², or RepDistiller's mean_i Σ_d Δ_i,d·Δ_{i+1},d with Δ=|f_s−f_t|.
 
     ``variant="torchdistill"``: the kernel on un-normalised rows and the unsquared norm, ‖C_s − C_t‖_F / B².
+    ``reduction: sum`` drops the 1/B²; ``kernel: bilinear`` correlates with x_iᵀx_j.
     """
     if variant == "repdistiller":
         delta = (student - teacher).abs()
         return (delta[:-1] * delta[1:]).sum(1).mean()
     b = student.shape[0]
-    if variant == "torchdistill":
-        diff = taylor_rbf(student, gamma, order, normalise=False) - taylor_rbf(teacher, gamma, order, normalise=False)
-        return diff.norm() / (b * b)
-    return (taylor_rbf(student, gamma, order) - taylor_rbf(teacher, gamma, order)).pow(2).sum() / (b * b)
+    code = variant == "torchdistill"
+    diff = (correlation(student, kernel, gamma, order, normalise=not code)
+            - correlation(teacher, kernel, gamma, order, normalise=not code))
+    total = diff.norm() if code else diff.pow(2).sum()
+    return total / (b * b) if reduction == "batchmean" else total
 
 
 class LinearEmbed(nn.Module):
@@ -145,21 +169,30 @@ class CCLoss(FeatureLoss):
     """Correlation congruence (Peng et al., ICCV 2019) on linear embeddings of student and teacher.
 
     ``compat="repdistiller"`` reproduces RepDistiller's (the authors' released) form, ``"torchdistill"``
-    torchdistill's CCKDLoss (``reduction: batchmean``); ``embed_dim=0`` compares the raw features (they
-    must then have the same size). ``variant`` is the old spelling of ``compat``.
+    torchdistill's CCKDLoss; ``reduction`` (``batchmean``: /B², or ``sum``) and ``kernel`` (``gaussian``
+    or ``bilinear``) are its keys. ``embed_dim=0`` compares the raw features (they must then have the
+    same size). ``variant`` is the old spelling of ``compat``.
     """
 
     ndims = (2, 4)
     has_connectors = True
 
-    def __init__(self, compat: str = "paper", embed_dim: int = 128, gamma: float = 0.4,
-                 order: int = 2, variant: str | None = None) -> None:
+    def __init__(self, compat: str | list[str] = "paper", embed_dim: int = 128, gamma: float = 0.4,
+                 order: int = 2, variant: str | None = None, kernel: str = "gaussian",
+                 reduction: str = "batchmean") -> None:
         super().__init__()
         if variant is not None:
             deprecated_key("cc: variant", "compat")
             compat = variant
-        check_compat("cc", compat, ("repdistiller", "torchdistill"))
-        self.variant = self.compat = compat
+        self.compat = compat
+        self.variant = compat_source("cc", compat, ("repdistiller", "torchdistill"))
+        if kernel not in ("gaussian", "bilinear"):
+            raise ValueError(f"cc: kernel must be one of gaussian, bilinear, got {kernel!r}")
+        self.kernel = kernel
+        self.reduction = check_reduction("cc", reduction, ("batchmean", "sum"))
+        if self.variant == "repdistiller" and (kernel, reduction) != ("gaussian", "batchmean"):
+            raise ValueError("cc: compat repdistiller has no kernel and its own mean; leave kernel and reduction "
+                             "unset")
         self.embed_dim, self.gamma, self.order = embed_dim, gamma, order
         self.embed_s = nn.ModuleList()
         self.embed_t = nn.ModuleList()
@@ -181,7 +214,8 @@ class CCLoss(FeatureLoss):
         total = student[0].new_zeros(())
         for es, et, s, t in zip(self.embed_s, self.embed_t, student, teacher, strict=True):
             # the teacher-side embedding is a connector: it trains, only the teacher network is frozen
-            total = total + cc_loss(es(s), et(t.detach()), self.variant, self.gamma, self.order)
+            total = total + cc_loss(es(s), et(t.detach()), self.variant, self.gamma, self.order, self.kernel,
+                                    self.reduction)
         return total
 
 
