@@ -58,17 +58,24 @@ def views_of(n: int = 12, views: int = 4) -> ReplayViews:
     return replay_views(base, views, view_seed=7)
 
 
-def test_replayed_views_equal_the_originals_bit_for_bit() -> None:
+def test_replayed_views_equal_the_live_augmentation_bit_for_bit(monkeypatch: pytest.MonkeyPatch) -> None:
     rv = views_of()
     table = rv.params_table()
+    live = rv.base  # the augmenting TensorImages itself: the path a run without a cache takes
+    assert live.augment
     seen = set()
     for code in range(len(rv) * rv.views):
         x, _ = rv[code]
         i, v = rv.decode(code)
-        again = rv.spec.apply(rv.base.x[i], tuple(table[i, v].tolist()))  # re-applied from the record
-        assert torch.equal(x, again)
-        assert torch.equal(x, views_of()[code][0])  # a fresh set draws the same parameters
-        seen.add(tuple(table[i, v].tolist()))
+        dy, dx, flip = table[i, v].tolist()
+        calls: list[str] = []
+        with monkeypatch.context() as mp:  # the live path's own random draws, forced to the recorded values
+            mp.setattr(torch, "randint", lambda lo, hi, size, c=calls, d=(dy, dx): c.append("crop") or torch.tensor(d))
+            mp.setattr(torch, "rand", lambda *a, c=calls, f=flip: c.append("flip") or torch.tensor(0.25 if f else 0.75))
+            want, _ = live[int(rv.indices[i])]
+        assert calls == ["crop", "flip"] and torch.equal(x, want)
+        assert torch.equal(x, views_of()[code][0])  # a fresh set (another process) draws the same parameters
+        seen.add((dy, dx, flip))
     assert len(seen) > 10 and {p[2] for p in seen} == {0, 1}  # crops and flips really vary
     # a crop by (dy, dx) of the zero-padded image, then a flip: checked by hand on one view
     dy, dx, flip = table[3, 1].tolist()

@@ -65,15 +65,16 @@ def identity(teacher: nn.Module, teacher_spec: ModelSpec | dict[str, Any], views
 def distill_parts(recipe: Recipe) -> tuple[TeacherCacheConfig, ModelSpec]:
     """The cache section and the teacher of a ``distill`` recipe, or a one-line refusal."""
     from kdforge.config import validate
-    from kdforge.distill.offline import DistillConfig
 
     m = recipe.method.model_dump()
     if m.get("name") != "distill":
         raise KdforgeError(f"kdforge cache build needs a 'distill' recipe (method.name is {m.get('name')!r})")
-    c = validate(DistillConfig, m, prefix="method")
-    if c.cache is None:
+    if m.get("cache") is None:
         raise KdforgeError("the recipe has no method.cache section; add e.g. cache: {name: my-teacher}")
-    return c.cache, c.teacher
+    if m.get("teacher") is None:
+        raise KdforgeError("missing key 'method.teacher'")
+    return (validate(TeacherCacheConfig, m["cache"], prefix="method.cache"),
+            validate(ModelSpec, m["teacher"], prefix="method.teacher"))
 
 
 @dataclass

@@ -1,20 +1,27 @@
-"""How ``distill`` uses a teacher cache: which terms may read it, and opening it on the training set."""
+"""The teacher signal a cache offers a distillation method: which loss terms may read it, and opening it.
+
+The method hands over plain things (its teacher, the teacher's spec, its terms' names and inputs, the
+training set) and gets a :class:`TeacherSignal` back; the cache knows nothing of the method.
+"""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from kdforge.cache.config import TeacherCacheConfig
 from kdforge.errors import KdforgeError
 
-if TYPE_CHECKING:
-    from kdforge.distill.offline import Distill, Term
+
+class TeacherSignal(Protocol):
+    """What replaces the teacher's forward pass: its logits of each (sample index, view) of a batch."""
+
+    def logits(self, index: Tensor, view: Tensor) -> Tensor: ...
 
 #: response losses that are exact or documented with a top-k cache (the rest of the mass spread evenly)
 TOPK_OK = frozenset({"kd"})
@@ -25,25 +32,24 @@ def num_classes(teacher: nn.Module) -> int | None:
     return getattr(fc, "out_features", None)
 
 
-def check_terms(cfg: TeacherCacheConfig, terms: Sequence[Term], classes: int | None) -> None:
-    """Refuse, in one line, a top-k cache for a loss that needs every teacher logit (DKD, DIST, ...)."""
+def check_terms(cfg: TeacherCacheConfig, terms: Sequence[tuple[str, str]], classes: int | None) -> None:
+    """Refuse, in one line, a top-k cache for a loss that needs every teacher logit (DKD, DIST, ...);
+    ``terms``: (loss name, what it reads: ``logits``, ``features`` or ``labels``)."""
     if classes is None or cfg.resolved_store(classes) != "topk":
         return
-    for t in terms:
-        name = getattr(t.loss, "registry_name", t.name)
-        if t.loss.inputs == "logits" and name not in TOPK_OK:
+    for name, inputs in terms:
+        if inputs == "logits" and name not in TOPK_OK:
             raise KdforgeError(f"loss {name!r} needs every teacher logit, but method.cache stores the top-{cfg.k} of "
                                f"{classes} classes; set method.cache.store: full (or remove the cache)")
 
 
-def open_cache(method: Distill, dataset: Dataset) -> tuple[Any, Dataset]:
-    """(the verified TeacherCache, the training set as recorded views with sample index and view), or
+def open_cache(cfg: TeacherCacheConfig, teacher: nn.Module, teacher_spec: Any, terms: Sequence[tuple[str, str]],
+               dataset: Dataset) -> tuple[TeacherSignal | None, Dataset]:
+    """(the verified cache, the training set as recorded views with sample index and view), or
     ``(None, dataset)`` with ``fallback: live`` when the augmentation cannot be replayed."""
     from kdforge.cache.build import open_for
     from kdforge.data.replay import NotReplayable, replay_views
 
-    cfg = method.cache_cfg
-    assert cfg is not None
     try:
         views = replay_views(dataset)
     except NotReplayable as e:
@@ -51,13 +57,13 @@ def open_cache(method: Distill, dataset: Dataset) -> tuple[Any, Dataset]:
             raise KdforgeError(f"{e} (or set method.cache.fallback: live to use the live teacher)") from None
         print(f"note: teacher cache {cfg.name!r} not used, the live teacher runs instead: {e}", file=sys.stderr)
         return None, dataset
-    if method._teacher_spec is None:
+    if teacher_spec is None:
         raise KdforgeError("a distill method with a teacher cache needs its teacher's ModelSpec (teacher_spec=)")
-    was = method.teacher.training
+    was = teacher.training
     with torch.no_grad():
-        x = views[0][0].unsqueeze(0).to(next(method.teacher.parameters()).device)
-        classes = int(method.teacher.eval()(x).shape[-1])
-    method.teacher.train(was)
-    check_terms(cfg, list(method.terms), classes)  # type: ignore[arg-type]
-    cache = open_for(method.teacher, method._teacher_spec, views, cfg, classes)
+        x = views[0][0].unsqueeze(0).to(next(teacher.parameters()).device)
+        classes = int(teacher.eval()(x).shape[-1])
+    teacher.train(was)
+    check_terms(cfg, terms, classes)
+    cache = open_for(teacher, teacher_spec, views, cfg, classes)
     return cache, views.with_fields()

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdforge.engine.gather import gather, gather_no_grad
 from kdforge.errors import KdforgeError
+from kdforge.gather import gather, gather_no_grad
 from kdforge.losses.base import check_compat, deprecated_key
 from kdforge.registry import LOSSES
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import ConfigDict, Field
@@ -18,6 +18,9 @@ from kdforge.losses.feature import TwoStageLoss
 from kdforge.method import DataInfo, Method, MethodStage, build_model
 from kdforge.registry import METHODS
 from kdforge.taps import FeatureTaps
+
+if TYPE_CHECKING:
+    from kdforge.cache.method import TeacherSignal
 
 
 class TermConfig(Strict):
@@ -140,11 +143,11 @@ class Distill(Method):
         self.t_taps = FeatureTaps(teacher, t_names)
         self._needs_teacher = any(t.loss.inputs != "labels" for t in terms)
         self.cache_cfg, self._teacher_spec = cache, teacher_spec
-        self._cache: Any = None  # the loaded TeacherCache (wrap_train_data opens it)
+        self._cache: TeacherSignal | None = None  # the teacher cache's logits (wrap_train_data opens it)
         if cache is not None:
             from kdforge.cache.method import check_terms, num_classes
 
-            check_terms(cache, terms, num_classes(teacher))
+            check_terms(cache, self._term_inputs(), num_classes(teacher))
         two = [t for t in terms if isinstance(t.loss, TwoStageLoss) and t.loss.two_stage]
         names = [t.name for t in two]
         #: init stage name -> its term
@@ -166,6 +169,10 @@ class Distill(Method):
             terms.append(Term(loss, t.weight, t.student_tap, t.teacher_tap, name=t.loss))
         return cls(build_model(c.student, info), build_model(c.teacher, info), terms, c.cache, c.teacher)
 
+    def _term_inputs(self) -> list[tuple[str, str]]:
+        """(loss name, what it reads) of every term: what the teacher cache checks."""
+        return [(getattr(t.loss, "registry_name", t.name), t.loss.inputs) for t in self.terms]
+
     @property
     def batch_fields(self) -> tuple[str, ...]:  # type: ignore[override]
         """Sample indices in every batch when a term needs them (CRD's keyed memory)."""
@@ -176,7 +183,8 @@ class Distill(Method):
         if self.cache_cfg is not None:
             from kdforge.cache.method import open_cache
 
-            self._cache, dataset = open_cache(self, dataset)
+            self._cache, dataset = open_cache(self.cache_cfg, self.teacher, self._teacher_spec, self._term_inputs(),
+                                              dataset)
         for t in self.terms:
             if hasattr(t.loss, "set_num_data"):
                 t.loss.set_num_data(len(dataset))  # type: ignore[arg-type]

@@ -17,8 +17,8 @@ from torch.utils.data import Dataset
 
 from kdforge.config import ModelSpec, Strict, validate
 from kdforge.distill.self_kd import Exits, interpolate, kl_t, mixup_ce, plan_stages, sample_mixup
-from kdforge.engine.gather import gather_no_grad
 from kdforge.errors import KdforgeError
+from kdforge.gather import gather_no_grad
 from kdforge.method import DataInfo, Method, Supervised, build_model
 from kdforge.registry import METHODS
 

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdforge.engine.gather import gather_no_grad
 from kdforge.errors import KdforgeError
+from kdforge.gather import gather_no_grad
 from kdforge.losses.base import check_compat
 from kdforge.losses.feature import FeatureLoss
 from kdforge.losses.relation import LinearEmbed
