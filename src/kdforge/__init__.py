@@ -1,6 +1,6 @@
 """kdforge: make deep models small and fast — distillation, pruning, continual learning."""
 
-from kdforge import audio, clip, continual, diffusion, distill, losses, models, reid, rl  # noqa: F401 - registers them
+from kdforge import audio, clip, continual, diffusion, distill, llm, losses, models, reid, rl  # noqa: F401 - registers them
 from kdforge.config import Recipe
 from kdforge.data import DataBundle, load_data
 from kdforge.distill import Distill, Term

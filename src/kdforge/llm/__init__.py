@@ -1,5 +1,6 @@
 """Language models: loading, text and packing, metrics, layer surgery, KD heal and the top-k teacher cache."""
 
+from kdforge.llm import losses  # noqa: F401 - registers the lm_* loss terms
 from kdforge.llm.heal import CalibrationBlocks, LogitDistill, heal_kd, heal_recipe
 from kdforge.llm.loading import (
     ByteTokenizer,

@@ -33,22 +33,36 @@ from kdforge.cache.store import (
 )
 from kdforge.cache.topk import bytes_per_row, compress_topk, expand_topk
 from kdforge.errors import KdforgeError
+from kdforge.llm.text import Packed
 from kdforge.method import Method
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 
 
-def blocks_fingerprint(blocks: Tensor) -> str:
-    """sha256 of the token-id rows (int64, row order)."""
+def blocks_fingerprint(blocks: Tensor | Packed) -> str:
+    """sha256 of the token-id rows (int64, row order); of packed rows, their ids, positions and documents."""
+    if isinstance(blocks, Packed):
+        return hashlib.sha256(b"".join(blocks_fingerprint(t).encode()
+                                       for t in (blocks.ids, blocks.positions, blocks.doc))).hexdigest()
     b = blocks.long().contiguous()
     return hashlib.sha256(str(tuple(b.shape)).encode() + b.numpy().tobytes()).hexdigest()
 
 
-def lm_identity(teacher: nn.Module, blocks: Tensor, k: int, dtype: str, vocab: int) -> dict[str, Any]:
+def _rows(blocks: Tensor | Packed, start: int, stop: int) -> Tensor | dict[str, Tensor]:
+    if isinstance(blocks, Packed):
+        return blocks.rows(torch.arange(start, min(stop, len(blocks))))
+    return blocks[start:stop]
+
+
+def _ids(blocks: Tensor | Packed) -> Tensor:
+    return blocks.ids if isinstance(blocks, Packed) else blocks
+
+
+def lm_identity(teacher: nn.Module, blocks: Tensor | Packed, k: int, dtype: str, vocab: int) -> dict[str, Any]:
     """What an LM cache depends on: the teacher's weights, the token rows, k, dtype, vocabulary size."""
     return {"teacher": {"weights_sha256": teacher_hash(teacher), "model": type(teacher).__name__, "mode": "eval"},
-            "preprocessing": {"seq_len": int(blocks.shape[1]), "kind": "lm-next-token"},
-            "data": {"samples": int(blocks.shape[0]), "fingerprint": blocks_fingerprint(blocks)},
+            "preprocessing": {"seq_len": int(_ids(blocks).shape[1]), "kind": "lm-next-token"},
+            "data": {"samples": int(_ids(blocks).shape[0]), "fingerprint": blocks_fingerprint(blocks)},
             "storage": {"store": "topk", "k": k, "dtype": dtype}, "classes": vocab}
 
 
@@ -66,15 +80,15 @@ class LMTopKCache:
         return bytes_per_row(self.k, 2 if self.meta["identity"]["storage"]["dtype"] == "fp16" else 4)
 
     @classmethod
-    def build(cls, teacher: nn.Module, blocks: Tensor, path: str | Path, k: int = 32, dtype: str = "fp16",
+    def build(cls, teacher: nn.Module, blocks: Tensor | Packed, path: str | Path, k: int = 32, dtype: str = "fp16",
               batch_size: int = 4, chunk: int = 16, overwrite: bool = False) -> LMTopKCache:
-        """Run the teacher over ``blocks`` (n, L) once and store its top-k per token; resumes a stopped build."""
+        """Run the teacher over rows ``blocks`` (n, L) or packed rows once and keep its top-k per token (resumable)."""
         from kdforge.llm.metrics import lm_logits
 
         path = Path(path)
         teacher = teacher.eval()
         with torch.no_grad():
-            vocab = int(lm_logits(teacher, blocks[:1, :2]).shape[-1])
+            vocab = int(lm_logits(teacher, _ids(blocks)[:1, :2]).shape[-1])
         ident = lm_identity(teacher, blocks, k, dtype, vocab)
         meta = read_meta(path) if path.is_dir() else None
         if meta is not None and describe_change(meta["identity"], ident) is not None:
@@ -95,11 +109,12 @@ class LMTopKCache:
         for i in range(n_chunks):
             if chunk_done(path, i):
                 continue
-            rows = blocks[i * chunk: (i + 1) * chunk]
+            lo, hi = i * chunk, min((i + 1) * chunk, n)
             parts = []
             with torch.no_grad():
-                for j in range(0, len(rows), batch_size):
-                    parts.append(compress_topk(lm_logits(teacher, rows[j: j + batch_size]).float(), k))
+                for j in range(lo, hi, batch_size):
+                    logits = lm_logits(teacher, _rows(blocks, j, min(j + batch_size, hi)))
+                    parts.append(compress_topk(logits.float(), k))
             values, indices, rest = (torch.cat([p[m] for p in parts]) for m in range(3))
             write_chunk(path, i, {"values": values.to(DTYPES[dtype]), "indices": indices, "rest": rest},
                         {"key": key, "chunk": str(i)})
@@ -110,7 +125,7 @@ class LMTopKCache:
         return cls.open(path, teacher, blocks, k, dtype)
 
     @classmethod
-    def open(cls, path: str | Path, teacher: nn.Module, blocks: Tensor, k: int = 32, dtype: str = "fp16"
+    def open(cls, path: str | Path, teacher: nn.Module, blocks: Tensor | Packed, k: int = 32, dtype: str = "fp16"
              ) -> LMTopKCache:
         """Load and verify: refused in one line if missing, incomplete, damaged or built for other rows/teacher."""
         from safetensors.torch import load_file

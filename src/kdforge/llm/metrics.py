@@ -16,6 +16,8 @@ from kdforge.errors import KdforgeError
 
 def lm_logits(model: nn.Module, ids: Tensor | dict[str, Tensor]) -> Tensor:
     """Logits of a causal LM (no KV cache) for token-id rows, or a packed batch (dict with ``positions``, ``doc``)."""
+    if isinstance(ids, dict) and "doc" not in ids:
+        ids = ids["ids"]
     if isinstance(ids, Tensor):
         return model(input_ids=ids, use_cache=False).logits
     from kdforge.llm.text import block_causal_mask
@@ -31,7 +33,9 @@ def lm_logits(model: nn.Module, ids: Tensor | dict[str, Tensor]) -> Tensor:
 def next_token_targets(batch: Tensor | dict[str, Tensor]) -> Tensor:
     """(B, L) next token per position, -100 where nothing is predicted (last position, prompts, across documents)."""
     if isinstance(batch, dict):
-        return batch["targets"]
+        if "targets" in batch:
+            return batch["targets"]
+        batch = batch["ids"]
     return F.pad(batch[:, 1:], (0, 1), value=-100)
 
 

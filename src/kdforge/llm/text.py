@@ -21,10 +21,50 @@ def pydoc_text() -> str:
     return "\n".join(topics[k] for k in sorted(topics))
 
 
+AUSTEN_HELP = ("cd ~/.cache/kdforge && apt-get download r-cran-janeaustenr && dpkg-deb -x r-cran-janeaustenr_*.deb "
+               "janeaustenr && pip install rdata")
+
+
+def austen_text(books: Sequence[str] = ("persuasion",), root: str | Path | None = None) -> str:
+    """Jane Austen's novels (public domain) from Debian's ``r-cran-janeaustenr`` package, unpacked without R.
+
+    ``root``: where the .deb was unpacked (default ``$KDFORGE_AUSTEN`` or ``~/.cache/kdforge/janeaustenr``).
+    Books: emma, mansfieldpark, northangerabbey, persuasion, prideprejudice, sensesensibility.
+    """
+    import os
+    import warnings
+    import zlib
+
+    base = Path(root or os.environ.get("KDFORGE_AUSTEN") or Path.home() / ".cache/kdforge/janeaustenr")
+    db = base / "usr/lib/R/site-library/janeaustenr/data/Rdata"
+    if not db.with_suffix(".rdb").is_file():
+        raise KdforgeError(f"Jane Austen's novels are not unpacked in {str(base)!r}; get them with: {AUSTEN_HELP}")
+    try:
+        import rdata
+    except ImportError:
+        raise KdforgeError("reading the Austen corpus needs rdata: pip install rdata") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        index = rdata.conversion.convert(rdata.parser.parse_file(db.with_suffix(".rdx")))
+        blob = db.with_suffix(".rdb").read_bytes()
+        out = []
+        for name in books:
+            if name not in index["variables"]:
+                raise KdforgeError(f"unknown Austen book {name!r} (valid: {', '.join(sorted(index['variables']))})")
+            off, n = index["variables"][name]
+            raw = zlib.decompress(blob[int(off) + 4: int(off) + int(n)])
+            lines = rdata.conversion.convert(rdata.parser.parse_data(raw))
+            out.append("\n".join(str(x) for x in lines if x))
+    return "\n\n".join(out)
+
+
 def read_text(source: str) -> str:
-    """Text by name: ``pydoc`` or a path to a text file."""
+    """Text by name: ``pydoc``, ``austen`` or ``austen:<book>,<book>``, or a path to a text file."""
     if source == "pydoc":
         return pydoc_text()
+    if source == "austen" or source.startswith("austen:"):
+        books = source.partition(":")[2]
+        return austen_text(tuple(books.split(",")) if books else ("persuasion",))
     p = Path(source)
     if not p.is_file():
         raise KdforgeError(f"text source {source!r} is neither 'pydoc' nor a readable file")
@@ -198,8 +238,9 @@ class Packed:
 IGNORE = -100
 
 
-def pack(examples: Sequence[Example], seq_len: int, pad_id: int = 0, truncate: bool = True) -> Packed:
-    """Pack documents first-fit in order into rows of ``seq_len``; longer ones are cut (or refused)."""
+def pack(examples: Sequence[Example], seq_len: int, pad_id: int = 0, truncate: bool = True,
+         one_per_row: bool = False) -> Packed:
+    """Pack documents first-fit in order into rows of ``seq_len`` (or one a row); longer ones are cut (or refused)."""
     if seq_len < 2:
         raise KdforgeError(f"seq_len must be at least 2, got {seq_len}")
     rows: list[list[tuple[int, Example]]] = []
@@ -209,9 +250,9 @@ def pack(examples: Sequence[Example], seq_len: int, pad_id: int = 0, truncate: b
             if not truncate:
                 raise KdforgeError(f"document {n} has {len(ex.ids)} tokens, more than seq_len {seq_len}")
             ex = Example(ex.ids[:seq_len], ex.trained[:seq_len])
-        if len(ex.ids) < 2:
+        if len(ex.ids) < 2 and not one_per_row:
             continue
-        slot = next((i for i, f in enumerate(free) if f >= len(ex.ids)), None)
+        slot = None if one_per_row else next((i for i, f in enumerate(free) if f >= len(ex.ids)), None)
         if slot is None:
             rows.append([])
             free.append(seq_len)
