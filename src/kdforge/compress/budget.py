@@ -12,11 +12,12 @@ from kdforge.profile import count_flops, count_params
 
 
 @torch.no_grad()
-def torch_latency_ms(model: nn.Module, shape: tuple[int, ...], batch: int, repeats: int = 5) -> float:
-    """Median eager forward time (ms) at ``batch`` (after one warm-up call)."""
+def torch_latency_ms(model: nn.Module, shape: tuple[int, ...], batch: int, repeats: int = 7) -> float:
+    """Median eager forward time (ms) at ``batch`` (after three warm-up calls)."""
     model.eval()
     x = torch.randn(batch, *shape)
-    model(x)
+    for _ in range(3):
+        model(x)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()

@@ -159,15 +159,19 @@ def interleaved_latency(runners: dict[str, Any], x_by_batch: dict[int, np.ndarra
     res: dict[int, dict[str, dict[str, float]]] = {}
     names = list(runners)
     for b, x in x_by_batch.items():
-        for n in names:  # warm-up
-            runners[n](x)
+        t0 = time.perf_counter()
+        for _ in range(3):  # warm-up (allocations, arenas); also sizes a round
+            for n in names:
+                runners[n](x)
+        # a round lasts at least ~20 ms per runner, so that the timer's and the scheduler's jitter stay small
+        k = max(iters, int(0.02 / max((time.perf_counter() - t0) / (3 * len(names)), 1e-6)) + 1)
         per: dict[str, list[float]] = {n: [] for n in names}
         for r in range(rounds):
             for n in (names if r % 2 == 0 else names[::-1]):  # A B, B A, ...: drift hits both alike
                 t0 = time.perf_counter()
-                for _ in range(iters):
+                for _ in range(k):
                     runners[n](x)
-                per[n].append(1000 * (time.perf_counter() - t0) / iters)
+                per[n].append(1000 * (time.perf_counter() - t0) / k)
         res[b] = {n: {"median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v)} for n, v in per.items()}
     return res
 
