@@ -25,6 +25,12 @@ def compress_command(recipe: Path, out: Path | None = None, set_: list[str] | No
     except GateFailed as e:
         print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(1) from None
+    if isinstance(res, dict):  # a language model: the HF folder
+        from kdforge.compress.llm import lm_table
+
+        typer.echo(lm_table(res))
+        typer.echo(f"chosen {res['chosen']}: {run_dir / 'model'}; report: {run_dir / 'report.md'}")
+        return
     typer.echo(table(res.to_json()))
     assert res.chosen is not None
     typer.echo(f"chosen {res.chosen.name}: " + ", ".join(str(p) for p in sorted(run_dir.glob("model.*")))

@@ -175,6 +175,8 @@ def run_compress(r: CompressRecipe, out: str | Path, overwrite: bool = False, ve
 
     out = Path(out)
     t_start = time.perf_counter()
+    if r.llm is not None:
+        return _run_lm(r, out, overwrite, log)  # type: ignore[return-value]
     with open_run(out, "compress", overwrite=overwrite) as lease:
         atomic_write_text(out / "config.yaml", r.to_yaml())
         seed_everything(r.seed)
@@ -214,6 +216,26 @@ def run_compress(r: CompressRecipe, out: str | Path, overwrite: bool = False, ve
         raise GateFailed(f"gate check '{failed.name}' failed for every candidate (best by accuracy: {first.name}: "
                          f"{failed.detail}); artifacts kept in {out}")
     log(f"compress: chosen {chosen.name}: " + "; ".join(c.line() for c in chosen.checks))
+    return res
+
+
+def _run_lm(r: CompressRecipe, out: Path, overwrite: bool, log: Any) -> dict[str, Any]:
+    """The language-model path: same folder rules, same gate verdict and exit."""
+    from kdforge.compress.llm import run_compress_lm
+    from kdforge.engine.checkpoint import atomic_write_text
+    from kdforge.engine.run_dir import open_run
+    from kdforge.engine.trainer import seed_everything
+
+    with open_run(out, "compress", overwrite=overwrite) as lease:
+        atomic_write_text(out / "config.yaml", r.to_yaml())
+        seed_everything(r.seed)
+        res = run_compress_lm(r, out, log)
+        lease.commit()
+    if res["chosen"] is None:
+        first = min(res["candidates"], key=lambda c: c["ppl"])
+        failed = next(v for v in first["gate"].values() if not v["ok"])
+        raise GateFailed(f"gate check '{failed['name']}' failed for every candidate (best by perplexity: "
+                         f"{first['name']}: {failed['detail']}); artifacts kept in {out}")
     return res
 
 

