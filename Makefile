@@ -30,6 +30,7 @@ docs: $(STAMP)
 
 docs-cli: $(STAMP)
 	$(BIN)/python -m kdforge.report.cli_doc > docs/cli.md
+	$(BIN)/python -m kdforge.report.recipe_doc > docs/recipe-keys.md
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks scripts

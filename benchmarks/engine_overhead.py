@@ -47,7 +47,7 @@ def build_trainer(data: DataBundle, batch: int, zero_first: bool, method: dict |
         "data": {"name": "digits", "batch_size": batch, "augment": True},
         "method": method or KD,
         "optim": {"lr": 0.05}, "sched": {"name": "constant"},
-        "train": {"epochs": 1, "device": "cpu", "progress": "never", "log_every": 10**9},
+        "train": {"epochs": 1, "device": "cpu", "progress": "silent", "log_every": 10**9},
     })
     m = kd.method.build_method(recipe.method.model_dump(), kd.DataInfo(100, 3, 32))
     return kd.Trainer(m, data, recipe, zero_grad_before_backward=zero_first)

@@ -21,7 +21,7 @@ torch.set_num_threads(2)
 def digits_recipe(method: dict, epochs: int = 3, **extra: object) -> dict:
     """A quick recipe dict on the digits data."""
     r = {"name": "t", "seed": 0, "data": {"name": "digits", "batch_size": 64, "val_fraction": 0.1},
-         "method": method, "optim": {"lr": 0.1}, "train": {"epochs": epochs, "progress": "never"}}
+         "method": method, "optim": {"lr": 0.1}, "train": {"epochs": epochs, "progress": "silent"}}
     r.update(extra)
     return r
 

@@ -91,7 +91,7 @@ def _one_step(freeze_bn_stats: bool) -> tuple[dict[str, torch.Tensor], dict[str,
     before = {k: v.clone() for k, v in model.state_dict().items()}
     r = Recipe.from_dict({"data": {"batch_size": 8, "val_fraction": 0.0}, "optim": {"lr": 0.5, "weight_decay": 0.1},
                           "sched": {"name": "constant"},
-                          "train": {"max_steps": 1, "device": "cpu", "progress": "never"}})
+                          "train": {"max_steps": 1, "device": "cpu", "progress": "silent"}})
     Trainer(method, DataBundle(train, None, test, 3, 1, 0, []), r).fit()
     return before, model.state_dict(), model
 

@@ -44,7 +44,7 @@ def recipe(teacher: Path, cache_dir: Path, **over: Any) -> dict[str, Any]:
                                                    "checkpoint": str(teacher)},
                     "student": {"model": "cnn_tiny"}, "terms": TERMS,
                     "cache": {"name": "t", "dir": str(cache_dir), "dtype": "fp32", "chunk": 64, "batch_size": 64}},
-         "optim": {"lr": 0.05}, "train": {"epochs": 1, "progress": "never", "threads": 1}}
+         "optim": {"lr": 0.05}, "train": {"epochs": 1, "progress": "silent", "threads": 1}}
     for k, v in over.items():
         section, key = k.split(".", 1)
         r[section][key] = v

@@ -60,10 +60,10 @@ def test_train_eval_list_report(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main(["train", str(r), "-o", str(tmp_path / "run"), "--set", "optim.lr=0.2"]) == 0
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["optim"]["lr"] == 0.2
     capsys.readouterr()
-    assert main(["eval", str(tmp_path / "run")]) == 0
+    assert main(["eval", str(tmp_path / "run"), "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["model"] == "mlp" and res["data"] == "digits" and res["top1"] > 70
-    assert main(["eval", str(tmp_path / "run" / "checkpoints" / "last.safetensors"), "--split", "val"]) == 0
+    assert main(["eval", str(tmp_path / "run" / "checkpoints" / "last.safetensors"), "--split", "val", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["split"] == "val"
     code = main(["eval", str(tmp_path / "run"), "--data", "fashion_mnist_subset"])
     _one_line_error(capsys, code, "trained on 8x8 inputs", "gives 28x28")

@@ -79,7 +79,7 @@ def test_mfd_masks_for_real_compat_is_fd_and_cnn_refuses() -> None:
 
 def test_train_teacher_then_distil_through_the_engine(tmp_path: Path) -> None:
     base = {"seed": 0, "data": {"name": "clip_fashion", "batch_size": 64, "limit_train": 128, "augment": False},
-            "optim": {"name": "adamw", "lr": 1e-3}, "train": {"epochs": 1, "progress": "never", "threads": 1}}
+            "optim": {"name": "adamw", "lr": 1e-3}, "train": {"epochs": 1, "progress": "silent", "threads": 1}}
     res = kd.train(kd.Recipe.from_dict({**base, "name": "t", "method": {"name": "clip", "model": TEACHER}}),
                    tmp_path / "teacher")
     assert 0 <= res.test_last["top1"] <= 100 and "val_top1" in res.history[0]
@@ -147,7 +147,7 @@ def test_clip_recipes_validate(path: Path) -> None:
 def _clip_recipe(data: dict, method: dict, **train: object) -> kd.Recipe:
     return kd.Recipe.from_dict({"name": "c", "seed": 0, "data": data, "method": method,
                                 "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.1, "eps": 1e-6},
-                                "train": {"epochs": 1, "progress": "never", "threads": 1, **train}})
+                                "train": {"epochs": 1, "progress": "silent", "threads": 1, **train}})
 
 
 def test_clip_kd_optimizer_groups_follow_the_spec() -> None:

@@ -238,7 +238,7 @@ def test_bad_learner_arguments_are_one_line_errors() -> None:
 
 
 TINY = dict(data="digits", base=2, increment=2, tasks=4, seed=1, model="mlp", model_kwargs={"hidden": [24, 16]},
-            epochs=1, batch_size=128, train={"progress": "never"})
+            epochs=1, batch_size=128, train={"progress": "silent"})
 ETAG_SMALL = {"gen_hidden": 16, "gen_latent": 4, "aux_width": 8}
 
 
@@ -281,7 +281,7 @@ class _Epochs(Callback):
 def _recipe(learner: str, **train: object) -> CilRecipe:
     kw = ETAG_SMALL if learner == "etag" else {}
     return CilRecipe.from_dict({"seed": 1, "data": {"name": "digits", "batch_size": 128},
-                                "train": {"epochs": 1, "progress": "never", **train},
+                                "train": {"epochs": 1, "progress": "silent", **train},
                                 "cil": {"learner": learner, "tasks": 2, "model": "mlp",
                                         "model_kwargs": {"hidden": [24, 16]},
                                         "learner_kwargs": kw}})

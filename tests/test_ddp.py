@@ -21,7 +21,7 @@ RECIPE = {
     "name": "ddp", "seed": 0,
     "data": {"name": "digits", "batch_size": 32, "val_fraction": 0.1, "augment": False},
     "method": {"name": "supervised", "model": {"model": "mlp"}},
-    "optim": {"lr": 0.1}, "train": {"epochs": 3, "progress": "never", "threads": 1},
+    "optim": {"lr": 0.1}, "train": {"epochs": 3, "progress": "silent", "threads": 1},
 }
 
 
@@ -66,7 +66,7 @@ ADV = {
     "data": {"name": "digits", "batch_size": 32, "val_fraction": 0.1, "augment": False, "limit_train": 512},
     "method": {"name": "adversarial", "teacher": {"model": "mlp"}, "student": {"model": "mlp"},
                "input": "logits", "adv_weight": 0.5, "lr_d": 1e-3},
-    "optim": {"lr": 0.1}, "train": {"epochs": 2, "progress": "never", "threads": 1},
+    "optim": {"lr": 0.1}, "train": {"epochs": 2, "progress": "silent", "threads": 1},
 }
 
 

@@ -207,7 +207,7 @@ def _recipe(rounds: list[dict], featnet: Path | None, epochs: int = 1, **train: 
         method["features"] = {"model": "diffusion_featnet", "kwargs": {"width": 8}, "checkpoint": str(featnet)}
     return kd.Recipe.from_dict({"name": "t", "seed": 0, "data": {"name": "digits_pm1", "batch_size": 32},
                                 "method": method, "optim": {"name": "adam", "lr": 1e-3, "weight_decay": 0.0},
-                                "train": {"epochs": epochs, "progress": "never", "device": "cpu", **train}})
+                                "train": {"epochs": epochs, "progress": "silent", "device": "cpu", **train}})
 
 
 def _method(recipe: kd.Recipe) -> Diffusion:

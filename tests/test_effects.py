@@ -18,7 +18,7 @@ from kdforge.continual.driver import run_cil
 from tests.conftest import digits_recipe
 
 SEEDS = (0, 1, 2, 3, 4)
-ONE_THREAD = {"epochs": 5, "progress": "never", "threads": 1}
+ONE_THREAD = {"epochs": 5, "progress": "silent", "threads": 1}
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_kd_beats_the_student_alone_on_digits(small_teacher: str) -> None:
 def test_ir_beats_finetune_on_split_digits() -> None:
     # 2 base classes + 4 tasks of 2, cnn_small width 8, 3 class orders; Ā in %
     common = {"data": "digits", "model": "cnn_small", "model_kwargs": {"width": 8}, "epochs": 4, "base_epochs": 6,
-              "train": {"threads": 1, "progress": "never"}}
+              "train": {"threads": 1, "progress": "silent"}}
     gains = [run_cil("ir", seed=s, **common).metrics["avg_inc_acc"]
              - run_cil("finetune", seed=s, **common).metrics["avg_inc_acc"] for s in (0, 1, 2)]
     # measured (Ā gain, points, orders 0-2): +40.0 +40.1 +45.8 (1 thread), +40.1 +40.1 +45.5 (ATEN default).
@@ -79,7 +79,7 @@ def test_pruned_and_healed_cnn_beats_the_unhealed_one(tmp_path: Path) -> None:
             "analysis": {"k_max": 3}, "budget": {"keep_ratio": 0.5},
             "eval": {"latency_batch_sizes": [1], "latency_repeats": 1},
             "heal": {"mode": "kd"}, "optim": {"lr": 0.05}, "train": {"epochs": 1, "threads": 1,
-                                                                      "progress": "never"}}))
+                                                                      "progress": "silent"}}))
         res = run_prune(load_recipe(recipe), None, verbose=False)
         assert res.healed is not None
         gains.append(res.healed["top1"] - res.after["top1"])

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _eval(capsys: pytest.CaptureFixture[str], *args: str) -> dict:
     capsys.readouterr()
-    code = main(["eval", *args])
+    code = main(["eval", *args, "--json"])
     out, err = capsys.readouterr()
     assert code == 0, err
     return json.loads(out)

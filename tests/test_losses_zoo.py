@@ -451,7 +451,7 @@ def test_crd_keyed_memory_runs_through_the_engine_with_sample_indices() -> None:
     assert build_method({**cfg, "terms": [{"loss": "ce"}]}, DataInfo(10, 1, 8)).batch_fields == ()
     r = {"name": "t", "seed": 0, "method": cfg, "optim": {"lr": 0.05}, "sched": {"name": "constant"},
          "data": {"name": "digits", "batch_size": 32, "limit_train": 96, "val_fraction": 0.0, "augment": False},
-         "train": {"epochs": 2, "progress": "never"}}
+         "train": {"epochs": 2, "progress": "silent"}}
     recipe = kd.Recipe.from_dict(r)
     res = kd.Trainer(m, kd.load_data(recipe.data), recipe).fit()
     crd = m.terms[1].loss

@@ -99,7 +99,7 @@ def test_calibration_uses_training_data_only() -> None:
 
 
 def test_cnn_pipeline_end_to_end(tmp_path: Path) -> None:
-    r = _validate(_cnn_recipe(heal={"mode": "kd"}, optim={"lr": 0.05}, train={"epochs": 1, "progress": "never"}))
+    r = _validate(_cnn_recipe(heal={"mode": "kd"}, optim={"lr": 0.05}, train={"epochs": 1, "progress": "silent"}))
     res = run_prune(r, tmp_path / "run", verbose=False)
     out = tmp_path / "run"
     for f in ("report.md", "results.json", "cka.png", "importance.png", "pruned/model.safetensors",

@@ -26,7 +26,7 @@ BASE: dict[str, Any] = {
     "data": {"name": "digits", "batch_size": 16, "eval_batch_size": 64, "limit_train": 32, "val_fraction": 0.1},
     "method": {"name": "supervised", "model": {"model": "mlp", "kwargs": {"hidden": [8]}}},
     "optim": {"lr": 0.05}, "sched": {"name": "cosine"},
-    "train": {"epochs": 1, "progress": "never", "threads": 1, "device": "cpu"},
+    "train": {"epochs": 1, "progress": "silent", "threads": 1, "device": "cpu"},
 }
 SECTIONS: dict[str, type] = {"": Recipe, "data": DataConfig, "optim": OptimConfig, "sched": SchedConfig,
                              "train": TrainConfig, "method.model": ModelSpec}

@@ -329,7 +329,7 @@ def _recipe(**method: object) -> kd.Recipe:
         "method": {"name": "pdm", "ids_per_batch": 2, "num_pos": 4, "model": {"width": 4, "prototypes": 2},
                    **method},
         "optim": {"lr": 0.05}, "sched": {"name": "constant"},
-        "train": {"epochs": 1, "progress": "never", "threads": 1, "eval_every": 1}})
+        "train": {"epochs": 1, "progress": "silent", "threads": 1, "eval_every": 1}})
 
 
 def _trainer(recipe: kd.Recipe) -> kd.Trainer:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from kdforge.report.cli_doc import cli_markdown, command_names
+from kdforge.report.recipe_doc import recipe_markdown, schema_keys
 
 ROOT = Path(__file__).parents[1]
 DOCS = ROOT / "docs"
@@ -25,6 +26,19 @@ def test_cli_reference_matches_the_command() -> None:
     assert page == cli_markdown(), "docs/cli.md is out of date with the kdforge command: run 'make docs-cli'"
     for name in command_names():
         assert f"## `kdforge {name}`" in page or f"### `kdforge {name}`" in page, name
+
+
+def test_recipe_key_reference_matches_the_schemas() -> None:
+    page = (DOCS / "recipe-keys.md").read_text()
+    assert page == recipe_markdown(), "docs/recipe-keys.md is out of date with the schemas: run 'make docs-cli'"
+    # every key of every section of a train recipe has its row, under its section's heading
+    for section, keys in schema_keys().items():
+        part = page.split(f"\n### {section}\n", 1)[1].split("\n#", 1)[0]
+        for key in keys:
+            assert f"| `{key}` |" in part, (section, key)
+    for method in ("distill", "supervised", "dml", "mixskd"):
+        assert f"### method `{method}`" in page
+    assert "| `dkd` | `alpha` (1.0), `beta` (8.0), `T` (4.0), `warmup` (20) |" in page
 
 
 def _links(md: Path) -> list[str]:

@@ -120,7 +120,7 @@ def test_older_run_folders_read_and_resume_in_todays_format(kd_run: tuple[Path, 
     report = write_run_report(old).read_text()
     assert f"best val top1 | {want['best_value']:.2f} (epoch {want['best_epoch']})" in report
     # continuing the old folder to 4 epochs: one consistent file (epochs 1..4, accuracies in %)
-    r = _kd_recipe(epochs=4, progress="never")
+    r = _kd_recipe(epochs=4, progress="silent")
     res = kd.train(r, old, resume=True)
     rows = read_metrics(old / "metrics.csv")
     assert [row["epoch"] for row in rows] == [1, 2, 3, 4] and res.epochs == 4

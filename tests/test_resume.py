@@ -19,7 +19,7 @@ RECIPE = {
     "data": {"name": "digits", "batch_size": 32, "val_fraction": 0.1},
     "method": {"name": "supervised", "model": {"model": "cnn_small", "kwargs": {"width": 24}}},
     "optim": {"lr": 0.05}, "sched": {"name": "cosine", "warmup_epochs": 1},
-    "train": {"epochs": 10, "progress": "never", "threads": 1},
+    "train": {"epochs": 10, "progress": "silent", "threads": 1},
 }
 
 

@@ -28,7 +28,7 @@ OPT = {"name": "adam", "lr": 1e-3, "eps": 1e-5, "weight_decay": 0.0}
 def recipe(method: dict[str, Any], steps: int, **train: Any) -> kd.Recipe:
     return kd.Recipe.from_dict({"name": "rl", "seed": 0, "method": method, "optim": OPT,
                                 "sched": {"name": "linear" if method["name"] == "ppo" else "constant"},
-                                "train": {"max_steps": steps, "progress": "never", "device": "cpu", **train}})
+                                "train": {"max_steps": steps, "progress": "silent", "device": "cpu", **train}})
 
 
 def fit(r: kd.Recipe, run_dir: Path | None = None, resume: bool = False, callbacks: tuple = ()) -> Any:
@@ -134,7 +134,7 @@ def test_kdforge_train_and_eval_report_mean_return(tmp_path: Path) -> None:
     from kdforge.cli import main
 
     rec = {"name": "rl", "seed": 0, "method": {**PPO, "num_policies": 2, "eval_episodes": 2}, "optim": OPT,
-           "sched": {"name": "linear"}, "train": {"max_steps": 2, "progress": "never", "threads": 1}}
+           "sched": {"name": "linear"}, "train": {"max_steps": 2, "progress": "silent", "threads": 1}}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(rec))
     assert main(["train", str(tmp_path / "r.yaml"), "--dry-run"]) == 0
     assert main(["train", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "run")]) == 0

@@ -21,7 +21,7 @@ OPT = {"name": "adam", "lr": 1e-3, "eps": 1e-5, "weight_decay": 0.0}
 
 def _fit(method: dict[str, Any], steps: int) -> tuple[Any, Any]:
     r = kd.Recipe.from_dict({"name": "rl", "seed": 0, "method": method, "optim": OPT, "sched": {"name": "constant"},
-                             "train": {"max_steps": steps, "progress": "never", "device": "cpu"}})
+                             "train": {"max_steps": steps, "progress": "silent", "device": "cpu"}})
     m = build_method(r.method.model_dump(), None)  # type: ignore[arg-type]
     return m, Trainer(m, None, r, source=m.step_source(r)).fit()
 
@@ -76,7 +76,7 @@ def test_ale_atari_preprocessing_smoke() -> None:
 def one_step(method: dict[str, Any]) -> tuple[Any, dict[str, float]]:
     """One engine step without the evaluation episodes (a full Atari episode is too long for a smoke test)."""
     r = kd.Recipe.from_dict({"name": "rl", "seed": 0, "method": method, "optim": OPT, "sched": {"name": "constant"},
-                             "train": {"max_steps": 1, "progress": "never", "device": "cpu"}})
+                             "train": {"max_steps": 1, "progress": "silent", "device": "cpu"}})
     m = build_method(r.method.model_dump(), None)  # type: ignore[arg-type]
     out = Trainer(m, None, r, source=m.step_source(r)).train_steps(1)
     assert np.isfinite(out["loss"]) and out["dec"] >= 0

@@ -94,7 +94,7 @@ def tiny_recipe(name: str, clip_teacher: Path, steps: int = 4, epochs: int = 1, 
         "name": f"tiny-{name}", "seed": 0, "data": data, "method": {"name": name, **methods[name]},
         "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.01} if clip else {"lr": 0.05},
         "sched": {"name": "constant"},
-        "train": {"epochs": epochs, "progress": "never", "threads": 1, **train}})
+        "train": {"epochs": epochs, "progress": "silent", "threads": 1, **train}})
 
 
 def registered() -> list[str]:

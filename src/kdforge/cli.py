@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -41,11 +42,9 @@ def _root(
 
 def _recipe_path(path: Path) -> Path:
     """A recipe path as given, or the packaged recipe it names (``recipes/AREA/NAME.yaml`` outside a checkout)."""
-    if path.exists() or path.is_absolute():
-        return path
-    from kdforge.recipe_files import packaged
+    from kdforge.recipe_files import resolve_recipe
 
-    return packaged(path) or path
+    return resolve_recipe(path)
 
 
 @app.command()
@@ -84,6 +83,7 @@ def train(
     from kdforge.engine.run_dir import check_writable_dir
 
     check_writable_dir(run_dir, "run folder")  # before data and model are built
+    t0 = time.perf_counter()
     result = run_train(r, run_dir, resume=resume, overwrite=overwrite)
     key = result.monitor
     last = result.test_last.get(key)
@@ -93,6 +93,18 @@ def train(
     elif result.best_epoch < 0:
         line += " (no validation split: only the last checkpoint is kept)"
     typer.echo(f"{line}; run folder: {run_dir}")
+    end_lines(run_dir, time.perf_counter() - t0, [f"kdforge eval {run_dir}", f"kdforge report {run_dir.parent} -o "
+                                                  "report", f"tensorboard --logdir {run_dir.parent}"])
+
+
+def end_lines(run_dir: Path | None, seconds: float, next_cmds: list[str]) -> None:
+    """The last lines of a command that ran something: wall time, where the report is, what to run next."""
+    from kdforge.engine.callbacks import fmt_duration
+
+    report = next((run_dir / f for f in ("report.md", "report.html") if run_dir and (run_dir / f).is_file()), None)
+    typer.echo(f"wall time {fmt_duration(seconds)}" + (f"; report: {report}" if report else ""))
+    if next_cmds:
+        typer.echo("next: " + "   ".join(next_cmds))
 
 
 @app.command("eval")
@@ -103,6 +115,7 @@ def eval_(
     which: Annotated[str, typer.Option(help="best or last (run folders; best falls back to last where a run "
                                               "kept no best)")] = "best",
     set_: SetOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object (for scripts)")] = False,
 ) -> None:
     """Evaluate a trained model with its method's metrics (as in results.json: test_best or test_last)."""
     from kdforge.evaluate import evaluate_source
@@ -111,7 +124,16 @@ def eval_(
         raise KdforgeError(f"bad --which {which!r} (valid: best, last)")
     res = evaluate_source(source, data, split, which, [f"data.{s}" if not s.startswith("data.") else s
                                                         for s in (set_ or [])])
-    typer.echo(json.dumps(res))
+    if as_json:
+        typer.echo(json.dumps(res))
+        return
+    from kdforge.report.units import format_metric
+
+    about = ", ".join(f"{k} {res[k]}" for k in ("model", "method") if res.get(k) is not None)
+    typer.echo(f"{source} ({res.get('checkpoint', which)} checkpoint" + (f"; {about}" if about else "") + ")")
+    metrics = {k: v for k, v in res.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    typer.echo(f"{res.get('split', split)} split of {res.get('data', 'its data')}: "
+               + "   ".join(format_metric(k, v) for k, v in metrics.items()))
 
 
 @app.command()
@@ -184,11 +206,27 @@ def recipes(
     if copy is None:
         for r in chosen:
             typer.echo(f"{r.name:42s} {r.summary[:100]}")
-        typer.echo(f"{len(chosen)} recipes; train one: kdforge train recipes/{chosen[0].name}.yaml "
-                   "(a checkout's path or the packaged copy); copy: kdforge recipes NAME --copy DIR")
+        first = next((r for r in chosen if r.name == "demo/kd"), chosen[0])
+        typer.echo(f"{plural(len(chosen), 'recipe')}; run one: {recipe_command(first.name)} (a checkout's path "
+                   "or the packaged copy); copy: kdforge recipes NAME --copy DIR")
         return
     written = copy_recipes(chosen, copy, overwrite)
-    typer.echo(f"copied {len(written)} file(s) to {copy}")
+    typer.echo(f"copied {plural(len(written), 'file')} to {copy}")
+
+
+#: the command that runs a shipped recipe of each area (the rest: kdforge train)
+AREA_COMMANDS = {"audio": "kdforge audio", "continual": "kdforge cil", "prune": "kdforge prune",
+                 "cache": "kdforge cache build"}
+
+
+def recipe_command(name: str) -> str:
+    """The command that runs the shipped recipe ``AREA/NAME``."""
+    return f"{AREA_COMMANDS.get(name.split('/', 1)[0], 'kdforge train')} recipes/{name}.yaml"
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 recipe``, ``2 recipes``, ``1,024 files``."""
+    return f"{n:,} {word if n == 1 else many or word + 's'}"
 
 
 @app.command()
@@ -298,7 +336,7 @@ def _cil_status(tasks: int) -> object:
             trainer.brief_banner = True  # type: ignore[attr-defined]  # one line per stage, not the full banner
             name = trainer.recipe.name  # type: ignore[attr-defined]
             stage = name.rsplit("-task", 1)[-1]
-            if trainer.main and trainer.recipe.train.progress != "never":  # type: ignore[attr-defined]
+            if trainer.main and trainer.recipe.train.progress != "silent":  # type: ignore[attr-defined]
                 task = int(stage.split("-", 1)[0]) + 1 if stage[:1].isdigit() else "?"
                 print(f"task {task}/{tasks}, stage task{stage}", file=sys.stderr, flush=True)
 

@@ -82,33 +82,54 @@ class ModelSpec(Strict):
 class DataConfig(Strict):
     """Which data set, how it is split, augmented and batched."""
 
+    #: data set: fashion_mnist_subset (embedded), digits, fashion_mnist, cifar10, cifar100, imagefolder, ...
+    #: ('kdforge list datasets')
     name: str = "fashion_mnist_subset"
+    #: folder of the data (imagefolder: the folder holding train/ and val/, optionally test/)
     root: str | None = None
+    #: let torchvision download a named data set into root
     download: bool = False
+    #: share of the training set held out, seeded, as the validation split (picks the best checkpoint); 0: none
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    #: seed of that split
     split_seed: int = Field(0, ge=0)
+    #: zero-pad images to this side length
     pad_to: int | None = Field(None, ge=1, le=4096)
+    #: resize images to this side length (imagefolder: the crop size, default 224)
     resize: int | None = Field(None, ge=1, le=4096)
+    #: training augmentation (random crops and flips)
     augment: bool = True
+    #: training batch size (per process)
     batch_size: int = Field(128, ge=1)
+    #: batch size of validation and test
     eval_batch_size: int = Field(512, ge=1)
+    #: DataLoader worker processes
     num_workers: int = Field(0, ge=0)
+    #: train on the first N samples only (quick runs)
     limit_train: int | None = Field(None, ge=1)
     #: K recorded (replayable) augmented views per training sample, drawn from (view_seed, sample, view);
     #: each epoch trains on one of them (kdforge.data.replay; what a teacher cache is built on)
     views: int | None = Field(None, ge=1, le=4096)
+    #: seed of the recorded views
     view_seed: int = Field(0, ge=0)
 
 
 class OptimConfig(Strict):
     """Optimizer: SGD (momentum, Nesterov), AdamW (decoupled decay) or Adam (coupled L2, as many papers use)."""
 
+    #: optimizer
     name: Literal["sgd", "adamw", "adam"] = "sgd"
+    #: peak learning rate
     lr: float = Field(0.05, gt=0, allow_inf_nan=False)
+    #: SGD momentum
     momentum: float = Field(0.9, ge=0, allow_inf_nan=False)
+    #: SGD with Nesterov momentum
     nesterov: bool = False
+    #: weight decay (decoupled for adamw)
     weight_decay: float = Field(5e-4, ge=0, allow_inf_nan=False)
+    #: Adam/AdamW betas
     betas: tuple[float, float] = (0.9, 0.999)
+    #: Adam/AdamW epsilon
     eps: float = Field(1e-8, gt=0, allow_inf_nan=False)
     #: parameters without weight decay: "norm" (normalisation layers), "bias" (biases), "scalar" (0-d
     #: parameters such as CLIP's logit scale), or a substring of the parameter's name
@@ -122,52 +143,85 @@ class SchedConfig(Strict):
     epoch is at most the current fractional epoch (the "steps with relative LRs" policy).
     """
 
+    #: schedule of the learning rate over the run
     name: Literal["constant", "step", "multistep", "cosine", "linear", "relative"] = "cosine"
+    #: linear warm-up from 0 over this many (fractional) epochs
     warmup_epochs: float = Field(0.0, ge=0, allow_inf_nan=False)
+    #: step: decay every this many epochs
     step_size: int = Field(30, ge=1)
+    #: multistep: the epochs at which the lr is multiplied by gamma
     milestones: list[int] = Field(default_factory=list)
+    #: step, multistep: the decay factor
     gamma: float = Field(0.1, gt=0, allow_inf_nan=False)
+    #: cosine, linear: the final learning rate
     min_lr: float = Field(0.0, ge=0, allow_inf_nan=False)
+    #: relative: [epoch, factor] rows
     relative: list[tuple[float, float]] = Field(default_factory=list)
 
 
 class FsdpConfig(Strict):
     """FSDP through Accelerate (GPUs): how the trained model is sharded, and whether a frozen teacher is too."""
 
+    #: FSDP sharding strategy
     sharding: Literal["full", "shard_grad_op", "no_shard", "hybrid"] = "full"
+    #: what becomes one FSDP unit: transformer blocks, modules above min_params, or the whole model
     auto_wrap: Literal["transformer", "size", "none"] = "transformer"
+    #: auto_wrap size: parameters per unit
     min_params: int = Field(100_000, ge=1)
+    #: keep parameters on the CPU between uses
     cpu_offload: bool = False
+    #: shard the frozen teacher too
     shard_teacher: bool = False
 
 
 class EmaConfig(Strict):
     """An exponential moving average of the deployable model's weights (and buffers)."""
 
+    #: EMA decay per update
     decay: float = Field(0.9999, gt=0, lt=1)
+    #: update the EMA every N optimizer steps
     every: int = Field(1, ge=1)
+    #: evaluate (and deploy) the EMA weights
     evaluate: bool = True
 
 
 class TrainConfig(Strict):
     """Loop settings: epochs or steps, device, precision, accumulation, logging, checkpoints."""
 
+    #: passes over the training set
     epochs: int = Field(10, ge=1)
+    #: stop after this many optimizer steps instead
     max_steps: int | None = Field(None, ge=1)
+    #: auto: CUDA if present, else MPS, else CPU
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    #: mixed precision: bf16 or fp16 autocast (fp16 with loss scaling)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    #: accumulate gradients over N batches per optimizer step
     grad_accum: int = Field(1, ge=1)
+    #: clip the gradient norm to this value
     grad_clip: float | None = Field(None, gt=0, allow_inf_nan=False)
+    #: write a metrics row (metrics.csv, TensorBoard) every N steps
     log_every: int = Field(20, ge=1)
+    #: evaluate on the validation split every N epochs (and after the last)
     eval_every: int = Field(1, ge=1)
+    #: write checkpoints/best, last and the resumable state
     save_checkpoints: bool = True
+    #: also checkpoint every N steps (long epochs)
     save_every_steps: int | None = Field(None, ge=1)
+    #: a NaN/inf loss: stop with one line, or skip that step
     nonfinite: Literal["stop", "skip"] = "stop"
+    #: keep an exponential moving average of the weights
     ema: EmaConfig | None = None
-    progress: Literal["auto", "always", "never"] = "auto"
+    #: the progress bar: auto (on a terminal), always or never; the banner and epoch lines print in these three
+    #: modes, and only silent (for scripts and benchmarks that print their own lines) prints nothing
+    progress: Literal["auto", "always", "never", "silent"] = "auto"
+    #: torch CPU threads (one per run makes CPU runs reproducible across machines)
     threads: int | None = Field(None, ge=1)
+    #: DDP: allow parameters without gradients in a step
     find_unused_parameters: bool = False
+    #: with several processes: DDP or FSDP
     distributed: Literal["ddp", "fsdp"] = "ddp"
+    #: FSDP settings
     fsdp: FsdpConfig | None = None
 
 
@@ -214,12 +268,19 @@ class RecipeFile(Strict):
 class Recipe(RecipeFile):
     """A whole run: data, method, optimizer, schedule and loop."""
 
+    #: the run's name: default folder runs/NAME
     name: str = "run"
+    #: the one seed of everything random in the run
     seed: int = Field(0, ge=0, lt=2**31)
+    #: the data set and its splits
     data: DataConfig = Field(default_factory=DataConfig)
+    #: what is trained and how: name plus the method's own keys (see methods)
     method: MethodConfig = Field(default_factory=MethodConfig)
+    #: the optimizer
     optim: OptimConfig = Field(default_factory=OptimConfig)
+    #: the learning-rate schedule
     sched: SchedConfig = Field(default_factory=SchedConfig)
+    #: the loop: epochs, device, precision, checkpoints, progress
     train: TrainConfig = Field(default_factory=TrainConfig)
 
 

@@ -72,7 +72,8 @@ def run_demo(out: Path, seeds: int = DEFAULT_SEEDS, overwrite: bool = False, qui
              threads: int | None = None) -> dict[str, Any]:
     """Evaluate the teacher, train student alone and KD student per seed; print the table and the paired gain."""
     prepare_run_dir(out, overwrite=overwrite, kind="demo")
-    common = [*(QUICK if quick else []), *([f"train.threads={threads}"] if threads else [])]
+    # the demo prints its own lines and table: its runs print nothing
+    common = ["train.progress=silent", *(QUICK if quick else []), *([f"train.threads={threads}"] if threads else [])]
     t0 = time.perf_counter()
     _say(f"[1/3] teacher: shipped {teacher_checkpoint().name} (scripts/make_demo_teacher.py re-creates it)")
     teacher_acc = _teacher_accuracy()

@@ -63,6 +63,14 @@ def packaged(path: str | Path) -> Path | None:
     return p if p.is_file() else None
 
 
+def resolve_recipe(path: Path) -> Path:
+    """A recipe path as given, or the packaged recipe it names (``recipes/AREA/NAME.yaml`` outside a checkout)."""
+    path = Path(path)
+    if path.exists() or path.is_absolute():
+        return path
+    return packaged(path) or path
+
+
 def select(patterns: list[str] | None) -> list[PackagedRecipe]:
     """The recipes matching areas, names or globs (``demo``, ``prune/sglp-digits-resnet20``, ``'cifar100/kd_*'``)."""
     every = all_recipes()

@@ -133,7 +133,7 @@ def dry_run(recipe: Recipe, steps: int = 1) -> dict[str, float]:
     Writes nothing; the values are the last stage's (earlier stages' keys are prefixed ``<stage>/``).
     """
     r = recipe.model_copy(deep=True)
-    r.train.progress = "never"
+    r.train.progress = "silent"
     seed_everything(r.seed)
     if not _uses_data(r):
         method = build_method(r.method.model_dump(), None)  # type: ignore[arg-type]

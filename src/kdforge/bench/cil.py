@@ -64,7 +64,7 @@ def run_one(dataset: str, learner: str, kwargs: dict[str, Any], seed: int, quick
     extra = {"gen_epochs": budget["epochs"]} if learner == "etag" else {}
     t0 = time.perf_counter()
     res = run_cil(learner, data=dataset, seed=seed, **SPLIT, **MODEL, **budget, **kwargs, **extra,
-                  train={"progress": "never", "device": "cpu"})
+                  train={"progress": "silent", "device": "cpu"})
     return {"matrix": res.matrix, "metrics": res.metrics, "test_sizes": res.test_sizes,
             "task_time_s": res.task_time_s, "wall_s": time.perf_counter() - t0}
 

@@ -53,7 +53,7 @@ def recipe(method: dict[str, Any], seed: int, epochs: int, limit: int | None) ->
             "data": {"name": "clip_fashion", "batch_size": 128, "val_fraction": 0.1, "augment": False,
                      **({"limit_train": limit} if limit else {})},
             "method": method, "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.1, "betas": [0.9, 0.98]},
-            "sched": {"name": "cosine", "warmup_epochs": 1}, "train": {"epochs": epochs, "progress": "never",
+            "sched": {"name": "cosine", "warmup_epochs": 1}, "train": {"epochs": epochs, "progress": "silent",
                                                                         "threads": 1, "save_checkpoints": False}}
 
 

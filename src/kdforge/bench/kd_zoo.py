@@ -56,7 +56,7 @@ def _recipe(name: str, method: dict[str, Any], epochs: int, seed: int = 0, limit
         data["augment"] = augment
     return Recipe.from_dict({"name": name, "seed": seed, "data": data, "method": method,
                              "optim": {"name": "sgd", "lr": 0.05, "weight_decay": 5e-4}, "sched": {"name": "cosine"},
-                             "train": {"epochs": epochs, "eval_every": eval_every, "progress": "never"}})
+                             "train": {"epochs": epochs, "eval_every": eval_every, "progress": "silent"}})
 
 
 def student_recipe(name: str, method: dict[str, Any], seed: int = 0, quick: bool = False) -> Recipe:

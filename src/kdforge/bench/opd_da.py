@@ -49,7 +49,7 @@ def recipe(variant: dict[str, Any], seed: int, updates: int, quick: bool, algo: 
         method["num_steps"] = 32
     return Recipe.from_dict({"name": f"opd-da-{seed}", "seed": seed, "method": method, "optim": optim or OPTIM,
                              "sched": {"name": "linear" if algo == "ppo" else "constant"},
-                             "train": {"max_steps": updates, "progress": "never", "device": "cpu", "threads": 1}})
+                             "train": {"max_steps": updates, "progress": "silent", "device": "cpu", "threads": 1}})
 
 
 def run_group(r: Any) -> dict[str, Any]:

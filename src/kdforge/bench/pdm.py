@@ -47,7 +47,7 @@ def recipe(model: dict[str, Any], seed: int, epochs: int, limit: int | None = No
                        "model": {"backbone": "small", "width": 16, "prototypes": 4, **model}},
             "optim": {"name": "sgd", "lr": 0.02, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
             "sched": {"name": "cosine", "warmup_epochs": 2},
-            "train": {"epochs": epochs, "eval_every": 2, "progress": "never", "threads": 1,
+            "train": {"epochs": epochs, "eval_every": 2, "progress": "silent", "threads": 1,
                       "save_checkpoints": False}}
 
 

@@ -51,7 +51,7 @@ def _classifier(model: str, epochs: int, seed: int) -> Recipe:
         "name": f"rdd-{model}", "seed": seed, "data": DATA,
         "method": {"name": "supervised", "model": {"model": model}},
         "optim": {"name": "adam", "lr": 2e-3, "weight_decay": 0.0}, "sched": {"name": "cosine"},
-        "train": {"epochs": epochs, "progress": "never", "device": "cpu", "threads": 1}})
+        "train": {"epochs": epochs, "progress": "silent", "device": "cpu", "threads": 1}})
 
 
 def _diffusion(name: str, seed: int, model: dict[str, Any], rounds: list[dict[str, Any]], lr: float,
@@ -59,7 +59,7 @@ def _diffusion(name: str, seed: int, model: dict[str, Any], rounds: list[dict[st
     method: dict[str, Any] = {"name": "diffusion", "model": model, "rounds": rounds, "rdd": RDD_TINY}
     if features is not None:
         method["features"] = {"model": "diffusion_featnet", "checkpoint": features}
-    train: dict[str, Any] = {"epochs": 1, "progress": "never", "device": "cpu", "threads": 1, "grad_clip": 1.0}
+    train: dict[str, Any] = {"epochs": 1, "progress": "silent", "device": "cpu", "threads": 1, "grad_clip": 1.0}
     if ema:
         train["ema"] = {"decay": 0.999}
     return Recipe.from_dict({"name": name, "seed": seed, "data": DATA, "method": method,

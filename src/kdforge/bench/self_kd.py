@@ -62,7 +62,7 @@ def recipe(method: dict[str, Any], seed: int, epochs: int, quick: bool, limit: i
         "method": method,
         "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
         "sched": {"name": "cosine", "warmup_epochs": 0 if quick else 1},
-        "train": {"epochs": epochs, "progress": "never", "threads": 1, "eval_every": eval_every},
+        "train": {"epochs": epochs, "progress": "silent", "threads": 1, "eval_every": eval_every},
     }
 
 

@@ -45,7 +45,7 @@ def _teacher(s: dict[str, Any], cache: Path) -> Path:
         "method": {"name": "supervised", "model": {"model": s["model"]}},
         "optim": {"lr": s["teacher_lr"], "weight_decay": 5e-4},
         "sched": {"name": "cosine", "warmup_epochs": 1 if "teacher_batch" in s else 0},
-        "train": {"epochs": s["teacher_epochs"], "progress": "never"}})
+        "train": {"epochs": s["teacher_epochs"], "progress": "silent"}})
     return cached_run(recipe, cache) / "checkpoints" / "last.safetensors"
 
 
@@ -136,7 +136,7 @@ def run_cnn(out: Path | None = None, quick: bool = False) -> dict[str, Any]:
         for mode_h in ("ce", "kd"):
             heal = PruneRecipe.from_dict({"seed": seed, "model": {"model": s["model"]}, "data": heal_data.model_dump(),
                                           "heal": {"mode": mode_h}, "optim": {"lr": 0.02},
-                                          "train": {"epochs": s["heal_epochs"], "progress": "never",
+                                          "train": {"epochs": s["heal_epochs"], "progress": "silent",
                                                     "save_checkpoints": False}})
             _, info = heal_cnn(pruned, model, heal_bundle, heal)
             row[f"top1_{mode_h}"] = info["test_top1"]

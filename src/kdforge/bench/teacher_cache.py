@@ -69,7 +69,7 @@ def settings(cache_dir: Path, quick: bool) -> list[dict[str, Any]]:
     teacher = {"model": "cnn_small", "kwargs": {"width": 16}, "checkpoint": ck}
     student = {"model": "cnn_tiny"}
     common = {"optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}, "sched": {"name": "cosine"},
-              "train": {"epochs": 1 if quick else 12, "eval_every": 4, "progress": "never", "threads": 1}}
+              "train": {"epochs": 1 if quick else 12, "eval_every": 4, "progress": "silent", "threads": 1}}
     kd_terms = [{"loss": "ce", "weight": 0.1}, {"loss": "kd", "weight": 0.9, "T": 4}]
     live_aug = {"name": "aug-kd", "data": data_aug, **common,
                 "method": {"name": "distill", "teacher": teacher, "student": student, "terms": kd_terms}}

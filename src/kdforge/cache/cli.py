@@ -34,9 +34,10 @@ def build_cmd(
     """Compute the teacher's logits on K recorded views of every training sample (resumes; one shard per rank)."""
     from kdforge.cache.build import build_from_recipe
     from kdforge.config import Recipe
+    from kdforge.recipe_files import resolve_recipe
 
-    r = Recipe.from_yaml(recipe, set_)
-    res = build_from_recipe(r, overwrite=overwrite, log=r.train.progress != "never")
+    r = Recipe.from_yaml(resolve_recipe(recipe), set_)
+    res = build_from_recipe(r, overwrite=overwrite, log=r.train.progress != "silent")
     done = "up to date" if res.chunks_built == 0 else f"{res.chunks_built} of {res.chunks_total} chunks built"
     typer.echo(f"teacher cache {res.path}: {done} in {res.seconds:.1f} s, {human(res.bytes)}")
 

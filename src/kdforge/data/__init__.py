@@ -67,13 +67,22 @@ class _NoAugment(Dataset):
         return self.base.x[j], self.base.y[j]
 
 
-def split_train_val(train: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
-    """A seeded, stratified-by-shuffle split; the validation view is never augmented."""
+def split_train_val(train: Dataset, fraction: float, seed: int,
+                    eval_view: Dataset | None = None) -> tuple[Dataset, Dataset]:
+    """A seeded, stratified-by-shuffle split; the validation view is never augmented.
+
+    ``eval_view``: the same samples as ``train`` with evaluation transforms (for sets that augment inside).
+    """
     n = len(train)
     perm = np.random.default_rng(seed).permutation(n)
     n_val = max(1, round(n * fraction))
     val_idx, tr_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
-    val = _NoAugment(train, val_idx) if isinstance(train, TensorImages) else Subset(train, val_idx.tolist())
+    if eval_view is not None:
+        val: Dataset = Subset(eval_view, val_idx.tolist())
+    elif isinstance(train, TensorImages):
+        val = _NoAugment(train, val_idx)
+    else:
+        val = Subset(train, val_idx.tolist())
     return Subset(train, tr_idx.tolist()), val
 
 
@@ -217,14 +226,20 @@ def cifar100(cfg: DataConfig) -> DataBundle:
 
 @DATASETS.register("imagefolder")
 def imagefolder(cfg: DataConfig) -> DataBundle:
-    """An ImageNet-style tree: ``root/train/<class>/*`` and ``root/val/<class>/*``."""
+    """Your own images: ``root/train/<class>/*`` plus ``root/test/<class>/*`` and/or ``root/val/<class>/*``.
+
+    With ``test/``, it is the test split and ``val/`` (if any) the validation split. Without ``test/``, ``val/``
+    is the test split (the ImageNet layout, whose labelled ``val`` is its held-out set) and the validation split
+    is carved from ``train/`` by ``data.val_fraction``.
+    """
     from torchvision import datasets
     from torchvision import transforms as T
 
     root = Path(cfg.root or "")
-    if not (root / "train").is_dir() or not (root / "val").is_dir():
-        raise KdforgeError(f"imagefolder needs {str(root / 'train')!r} and {str(root / 'val')!r} "
-                           "with one sub-folder per class")
+    has = {k: (root / k).is_dir() for k in ("train", "val", "test")}
+    if not has["train"] or not (has["val"] or has["test"]):
+        raise KdforgeError(f"imagefolder needs {str(root / 'train')!r} and {str(root / 'test')!r} (or "
+                           f"{str(root / 'val')!r}) with one sub-folder per class (data.root is {str(root)!r})")
     size = cfg.resize or 224
     norm = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), norm]) \
@@ -232,19 +247,32 @@ def imagefolder(cfg: DataConfig) -> DataBundle:
     eval_tf = T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), norm])
     try:
         tr = datasets.ImageFolder(str(root / "train"), train_tf, loader=_read_image)
-        te = datasets.ImageFolder(str(root / "val"), eval_tf, loader=_read_image)
+        held = {k: datasets.ImageFolder(str(root / k), eval_tf, loader=_read_image)
+                for k in ("val", "test") if has[k]}
     except (FileNotFoundError, OSError) as e:
         raise KdforgeError(f"imagefolder {str(root)!r}: {_first(e)}") from None
-    extra = sorted(set(te.classes) - set(tr.classes))
+    for k, ds in held.items():
+        _align_classes(tr, ds, root / k)
+    test = held.get("test", held.get("val"))
+    val = held.get("val") if has["test"] else None
+    names = list(tr.classes)
+    if val is None and cfg.val_fraction > 0:  # carved from train/, seen with the evaluation transforms
+        plain = datasets.ImageFolder(str(root / "train"), eval_tf, loader=_read_image)
+        tr, val = split_train_val(tr, cfg.val_fraction, cfg.split_seed, eval_view=plain)
+    return DataBundle(tr, val, test, len(names), 3, size, names)
+
+
+def _align_classes(tr: Any, held: Any, where: Path) -> None:
+    """Label a held-out folder by train's class order; a class that train lacks is a one-line error."""
+    extra = sorted(set(held.classes) - set(tr.classes))
     if extra:
-        raise KdforgeError(f"imagefolder {str(root / 'val')!r} has classes that train lacks: {extra[:3]} "
+        raise KdforgeError(f"imagefolder {str(where)!r} has classes that train lacks: {extra[:3]} "
                            f"(their labels would be out of range; valid classes: {tr.classes[:5]}...)")
-    if te.class_to_idx != {c: tr.class_to_idx[c] for c in te.classes}:
-        # val lacks some classes: relabel by train's class order so that label k means the same class
-        te.samples = [(p, tr.class_to_idx[te.classes[y]]) for p, y in te.samples]
-        te.targets = [y for _, y in te.samples]
-        te.imgs = te.samples
-    return DataBundle(tr, None, te, len(tr.classes), 3, size, list(tr.classes))
+    if held.class_to_idx != {c: tr.class_to_idx[c] for c in held.classes}:
+        # it lacks some classes: relabel by train's class order so that label k means the same class
+        held.samples = [(p, tr.class_to_idx[held.classes[y]]) for p, y in held.samples]
+        held.targets = [y for _, y in held.samples]
+        held.imgs = held.samples
 
 
 def _read_image(path: str) -> Any:

@@ -195,7 +195,7 @@ class Progress(Callback):
         self.steps0 = 0
 
     def _talk(self, trainer: Trainer) -> bool:
-        return trainer.main and trainer.recipe.train.progress != "never"
+        return trainer.main and trainer.recipe.train.progress != "silent"
 
     def _bar_on(self, trainer: Trainer) -> bool:
         mode = trainer.recipe.train.progress
@@ -444,7 +444,7 @@ def banner(trainer: Trainer) -> list[str]:
 
 
 def _say(trainer: Trainer, line: str) -> None:
-    if trainer.recipe.train.progress != "never":
+    if trainer.recipe.train.progress != "silent":
         print(line, file=sys.stderr, flush=True)
 
 

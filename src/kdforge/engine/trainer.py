@@ -483,7 +483,7 @@ class Trainer:
             if self.finished and self.run_dir is not None and (self.run_dir / "results.json").is_file():
                 from kdforge.engine.callbacks import stored_result
 
-                if self.main and self.recipe.train.progress != "never":
+                if self.main and self.recipe.train.progress != "silent":
                     print(f"{str(self.run_dir)!r} is finished ({self.epoch} epochs); nothing to do "
                           "(raise train.epochs with --set to continue it)", file=sys.stderr, flush=True)
                 self.method.on_fit_end(self)

@@ -75,7 +75,7 @@ def heal_recipe(steps: int = 50, lr: float = 5e-5, batch_size: int = 2, seed: in
     return validate(Recipe, {"name": "heal", "seed": seed, "data": {"batch_size": batch_size},
                              "method": MethodConfig(name="llm-kd").model_dump(),
                              "optim": {"name": "adamw", "lr": lr, "weight_decay": 0.0}, "sched": {"name": "constant"},
-                             "train": {"max_steps": steps, "grad_clip": 1.0, "progress": "never",
+                             "train": {"max_steps": steps, "grad_clip": 1.0, "progress": "silent",
                                        "save_checkpoints": False, **train}})
 
 

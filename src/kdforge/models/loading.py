@@ -26,7 +26,7 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 def weights_file(path: str | Path) -> Path:
     """The weights file a path names: the file itself, or a kdforge run folder's best (else last) checkpoint."""
-    p = Path(path)
+    p = Path(path).expanduser()
     if p.is_file():
         return p
     if p.is_dir():
