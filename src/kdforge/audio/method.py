@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from kdforge.audio.losses import stage_loss
 from kdforge.audio.metrics import all_metrics
-from kdforge.audio.models import AudioSlowFast, apply_bn_eval, freeze_backbone
+from kdforge.audio.models import AudioSlowFast, apply_bn_eval, freeze_backbone, set_generic_bn_policy
 from kdforge.config import ModelSpec, Strict, validate
 from kdforge.method import DataInfo, Method, build_model
 from kdforge.registry import METHODS
@@ -59,8 +59,13 @@ def view_scores(model: nn.Module, loader: DataLoader, device: torch.device | str
 
 @torch.no_grad()
 def precise_bn(model: nn.Module, loader: DataLoader, batches: int) -> None:
-    """Re-estimate the running statistics of the BNs that are in train mode (cumulative average over batches)."""
+    """Re-estimate the running statistics of the BNs that adapt under the BN policy (cumulative average).
+
+    Frozen BNs (the official policy's, or every BN under ``freeze_bn_stats``) stay in eval mode and untouched.
+    """
+    was = model.training
     model.train()
+    apply_bn_eval(model)
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
     if not bns or batches <= 0:
         return
@@ -76,6 +81,7 @@ def precise_bn(model: nn.Module, loader: DataLoader, batches: int) -> None:
         model(x.to(device))
     for m, mom in zip(bns, momenta, strict=True):
         m.momentum = mom
+    model.train(was)
 
 
 @METHODS.register("audio_stage")
@@ -93,8 +99,11 @@ class AudioStage(Method):
         self.precise_bn_batches = precise_bn_batches
         self.redact_classes = list(redact_classes or [])
         self.scores: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._bn_estimated_at: tuple[int, int] | None = None  # (model id, step) of the last precise-BN estimate
         if freeze_bn and isinstance(model, AudioSlowFast):
             model.set_bn_policy(True)
+        elif freeze_bn:
+            set_generic_bn_policy(model)
         if freeze_backbone_:
             freeze_backbone(model, freeze_bn_stats)
         elif freeze_bn_stats and isinstance(model, AudioSlowFast):
@@ -126,8 +135,11 @@ class AudioStage(Method):
         # `kdforge eval` calls this on an instance built by Method.__init__ only: settings default to none
         batches = getattr(self, "precise_bn_batches", 0)
         train_loader = getattr(trainer, "train_loader", None)
-        if batches and train_loader is not None:
+        at = (id(model), int(getattr(trainer, "global_step", 0)))
+        if batches and train_loader is not None and getattr(self, "_bn_estimated_at", None) != at:
+            # once per weights: the val, test and later scores of these weights share one BN estimate
             precise_bn(model, train_loader, batches)
+            self._bn_estimated_at = at
         s, y = view_scores(model, loader)
         if hasattr(self, "scores"):
             self.scores[getattr(loader.dataset, "split", "") or "eval"] = (s, y)

@@ -4,8 +4,11 @@ Input: the fast pathway's log-mel ``[B, 1, T, F]``; the slow pathway is taken in
 ``linspace(0, T-1, T // alpha)``. Slow: wide, temporal kernel 1 in the stem and early stages, 3 later;
 fast: ``1/beta_inv`` of the channels, full time resolution, temporal kernels 5 (stem) and 3. Lateral
 fast->slow fusion (conv ``[7, 1]``, time stride alpha, 2x fast channels, BN, ReLU, concatenated) after the
-stem and each stage but the last. Frequency is downsampled by the stem and every stage after the first.
+stem and each stage but the last. The stem downsamples time and frequency (conv stride 2x2, then a 3x3
+max-pool with stride 2), so a 400-frame input reaches every stage and the head at 25 (slow) / 100 (fast)
+frames; the stages after the first halve frequency only (128 mel bins reach the head as 4).
 Head: per-pathway global average pooling, concatenation, dropout, ``head.projection``.
+Official ``.pyth`` checkpoints load through :func:`convert_official` (module names ``s1.pathway0_stem...``).
 
 ``audio_slowfast`` is the paper's ResNet-50 size (64 stem channels, blocks 3-4-6-3, 2048 at res5);
 ``audio_slowfast_lite`` the small one of the quick recipes (16/2 channels, 2 stages, one fusion).
@@ -18,6 +21,7 @@ those three keep adapting. :func:`freeze_backbone` trains only parameters with `
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -83,11 +87,11 @@ class AudioSlowFast(nn.Module):
         fusions = n if fusions is None else fusions  # after the stem and the first n - 1 stages
         self.alpha = alpha
         fw = max(1, width // beta_inv)
-        self.slow_stem = nn.Conv2d(in_chans, width, (1, 7), stride=(1, 2), padding=(0, 3), bias=False)
+        self.slow_stem = nn.Conv2d(in_chans, width, (1, 7), stride=2, padding=(0, 3), bias=False)
         self.slow_stem_bn = _bn(width)
-        self.fast_stem = nn.Conv2d(in_chans, fw, (5, 7), stride=(1, 2), padding=(2, 3), bias=False)
+        self.fast_stem = nn.Conv2d(in_chans, fw, (5, 7), stride=2, padding=(2, 3), bias=False)
         self.fast_stem_bn = _bn(fw)
-        self.pool = nn.MaxPool2d((1, 3), stride=(1, 2), padding=(0, 1))
+        self.pool = nn.MaxPool2d(3, stride=2, padding=1)
         self.relu = nn.ReLU(inplace=True)
         self.fuse = nn.ModuleList()
         self.slow_stages, self.fast_stages = nn.ModuleList(), nn.ModuleList()
@@ -180,10 +184,6 @@ def head_names(model: nn.Module) -> tuple[str, ...]:
     return (last[-1],) if last else ("head",)
 
 
-class FrozenBackbone:
-    """What :func:`freeze_backbone` froze, for the BN-mode bookkeeping of ``train()``."""
-
-
 def freeze_backbone(model: nn.Module, freeze_bn_stats: bool = False) -> list[str]:
     """Train only parameters whose name contains the head's name (official: ``head``); return their names.
 
@@ -207,9 +207,117 @@ def freeze_backbone(model: nn.Module, freeze_bn_stats: bool = False) -> list[str
     return trained
 
 
+def set_generic_bn_policy(model: nn.Module) -> None:
+    """The official fine-tuning BN policy for a non-SlowFast (e.g. timm) model: only the first (stem) BN adapts.
+
+    Every other BN keeps its affine parameters and running statistics frozen (eval mode under ``train()``),
+    as the official code freezes every BN of Auditory SlowFast but its stem (and first-fusion) ones.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in bns[1:]:
+        for p in (m.weight, m.bias):
+            if p is not None:
+                p.requires_grad_(False)
+    object.__setattr__(model, "kdforge_bn_keep", bns[:1])  # a plain list: not registered as submodules
+
+
 def apply_bn_eval(model: nn.Module) -> None:
-    """Put every BatchNorm of a (non-SlowFast) model in eval mode when its backbone's statistics are frozen."""
-    if getattr(model, "kdforge_bn_eval", False):
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
+    """Put the frozen BatchNorms of a (non-SlowFast) model in eval mode (all of them when its statistics are frozen)."""
+    keep = [] if getattr(model, "kdforge_bn_eval", False) else getattr(model, "kdforge_bn_keep", None)
+    if keep is None:
+        return
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(m is k for k in keep):
+            m.eval()
+
+
+# -- official checkpoints ----------------------------------------------------------------------------------
+
+_OFFICIAL_BLOCK = {"branch2.a": "a", "branch2.a_bn": "a_bn", "branch2.b": "b", "branch2.b_bn": "b_bn",
+                   "branch2.c": "c", "branch2.c_bn": "c_bn", "branch1": "short.0", "branch1_bn": "short.1"}
+
+
+def official_name(name: str) -> str | None:
+    """The :class:`AudioSlowFast` name of an official Auditory SlowFast parameter (None: not part of the model).
+
+    Official layout: ``s1.pathway{0,1}_stem.{conv,bn}``, ``s{1..4}_fuse.{conv_f2s,bn}``,
+    ``s{2..5}.pathway{0,1}_res{b}.{branch1,branch1_bn,branch2.{a,b,c}[_bn]}``, ``head.projection``.
+    """
+    import re
+
+    m = re.fullmatch(r"s1\.pathway([01])_stem\.(conv|bn)\.(\w+)", name)
+    if m:
+        path = ("slow", "fast")[int(m[1])]
+        return f"{path}_stem{'' if m[2] == 'conv' else '_bn'}.{m[3]}"
+    m = re.fullmatch(r"s([1-4])_fuse\.(conv_f2s|bn)\.(\w+)", name)
+    if m:
+        return f"fuse.{int(m[1]) - 1}.{'conv' if m[2] == 'conv_f2s' else 'bn'}.{m[3]}"
+    m = re.fullmatch(r"s([2-5])\.pathway([01])_res(\d+)\.(branch1_bn|branch1|branch2\.[abc](?:_bn)?)\.(\w+)", name)
+    if m:
+        path = ("slow", "fast")[int(m[2])]
+        return f"{path}_stages.{int(m[1]) - 2}.{int(m[3])}.{_OFFICIAL_BLOCK[m[4]]}.{m[5]}"
+    if name.startswith("head.projection."):
+        return name
+    return None
+
+
+def convert_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An official Auditory SlowFast state dict (``module.`` prefixes allowed) with :class:`AudioSlowFast` names.
+
+    Refuses a state dict with a tensor it cannot place, naming it, so a wrong file never loads half-way.
+    """
+    from kdforge.errors import KdforgeError
+
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        k = k.removeprefix("module.")
+        new = official_name(k)
+        if new is None:
+            raise KdforgeError(f"{k!r} is not a tensor of the official Auditory SlowFast (expected names like "
+                               "'s1.pathway0_stem.conv.weight', 's2.pathway1_res0.branch2.a.weight', "
+                               "'s1_fuse.conv_f2s.weight', 'head.projection.weight')")
+        out[new] = v
+    return out
+
+
+def load_official(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read an official ``.pyth`` checkpoint (its ``model_state``) and convert its names."""
+    from kdforge.errors import KdforgeError
+
+    p = Path(path)
+    if not p.is_file():
+        raise KdforgeError(f"official checkpoint not found: {str(p)!r} (e.g. SLOWFAST_EPIC_SOUNDS.pyth)")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, truncated files
+        raise KdforgeError(f"cannot read {str(p)!r} as a torch checkpoint ({type(e).__name__})") from None
+    state = obj.get("model_state", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise KdforgeError(f"{str(p)!r} holds no 'model_state' dict of tensors: is it an official .pyth checkpoint?")
+    return convert_official(state)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m kdforge.audio.models IN.pyth OUT.safetensors``: convert an official checkpoint."""
+    import sys
+
+    from safetensors.torch import save_file
+
+    from kdforge.errors import KdforgeError
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: python -m kdforge.audio.models OFFICIAL.pyth OUT.safetensors", file=sys.stderr)
+        return 2
+    try:
+        state = load_official(args[0])
+    except KdforgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    save_file({k: v.contiguous() for k, v in state.items()}, args[1])
+    print(f"wrote {args[1]} ({len(state)} tensors)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

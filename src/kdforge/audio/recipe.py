@@ -194,7 +194,7 @@ def _cached_specs(c: AudioDataConfig, fe: FrontEnd) -> dict[str, Any]:
 
     key = hashlib.sha256(json.dumps({k: v for k, v in c.model_dump(mode="json").items() if k in (
         "kind", "data_seed", "most", "least", "val_per_class", "test_most", "test_least", "pretrain_per_class",
-        "frontend")},
+        "frontend")} | {"logmel": "float64-stft"},  # the front end's numerics: a change makes a new cache
         sort_keys=True).encode()).hexdigest()[:12]
     path = Path(c.cache) / f"audio-{c.kind}-{key}.pt" if c.cache else None
     if path is not None and path.is_file():

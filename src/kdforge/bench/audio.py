@@ -198,6 +198,8 @@ def _markdown(runs: dict[int, Any], models: list[dict[str, Any]], fused: list[di
                          "M4 − M3 tail recall": _tail(st["m4"]["test"]) - _tail(st["m3"]["test"]),
                          "M4 − M3 mCA": st["m4"]["test"]["mca"] - st["m3"]["test"]["mca"],
                          "M2 − M1 top-1": st["m2"]["test"]["top1"] - st["m1"]["test"]["top1"],
+                         "M2 − M1 mCA": st["m2"]["test"]["mca"] - st["m1"]["test"]["mca"],
+                         "M2 − M1 tail recall": _tail(st["m2"]["test"]) - _tail(st["m1"]["test"]),
                          "M2_CE − M1 top-1": st["m2_ce"]["test"]["top1"] - st["m1"]["test"]["top1"]})
     stage_time = {k: float(np.mean([r["time_s"][k] for r in runs.values()])) for k in first["time_s"] if k != "data"}
     time_line = ", ".join(f"{k} {v:.0f} s" for k, v in stage_time.items())
@@ -223,8 +225,10 @@ def _markdown(runs: dict[int, Any], models: list[dict[str, Any]], fused: list[di
         f"weights are searched on a separate balanced validation split ({sizes['val']} per class), never on the "
         f"test split. Stage 0 pre-trains on 10 disjoint synthetic families ({sizes['pretrain']} clips; top-1 on "
         f"their held-out clips {fmt_mean_std(pre)} %). Front end: the baseline's log-mel pipeline with 16 kHz "
-        "parameters (20 ms Hann window, 10 ms hop, n_fft 512, 64 HTK mel bands, log(mel + 1e-6), 1.999 s crops "
-        "= 200 frames, edge padding; slow pathway 50 frames). Log-mels of whole segments are precomputed once; "
+        "parameters (20 ms Hann window, 10 ms hop, n_fft 512, 64 HTK mel bands, log(mel + 1e-6), STFT in float64 "
+        "then float32, 1.999 s crops = 200 frames, edge padding; slow pathway 50 frames). The official stem "
+        "(conv stride 2×2, 3×3 max-pool stride 2) brings them to 13 (slow) / 50 (fast) frames at every stage "
+        "and the head. Log-mels of whole segments are precomputed once; "
         "training crops and the 5 test views are cut from them in frames, SpecAugment (faithful variant) on "
         "training crops. Model: `audio_slowfast_lite` (slow 16 / fast 2 channels, 2 stages, one lateral fusion, "
         f"{sizes['params']['pretrain']:,} parameters with the pre-training head). SGD momentum 0.9, wd 1e-4 "
