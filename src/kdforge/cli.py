@@ -385,6 +385,24 @@ def sample(
     typer.echo(f"{png}\n{npz}")
 
 
+@app.command()
+def fid(
+    samples: Annotated[Path, typer.Argument(help="the .npz written by kdforge sample (e.g. -n 50000)")],
+    inception: Annotated[Path, typer.Option(help="local FID Inception weights (pytorch-fid's "
+                                                 "pt_inception-2015-12-05-6726825d.pth); nothing is downloaded")],
+    reference: Annotated[str, typer.Option(help="'cifar10' (its 50k training images from --root), a .npz of "
+                                                "mu/sigma (e.g. fid_stats_cifar10_train.npz) or of images")] = "cifar10",
+    root: Annotated[Path, typer.Option(help="data folder holding CIFAR-10 (for --reference cifar10)")] = Path("data"),
+    batch_size: Annotated[int, typer.Option(min=1, help="images per Inception batch")] = 200,
+    device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
+) -> None:
+    """FID of diffusion samples against a reference, in the FID Inception (pool3) from a local weights file."""
+    from kdforge.diffusion.metrics import fid as compute_fid
+
+    r = compute_fid(samples, inception, reference, root, batch_size, device)
+    typer.echo(f"FID {r['fid']:.3f} ({r['samples']} samples vs {reference})")
+
+
 def _cache_commands() -> None:
     from kdforge.cache.cli import cache_app  # typer and the standard library only; the commands import lazily
 

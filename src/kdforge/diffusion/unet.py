@@ -197,14 +197,21 @@ class _DdpmRes(nn.Module):
 
 
 class DdpmUNet(Denoiser):
-    """The pytorch-ddpm UNet (CIFAR-10: ch 128, ch_mult (1,2,2,2), attention at level 1, 2 blocks, T = table size)."""
+    """The pytorch-ddpm UNet (CIFAR-10: ch 128, ch_mult (1,2,2,2), attention at level 1, 2 blocks, T = table size).
 
-    def __init__(self, in_chans: int = 3, T: int = 1000, ch: int = 128, ch_mult: Sequence[int] = (1, 2, 2, 2),
+    ``T`` defaults to ``grid + 1``: the sampler and the DDPM loss look the table up at grid indices 0..G.
+    """
+
+    def __init__(self, in_chans: int = 3, T: int | None = None, ch: int = 128, ch_mult: Sequence[int] = (1, 2, 2, 2),
                  attn: Sequence[int] = (1,), num_res_blocks: int = 2, dropout: float = 0.1, grid: int = 1024,
                  prediction: str = "x") -> None:
         super().__init__(grid, prediction)
         if ch % 32:
             raise KdforgeError(f"the pytorch-ddpm UNet uses GroupNorm(32): ch must be a multiple of 32, got {ch}")
+        T = grid + 1 if T is None else T  # the embedding table is looked up at grid indices 0..G
+        if T < grid + 1:
+            raise KdforgeError(f"ddpm_unet: the time-embedding table (T = {T}) must cover the grid indices 0..{grid} "
+                               f"(T >= {grid + 1}); leave T unset, or set grid <= {T - 1} for a checkpoint with T = {T}")
         tdim = ch * 4
         self.time_embedding = _TimeEmbedding(T, ch, tdim)
         self.head = nn.Conv2d(in_chans, ch, 3, 1, 1)
@@ -248,10 +255,14 @@ class DdpmUNet(Denoiser):
 
 
 @MODELS.register("ddpm_unet")
-def ddpm_unet(num_classes: int = 0, in_chans: int = 3, T: int = 1000, ch: int = 128,
+def ddpm_unet(num_classes: int = 0, in_chans: int = 3, T: int | None = None, ch: int = 128,
               ch_mult: Sequence[int] = (1, 2, 2, 2), attn: Sequence[int] = (1,), num_res_blocks: int = 2,
               dropout: float = 0.1, grid: int = 1024, prediction: str = "x") -> DdpmUNet:
-    """The pytorch-ddpm UNet layout (its state-dict keys), e.g. for the RCFD/RDD CIFAR-10 checkpoints."""
+    """The pytorch-ddpm UNet layout (its state-dict keys), e.g. for the RCFD/RDD CIFAR-10 checkpoints.
+
+    ``T`` (the time-embedding table) defaults to ``grid + 1``; unconditional only: ``num_classes`` is unused
+    (the class-conditional ImageNet-64 UNet of the paper is not built).
+    """
     return DdpmUNet(in_chans, T, ch, tuple(ch_mult), tuple(attn), num_res_blocks, dropout, grid, prediction)
 
 

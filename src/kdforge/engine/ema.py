@@ -12,7 +12,11 @@ from kdforge.config import EmaConfig
 
 
 class Ema:
-    """An exponential moving average of a model's parameters and floating buffers: ema ← d·ema + (1−d)·w."""
+    """An exponential moving average of a model's parameters and floating buffers: ema ← d·ema + (1−d)·w.
+
+    With ``warmup`` the decay of update n (from 0) is ``min(d, (1 + n) / (10 + n))`` (TensorFlow's
+    ``num_updates`` rule), so the first updates mostly copy the weights instead of keeping the random start.
+    """
 
     def __init__(self, model: nn.Module, cfg: EmaConfig) -> None:
         self.cfg = cfg
@@ -22,13 +26,18 @@ class Ema:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """Move the average towards ``model``'s current weights."""
-        d = self.cfg.decay
+        d = self.decay(self.updates)
         for e, w in zip(self.model.state_dict().values(), model.state_dict().values(), strict=True):
             if e.dtype.is_floating_point:
                 e.lerp_(w.detach(), 1 - d)
             else:
                 e.copy_(w)
         self.updates += 1
+
+    def decay(self, n: int) -> float:
+        """The decay used at update ``n`` (counted from 0)."""
+        d = self.cfg.decay
+        return min(d, (1 + n) / (10 + n)) if getattr(self.cfg, "warmup", False) else d
 
     def state_dict(self) -> dict[str, Any]:
         """The averaged weights and the update count."""
