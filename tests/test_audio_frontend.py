@@ -173,3 +173,19 @@ def test_wav_round_trip_any_rate(tmp_path, monkeypatch) -> None:
     (tmp_path / "bad.wav").write_bytes(b"not a wav")
     with pytest.raises(KdforgeError, match="PCM WAV"):
         read_audio(tmp_path / "bad.wav")
+
+
+def test_float32_log_mel_is_as_precise_as_the_official_float32_librosa_path() -> None:
+    librosa = pytest.importorskip("librosa")
+    # a loud tone over quiet noise: torch's float32 FFT was ~3e-3 off in the low-energy bins after the log
+    t = np.arange(47975) / 24000
+    w = (0.5 * np.sin(2 * np.pi * 440 * t) + 1e-4 * np.random.default_rng(3).standard_normal(47975)).astype(np.float32)
+    truth = LogMel(FE, torch.float64)(torch.from_numpy(w.astype(np.float64))).numpy()
+    ours = LogMel(FE, torch.float32)(torch.from_numpy(w))
+    assert ours.dtype == torch.float32
+    mel = librosa.filters.mel(sr=24000, n_fft=2048, n_mels=128, htk=True, norm=None)
+    spec = np.abs(librosa.stft(w, n_fft=2048, window="hann", hop_length=120, win_length=240, pad_mode="constant"))
+    official = np.log(mel @ spec + 1e-6).T  # the baseline's float32 path
+    err_ours = np.abs(ours.numpy().astype(np.float64) - truth).max()
+    err_official = np.abs(official.astype(np.float64) - truth).max()
+    assert err_ours <= 1.5 * err_official and err_ours < 1e-6, (err_ours, err_official)

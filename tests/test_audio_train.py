@@ -144,15 +144,46 @@ def test_fusion_properties() -> None:
         fuse(s, (0.5, 0.5))
 
 
-def test_fusion_search_uses_the_grid_and_never_loses_to_uniform_on_val() -> None:
+def test_fusion_search_equals_a_brute_force_over_the_simplex() -> None:
     grid = list(simplex_grid(4, 0.25))
     assert len(grid) == math.comb(4 + 3, 3) and all(abs(sum(w) - 1) < 1e-12 for w in grid)
-    y = np.random.default_rng(9).integers(0, 6, 40)
-    good = np.eye(6)[y] * 0.6 + _scores(5) * 0.1  # model 2 knows the labels
-    s = [_scores(0), good, _scores(1), _scores(2)]
-    w, val = search_weights(s, y, 0.05)
-    assert w[1] > 0 and val == 100.0
-    assert val >= topk_accuracy(fuse(s, [0.25] * 4), y)
+    rng = np.random.default_rng(9)
+    for trial in range(3):
+        y = rng.integers(0, 6, 60)
+        s = [_scores(10 * trial + i, 60) + 0.8 * np.eye(6)[np.where(rng.random(60) < 0.3 + 0.1 * i, y,
+                                                                       rng.integers(0, 6, 60))] for i in range(3)]
+        # an independent search: every multiple of 0.1 per weight, accuracy by hand, ties by mCA then by distance
+        # to uniform, as documented
+        keys = {}
+        for a in range(11):
+            for b in range(11 - a):
+                w = (a / 10, b / 10, (10 - a - b) / 10)
+                pred = sum(wi * si for wi, si in zip(w, s, strict=True)).argmax(1)
+                top1 = round(100 * float(np.mean(pred == y)), 9)
+                mca = round(100 * float(np.mean([np.mean(pred[y == c] == c) for c in np.unique(y)])), 9)
+                keys[w] = (top1, mca, round(-sum(abs(wi - 1 / 3) for wi in w), 9))
+        best = max(keys.values())
+        w, val = search_weights(s, y, 0.1)
+        assert val == pytest.approx(best[0])
+        got = next(v for k, v in keys.items() if np.allclose(k, w))
+        assert got == best, (trial, w, got, best)  # the same optimum, tie-breaks included
+
+
+def test_fusion_weights_come_from_validation_not_test() -> None:
+    # model 0 is right on validation and wrong on test, model 1 the other way round: a search that peeked at the
+    # test labels would pick model 1
+    y_val, y_test = np.arange(30) % 5, np.arange(30) % 5
+    wrong = (np.arange(30) + 1) % 5
+    val = [np.eye(5)[y_val], np.eye(5)[wrong]]
+    test = [np.eye(5)[wrong], np.eye(5)[y_test]]
+    from kdforge.audio.recipe import AudioRecipe, fuse_stages
+
+    recipe = AudioRecipe.from_dict({"stages": [{"name": "a"}, {"name": "b"}], "fusion": {"step": 0.5,
+                                                                                        "published": [0.5, 0.5]}})
+    scores = {n: {"val": (val[i], y_val), "test": (test[i], y_test)} for i, n in enumerate(("a", "b"))}
+    out = fuse_stages(recipe, scores, [])
+    assert out["searched"]["weights"] == [1.0, 0.0]
+    assert out["searched"]["val"]["top1"] == 100.0 and out["searched"]["test"]["top1"] == 0.0
 
 
 # -- metrics -------------------------------------------------------------------------------------------
@@ -258,8 +289,27 @@ def test_staged_run_fusion_and_resume(audio_run) -> None:
     assert set(res.fusion) >= {"uniform", "published", "searched"} and res.fusion["models"] == ["m1", "m2", "m3", "m4"]
     assert abs(sum(res.fusion["searched"]["weights"]) - 1) < 1e-9
     assert (root / "stages.json").is_file() and (root / "stages" / "02-m2" / "results.json").is_file()
+    stamp = {p: p.stat().st_mtime_ns for p in root.glob("stages/*/model.safetensors")}
     again = run(recipe, root, resume=True)  # every stage finished: loaded, not retrained
-    assert again.stages["m4"]["test"] == res.stages["m4"]["test"] and again.fusion["searched"] == res.fusion["searched"]
+    assert {p: p.stat().st_mtime_ns for p in root.glob("stages/*/model.safetensors")} == stamp
+    # independent of the stored JSON: re-score M4's saved weights on the test split and recompute the metrics
+    from safetensors.torch import load_file
+
+    from kdforge.audio.method import view_scores
+    from kdforge.audio.recipe import build_data
+    from kdforge.data import make_loader
+
+    data = build_data(recipe.data)
+    net = audio_slowfast_lite(data.num_classes)
+    net.load_state_dict(load_file(str(root / "stages" / "04-m4" / "model.safetensors")))
+    s, y = view_scores(net, make_loader(data.test, 16, False))
+    assert again.stages["m4"]["test"]["top1"] == pytest.approx(100 * float(np.mean(s.argmax(1) == y)))
+    z = np.load(root / "stages" / "04-m4" / "scores.npz")
+    np.testing.assert_allclose(z["test_s"], s, rtol=1e-5, atol=1e-6)
+    w = again.fusion["searched"]["weights"]
+    stored = [np.load(next(root.glob(f"stages/*-{n}")) / "scores.npz")["test_s"] for n in ("m1", "m2", "m3", "m4")]
+    fused = sum(wi * si for wi, si in zip(w, stored, strict=True))
+    assert again.fusion["searched"]["test"]["top1"] == pytest.approx(100 * float(np.mean(fused.argmax(1) == y)))
 
 
 def test_cli_audio_predict_and_errors(audio_run, tmp_path, capsys) -> None:
@@ -299,7 +349,7 @@ def test_epic_sounds_recipe_writes_the_submission(tmp_path) -> None:
         return "\n".join(out) + "\n"
 
     for name, n, lab in (("train", 12, True), ("val", 6, True), ("test", 4, False)):
-        (tmp_path / f"{name}.csv").write_text(rows(n, lab))
+        (tmp_path / f"{name}.csv").write_text(rows(n, lab).replace("P01_01_", f"{name}_"))
     stage = {"loss": "ls", "epsilon": 0.06, "lr": 0.01, "epochs": 1}
     recipe = AudioRecipe.from_dict({
         "data": {"kind": "epic_sounds", "hdf5": str(tmp_path / "a.hdf5"), "train_csv": str(tmp_path / "train.csv"),
@@ -308,8 +358,148 @@ def test_epic_sounds_recipe_writes_the_submission(tmp_path) -> None:
                  "frontend": {"sample_rate": 16000, "win_ms": 20, "hop_ms": 10, "n_fft": 512, "n_mels": 32}},
         "model": {"model": "cnn_tiny"}, "fusion": {"step": 0.5, "published": [0.5, 0.5]},
         "stages": [{"name": "m1", **stage}, {"name": "m2", "init": "stage:m1", **stage}]})
+    from kdforge.audio.recipe import build_data
+
+    data = build_data(recipe.data)
+    val_videos = {r.video_id for r in data.val.records}
+    test_videos = {r.video_id for r in data.test.records}
+    assert val_videos and test_videos and not val_videos & test_videos  # whole videos: fusion search vs report
+    assert len(data.val) + len(data.test) == 6 and all(r.label >= 0 for r in data.test.records)
     res = run(recipe, tmp_path / "run", resume=False)
-    assert res.stages["m1"]["test"] == {}  # the recognition test split has no labels
-    assert res.stages["m2"]["val"]["top1"] >= 0 and set(res.fusion["searched"]["weights"]) <= {0.0, 0.5, 1.0}
+    assert res.stages["m1"]["test"]["top1"] >= 0 and res.fusion["searched"]["test"]  # reported on the labelled hold-out
+    assert set(res.fusion["searched"]["weights"]) <= {0.0, 0.5, 1.0}
     sub = json.loads(zipfile.ZipFile(tmp_path / "run" / "submission.zip").read("test.json"))
-    assert sorted(sub["results"]) == [f"P01_01_{i}" for i in range(4)]
+    assert sorted(sub["results"]) == [f"test_{i}" for i in range(4)]  # the recognition test CSV's ids
+
+
+
+# -- the official Auditory SlowFast ----------------------------------------------------------------------
+
+# Feature-map sizes (channels, time, frequency) of the official ASF (ResNet-50, alpha 4, beta 1/8, fusion ratio 2)
+# for the baseline's 400 x 128 input: the stem's conv stride 2x2 and 3x3/2 max-pool take the slow 100 frames to 25
+# and the fast 400 to 100; the head's average pools are [NUM_FRAMES // ALPHA // 4, NUM_FREQ // 32] = [25, 4] and
+# [NUM_FRAMES // 4, NUM_FREQ // 32] = [100, 4]; the stages halve frequency from res3 on.
+OFFICIAL_SIZES = {
+    "stem": [(64, 25, 32), (8, 100, 32)], "fuse1": [(80, 25, 32)],
+    "slow2": [(256, 25, 32)], "fast2": [(32, 100, 32)], "fuse2": [(320, 25, 32)],
+    "slow3": [(512, 25, 16)], "fast3": [(64, 100, 16)], "fuse3": [(640, 25, 16)],
+    "slow4": [(1024, 25, 8)], "fast4": [(128, 100, 8)], "fuse4": [(1280, 25, 8)],
+    "slow5": [(2048, 25, 4)], "fast5": [(256, 100, 4)],
+}
+
+
+def test_every_stage_has_the_official_feature_map_size() -> None:
+    from kdforge.audio.models import audio_slowfast
+
+    with torch.device("meta"):
+        model = audio_slowfast(44)
+    seen: dict[str, list[tuple[int, ...]]] = {}
+
+    def hook(name: str):
+        return lambda mod, inp, out: seen.setdefault(name, []).append(tuple(out.shape[1:]))
+
+    model.pool.register_forward_hook(hook("stem"))  # one pool module, called for the slow then the fast stem
+    for i, (s, f) in enumerate(zip(model.slow_stages, model.fast_stages, strict=True)):
+        s.register_forward_hook(hook(f"slow{i + 2}"))
+        f.register_forward_hook(hook(f"fast{i + 2}"))
+    for k, fu in enumerate(model.fuse):
+        fu.register_forward_hook(hook(f"fuse{k + 1}"))
+    assert tuple(model.features(torch.empty(2, 1, 400, 128, device="meta")).shape) == (2, 2048 + 256)
+    assert seen == OFFICIAL_SIZES
+
+
+def _official_state(num_classes: int = 44) -> dict[str, torch.Tensor]:
+    """The official ASF-50 state dict's names and shapes, written from its module layout (not from kdforge)."""
+    out: dict[str, torch.Tensor] = {}
+
+    def bn(prefix: str, c: int) -> None:
+        for k in ("weight", "bias", "running_mean", "running_var"):
+            out[f"{prefix}.{k}"] = torch.empty(c)
+        out[f"{prefix}.num_batches_tracked"] = torch.tensor(0)
+
+    out["s1.pathway0_stem.conv.weight"] = torch.empty(64, 1, 1, 7)
+    out["s1.pathway1_stem.conv.weight"] = torch.empty(8, 1, 5, 7)
+    bn("s1.pathway0_stem.bn", 64)
+    bn("s1.pathway1_stem.bn", 8)
+    slow_in, fast_in = 64 + 16, 8
+    for st, (blocks, inner, tk) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512), (1, 1, 3, 3), strict=True)):
+        s = st + 2
+        fuse_c = 32 * 2 ** (st - 1) if st else 8  # the fast channels entering the fusion before this stage
+        out[f"s{s - 1}_fuse.conv_f2s.weight"] = torch.empty(2 * fuse_c, fuse_c, 7, 1)
+        bn(f"s{s - 1}_fuse.bn", 2 * fuse_c)
+        for p, (cin, inn, cout, k) in enumerate(((slow_in, inner, 4 * inner, tk),
+                                                 (fast_in, inner // 8, inner // 2, 3))):
+            for b in range(blocks):
+                pre = f"s{s}.pathway{p}_res{b}"
+                c0 = cin if b == 0 else cout
+                if b == 0:
+                    out[f"{pre}.branch1.weight"] = torch.empty(cout, c0, 1, 1)
+                    bn(f"{pre}.branch1_bn", cout)
+                out[f"{pre}.branch2.a.weight"] = torch.empty(inn, c0, k, 1)
+                bn(f"{pre}.branch2.a_bn", inn)
+                out[f"{pre}.branch2.b.weight"] = torch.empty(inn, inn, 1, 3)
+                bn(f"{pre}.branch2.b_bn", inn)
+                out[f"{pre}.branch2.c.weight"] = torch.empty(cout, inn, 1, 1)
+                bn(f"{pre}.branch2.c_bn", cout)
+        slow_in, fast_in = 4 * inner + (inner if st < 3 else 0), inner // 2
+    out["head.projection.weight"] = torch.empty(num_classes, 2048 + 256)
+    out["head.projection.bias"] = torch.empty(num_classes)
+    g = torch.Generator().manual_seed(0)
+    return {k: (torch.randn(v.shape, generator=g) if v.is_floating_point() else v) for k, v in out.items()}
+
+
+def test_official_checkpoint_names_convert_and_load_exactly(tmp_path) -> None:
+    from kdforge.audio.models import audio_slowfast, convert_official
+    from kdforge.audio.recipe import load_backbone
+
+    official = _official_state()
+    model = audio_slowfast(44)
+    model.load_state_dict(convert_official(official), strict=True)  # every name and shape has its place
+    sd = model.state_dict()
+    for theirs, ours in (("s1.pathway1_stem.conv.weight", "fast_stem.weight"),
+                         ("s1_fuse.conv_f2s.weight", "fuse.0.conv.weight"),
+                         ("s4_fuse.bn.running_var", "fuse.3.bn.running_var"),
+                         ("s3.pathway1_res0.branch1.weight", "fast_stages.1.0.short.0.weight"),
+                         ("s5.pathway0_res2.branch2.b_bn.bias", "slow_stages.3.2.b_bn.bias"),
+                         ("head.projection.weight", "head.projection.weight")):
+        assert torch.equal(sd[ours], official[theirs]), theirs
+    # a .pyth file as the official code saves it (model_state beside the epoch and optimiser), with a DDP prefix
+    vgg = {("module." + k): v for k, v in _official_state(309).items()}
+    torch.save({"epoch": 50, "model_state": vgg, "optimizer_state": {}, "cfg": "..."}, tmp_path / "VGG.pyth")
+    fresh = audio_slowfast(44)
+    skipped = load_backbone(fresh, tmp_path / "VGG.pyth")
+    assert skipped == ["head.projection.bias", "head.projection.weight"]  # VGG-Sound's 309-class head stays new
+    assert torch.equal(fresh.state_dict()["slow_stages.2.5.c.weight"], vgg["module.s4.pathway0_res5.branch2.c.weight"])
+    with pytest.raises(KdforgeError, match="not a tensor of the official"):
+        convert_official({"s9.pathway0_res0.branch2.a.weight": torch.zeros(1)})
+
+
+def test_precise_bn_is_estimated_once_and_only_for_adapting_bns() -> None:
+    from kdforge.audio.data import SpectrogramSet
+    from kdforge.audio.method import AudioStage
+    from kdforge.data import make_loader
+    from kdforge.models import create_model
+
+    torch.manual_seed(0)
+    specs = [torch.randn(40, 16) * (1 + i) for i in range(8)]
+    train = make_loader(SpectrogramSet(specs, [0, 1, 2] * 2 + [0, 1], 40, train=True, split="train"), 4, True)
+    test = make_loader(SpectrogramSet(specs[:3], [0, 1, 2], 40, train=False, views=2, split="test"), 4, False)
+
+    class T:  # what evaluate() reads from the trainer
+        train_loader, global_step = train, 7
+
+    net = create_model("timm:resnet10t", num_classes=3, in_chans=1)
+    method = AudioStage(net, freeze_bn=True, precise_bn_batches=2)
+    bns = [n for n, m in net.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    first = method.evaluate(test, T(), net)
+    after = {k: v.clone() for k, v in net.state_dict().items()}
+    changed = {k.rsplit(".", 1)[0] for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {bns[0]}  # the stem BN only: the other BNs are frozen by the official policy
+    again = method.evaluate(test, T(), net)  # same weights, same step: no second estimate
+    assert all(torch.equal(v, after[k]) for k, v in net.state_dict().items()) and again == first
+    T.global_step = 8  # a training step changed the weights: estimated again
+    with torch.no_grad():
+        next(net.parameters()).mul_(2.0)  # the stem convolution, before the stem BN
+    method.evaluate(test, T(), net)
+    assert not torch.equal(net.state_dict()[bns[0] + ".running_mean"], after[bns[0] + ".running_mean"])

@@ -20,3 +20,4 @@ def test_quick_rdd_bench_writes_table_chart_and_grids(tmp_path: Path, monkeypatc
     assert set(raw["scores"]) >= {"teacher/64", "teacher/1", "pd-chain/8", "pd/1", "cfd/1", "rdd/1"}
     assert raw["scores"]["teacher/1"][0]["ms_per_image"] < raw["scores"]["teacher/64"][0]["ms_per_image"]
     assert (tmp_path / "out" / "rdd.png").is_file() and (tmp_path / "out" / "rdd-samples.png").is_file()
+    assert len(raw["scores"]["rdd/1"][0]["fd_noise"]) == len(raw["noise_seeds"]) and raw["reference_images"] == 1797

@@ -22,7 +22,6 @@ from kdforge.diffusion import (
     cfd_loss,
     is_p2p_loss,
     memory_p2p_loss,
-    sampling_grid,
 )
 from kdforge.diffusion.features import FeatureNet
 from kdforge.diffusion.method import RoundConfig, round_names
@@ -45,14 +44,21 @@ def test_cosine_grid_is_strictly_decreasing_with_clamped_betas(grid: int) -> Non
 
 
 def test_a_halved_level_sees_the_teachers_even_grid_points() -> None:
+    from kdforge.diffusion.sample import step_indices
+
     g, t = 64, 8
-    teacher = sampling_grid(g, t)
-    student = sampling_grid(g, t // 2)
-    assert student == teacher[::2]
+    teacher, student = SmallUNet(ch=8, grid=g), SmallUNet(ch=8, grid=g)
+    teacher.steps.fill_(t)
+    student.steps.fill_(t // 2)
+    assert student.level == (t // 2, 2 * teacher.level[1])
+    s_idx, t_idx = step_indices(student), step_indices(teacher)
+    assert s_idx == t_idx[::2] == [16 * k for k in range(4, -1, -1)]  # grid index of step k: k * 2ts
     s = CosineGrid(g)
-    z = torch.zeros(1, dtype=torch.float64)
-    for k in range(t // 2 + 1):  # student step k at scale 2ts is the teacher's step 2k
-        assert torch.equal(s.alpha_at(k * 2 * (g // t), z), s.alpha_at(2 * k * (g // t), z))
+    closed = lambda i: math.cos(((i + 1) / (g + 1) + 0.008) / 1.008 * math.pi / 2) ** 2 / math.cos(
+        0.008 / 1.008 * math.pi / 2) ** 2  # the spec's ᾱ_i, written out
+    for k in range(t // 2):  # the student's ᾱ at its step k = the closed form at the teacher's step 2k
+        i = s_idx[::-1][k]  # (step 4 = index G, where the clamped β makes the closed form inexact, is left out)
+        assert float(s.alpha_bar[i]) == pytest.approx(closed(2 * k * (g // t)), rel=1e-9)
 
 
 def test_ddim_step_with_the_true_x_reproduces_the_forward_process_in_float64() -> None:
@@ -326,29 +332,147 @@ def test_metrics_on_known_inputs() -> None:
     assert classifier_is(np.full((50, 10), 0.1)) == pytest.approx(1.0) and class_coverage(np.eye(10)[[3] * 50]) == 0
 
 
-def test_ddpm_unet_has_pytorch_ddpm_keys_and_loads_a_checkpoint(tmp_path: Path) -> None:
+class _RefSwish(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(x)
+
+
+class _RefTimeEmbedding(torch.nn.Module):
+    # pytorch-ddpm model.py: a frozen sinusoidal table, sin and cos interleaved per frequency
+    def __init__(self, T: int, d_model: int, dim: int) -> None:
+        super().__init__()
+        freq = torch.exp(-torch.arange(0, d_model, 2).float() / d_model * math.log(10000))
+        ang = torch.arange(T).float()[:, None] * freq[None, :]
+        table = torch.stack([ang.sin(), ang.cos()], dim=-1).view(T, d_model)
+        self.timembedding = torch.nn.Sequential(torch.nn.Embedding.from_pretrained(table),
+                                                torch.nn.Linear(d_model, dim), _RefSwish(), torch.nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.timembedding(t)
+
+
+class _RefDown(torch.nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.main = torch.nn.Conv2d(c, c, 3, 2, 1)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        return self.main(x)
+
+
+class _RefUp(torch.nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.main = torch.nn.Conv2d(c, c, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        return self.main(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class _RefAttn(torch.nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.group_norm = torch.nn.GroupNorm(32, c)
+        self.proj_q, self.proj_k = torch.nn.Conv2d(c, c, 1), torch.nn.Conv2d(c, c, 1)
+        self.proj_v, self.proj = torch.nn.Conv2d(c, c, 1), torch.nn.Conv2d(c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        n = self.group_norm(x)
+        q, k, v = self.proj_q(n), self.proj_k(n), self.proj_v(n)
+        weights = torch.einsum("bci,bcj->bij", q.flatten(2), k.flatten(2)) / math.sqrt(c)
+        out = torch.einsum("bij,bcj->bci", weights.softmax(-1), v.flatten(2)).view(b, c, h, w)
+        return x + self.proj(out)
+
+
+class _RefRes(torch.nn.Module):
+    def __init__(self, cin: int, cout: int, tdim: int, attn: bool) -> None:
+        super().__init__()
+        self.block1 = torch.nn.Sequential(torch.nn.GroupNorm(32, cin), _RefSwish(), torch.nn.Conv2d(cin, cout, 3, 1, 1))
+        self.temb_proj = torch.nn.Sequential(_RefSwish(), torch.nn.Linear(tdim, cout))
+        self.block2 = torch.nn.Sequential(torch.nn.GroupNorm(32, cout), _RefSwish(), torch.nn.Dropout(0.0),
+                                          torch.nn.Conv2d(cout, cout, 3, 1, 1))
+        self.shortcut = torch.nn.Conv2d(cin, cout, 1, 1, 0) if cin != cout else torch.nn.Identity()
+        self.attn = _RefAttn(cout) if attn else torch.nn.Identity()
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.block1(x) + self.temb_proj(temb)[:, :, None, None]
+        return self.attn(self.block2(h) + self.shortcut(x))
+
+
+class _RefUNet(torch.nn.Module):
+    """pytorch-ddpm's model.py UNet, written here from its structure (independent of kdforge's DdpmUNet)."""
+
+    def __init__(self, T: int, ch: int, ch_mult: tuple[int, ...], attn: tuple[int, ...], num_res_blocks: int) -> None:
+        super().__init__()
+        tdim = 4 * ch
+        self.time_embedding = _RefTimeEmbedding(T, ch, tdim)
+        self.head = torch.nn.Conv2d(3, ch, 3, 1, 1)
+        self.downblocks = torch.nn.ModuleList()
+        skip, now = [ch], ch
+        for i, m in enumerate(ch_mult):
+            for _ in range(num_res_blocks):
+                self.downblocks.append(_RefRes(now, ch * m, tdim, i in attn))
+                now = ch * m
+                skip.append(now)
+            if i < len(ch_mult) - 1:
+                self.downblocks.append(_RefDown(now))
+                skip.append(now)
+        self.middleblocks = torch.nn.ModuleList([_RefRes(now, now, tdim, True), _RefRes(now, now, tdim, False)])
+        self.upblocks = torch.nn.ModuleList()
+        for i in reversed(range(len(ch_mult))):
+            for _ in range(num_res_blocks + 1):
+                self.upblocks.append(_RefRes(skip.pop() + now, ch * ch_mult[i], tdim, i in attn))
+                now = ch * ch_mult[i]
+            if i > 0:
+                self.upblocks.append(_RefUp(now))
+        assert not skip
+        self.tail = torch.nn.Sequential(torch.nn.GroupNorm(32, now), _RefSwish(), torch.nn.Conv2d(now, 3, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        temb = self.time_embedding(t)
+        hs = [self.head(x)]
+        for layer in self.downblocks:
+            hs.append(layer(hs[-1], temb))
+        h = hs[-1]
+        for layer in self.middleblocks:
+            h = layer(h, temb)
+        for layer in self.upblocks:
+            h = layer(torch.cat([h, hs.pop()], 1) if isinstance(layer, _RefRes) else h, temb)
+        return self.tail(h)
+
+
+def test_ddpm_unet_loads_a_pytorch_ddpm_checkpoint_and_computes_what_its_model_does(tmp_path: Path) -> None:
     from kdforge.diffusion import DdpmUNet, load_ddpm_checkpoint
 
     torch.manual_seed(0)
-    net = DdpmUNet(3, T=16, ch=32, ch_mult=(1, 2), attn=(1,), num_res_blocks=1, dropout=0.0, grid=16)
-    keys = set(net.state_dict())
-    for k in ("time_embedding.timembedding.0.weight", "time_embedding.timembedding.1.weight", "head.weight",
-              "downblocks.0.block1.0.weight", "downblocks.0.temb_proj.1.weight", "downblocks.1.main.weight",
-              "downblocks.2.attn.proj_q.weight", "middleblocks.0.attn.group_norm.weight", "upblocks.0.shortcut.weight",
-              "upblocks.2.main.weight", "tail.2.weight"):
-        assert k in keys, k
-    emb = net.state_dict()["time_embedding.timembedding.0.weight"]
-    assert float(emb[3, 0]) == pytest.approx(math.sin(3.0)) and float(emb[3, 1]) == pytest.approx(math.cos(3.0))
-    sd = {f"module.{k}": v for k, v in net.state_dict().items() if k not in ("grid", "steps")}
-    torch.save({"ema_model": sd, "step": 5}, tmp_path / "ckpt.pt")
-    other = DdpmUNet(3, T=16, ch=32, ch_mult=(1, 2), attn=(1,), num_res_blocks=1, dropout=0.0, grid=16)
-    load_ddpm_checkpoint(str(tmp_path / "ckpt.pt"), other, steps=8)
-    assert int(other.steps) == 8
-    z, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 9])
-    torch.testing.assert_close(other(z, t), net(z, t))
-    wrong = DdpmUNet(3, T=16, ch=64, ch_mult=(1, 2), attn=(1,), num_res_blocks=1, grid=16)
+    ref = _RefUNet(T=17, ch=32, ch_mult=(1, 2), attn=(1,), num_res_blocks=1)
+    for p in ref.parameters():  # pytorch-ddpm zero-initialises some layers: random weights test every path
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.2)
+    sd = {f"module.{k}": v for k, v in ref.state_dict().items()}
+    torch.save({"ema_model": sd, "net_model": {}, "step": 5}, tmp_path / "ckpt.pt")  # as its train loop saves
+    net = DdpmUNet(3, ch=32, ch_mult=(1, 2), attn=(1,), num_res_blocks=1, dropout=0.0, grid=16)  # T: grid + 1
+    load_ddpm_checkpoint(str(tmp_path / "ckpt.pt"), net, steps=8)
+    assert int(net.steps) == 8
+    z, t = torch.randn(3, 3, 8, 8), torch.tensor([0, 9, 16])
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval()(z, t), ref.eval()(z, t), rtol=1e-4, atol=1e-5)
+    wrong = DdpmUNet(3, ch=64, ch_mult=(1, 2), attn=(1,), num_res_blocks=1, grid=16)
     with pytest.raises(kd.KdforgeError, match="shape of"):
         load_ddpm_checkpoint(str(tmp_path / "ckpt.pt"), wrong)
+
+
+def test_ddpm_unet_defaults_cover_the_whole_grid() -> None:
+    from kdforge.diffusion.unet import ddpm_unet
+
+    with torch.device("meta"):
+        net = ddpm_unet()  # T unset, grid 1024: the table has 1025 rows
+    assert net.time_embedding.timembedding[0].weight.shape == (1025, 128)
+    small = ddpm_unet(ch=32, ch_mult=(1,), attn=(), num_res_blocks=1, grid=8)
+    assert small(torch.randn(2, 3, 8, 8), torch.tensor([0, 8])).shape == (2, 3, 8, 8)  # index G = 8 works
+    with pytest.raises(kd.KdforgeError, match=r"must cover the grid indices 0\.\.1024"):
+        ddpm_unet(T=1000)
 
 
 def test_diffusers_adapter_on_a_tiny_random_unet() -> None:
@@ -363,3 +487,95 @@ def test_diffusers_adapter_on_a_tiny_random_unet() -> None:
     out = net(torch.randn(2, 1, 8, 8), torch.tensor([1, 15]))
     assert out.shape == (2, 1, 8, 8)
     assert ddim_sample(net, 3, (1, 8, 8), steps=2).shape == (3, 1, 8, 8)
+
+
+# -- EMA warm-up, CIFAR-10 in [−1, 1], the DenseNet classifier, FID --------------------------------------------
+def test_ema_warmup_makes_the_random_start_fade() -> None:
+    from kdforge.config import EmaConfig
+    from kdforge.engine.ema import Ema
+
+    start, trained = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.constant_(start.weight, 1.0)
+    torch.nn.init.constant_(trained.weight, 0.0)
+    n = 2300
+    for warm in (False, True):
+        ema = Ema(start, EmaConfig(decay=0.999, warmup=warm))
+        for _ in range(n):
+            ema.update(trained)
+        # the share of the initial weights left is the product of the decays used, written out independently
+        keep = 0.999**n if not warm else math.prod(min(0.999, (1 + i) / (10 + i)) for i in range(n))
+        assert float(ema.model.weight) == pytest.approx(keep, rel=1e-6)
+    assert 0.999**n > 0.1 - 0.001  # without warm-up: ~10 % of the random start after 2,300 steps
+    assert keep < 1e-12
+
+
+def test_cifar10_pm1_is_flip_only_in_minus_one_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision.datasets
+
+    class FakeCifar:  # torchvision's CIFAR10 attributes, with tiny made-up images
+        def __init__(self, root: str, train: bool = True, download: bool = False) -> None:
+            g = np.random.default_rng(0 if train else 1)
+            self.data = g.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+            self.data[0, 0, 0] = (0, 255, 128)
+            self.targets = list(range(6))
+            self.classes = [f"c{i}" for i in range(10)]
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCifar)
+    b = load_data(name="cifar10_pm1", download=False, val_fraction=0.0, augment=True)
+    raw = torch.from_numpy(FakeCifar("", True).data).permute(0, 3, 1, 2).float()
+    torch.testing.assert_close(b.train.x, raw / 127.5 - 1, atol=2e-6, rtol=0)  # exactly x / 127.5 − 1
+    assert float(b.train.x[0, 0, 0, 0]) == pytest.approx(-1) and float(b.train.x[0, 1, 0, 0]) == pytest.approx(1)
+    torch.manual_seed(0)
+    for _ in range(20):  # every training view is the image or its mirror: no pad-and-crop
+        x, _ = b.train[2]
+        assert torch.equal(x, b.train.x[2]) or torch.equal(x, b.train.x[2].flip(-1))
+
+
+def test_densenet_classifier_gives_the_papers_1920_by_4_by_4_map() -> None:
+    pytest.importorskip("timm")
+    from kdforge.diffusion.features import diffusion_densenet
+
+    with torch.device("meta"):
+        net = diffusion_densenet()  # DenseNet-201, CIFAR stem
+        a, v = net.features(torch.empty(2, 3, 32, 32))
+    assert a.shape == (2, 1920, 4, 4) and v.shape == (2, 1920) and net.channels == 1920
+    small = diffusion_densenet(growth_rate=8, block_config=(1, 1, 1, 1))
+    x = torch.randn(3, 3, 32, 32)
+    a, v = small.eval().features(x)
+    assert a.shape[2:] == (4, 4) and bool((a < 0).any())  # A is before the final ReLU
+    torch.testing.assert_close(v, F.relu(a).mean((2, 3)))
+    torch.testing.assert_close(small(x), small.fc(v))
+
+
+def test_fid_of_a_sample_file_against_an_independent_computation(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from scipy import linalg
+
+    from kdforge.cli import main
+    from kdforge.diffusion.metrics import fid
+
+    g = np.random.default_rng(0)
+    fake = g.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8)
+    real = np.clip(g.normal(150, 40, (60, 8, 8, 3)), 0, 255).astype(np.uint8)
+    np.savez(tmp_path / "samples.npz", images=fake, steps=1, seed=0)
+    np.savez(tmp_path / "real.npz", images=real)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten())
+    got = fid(tmp_path / "samples.npz", net, str(tmp_path / "real.npz"), batch_size=7)
+
+    def feats(a: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(a).permute(0, 3, 1, 2).float().div(255).expand(-1, 3, -1, -1)
+        with torch.no_grad():
+            return net(x).double().numpy()
+
+    f1, f2 = feats(fake), feats(real)
+    m1, m2, s1, s2 = f1.mean(0), f2.mean(0), np.cov(f1.T), np.cov(f2.T)
+    ref = ((m1 - m2) ** 2).sum() + np.trace(s1 + s2 - 2 * np.real(linalg.sqrtm(s1 @ s2)))
+    assert got["fid"] == pytest.approx(ref, rel=1e-6) and got["samples"] == 40 and got["reference_images"] == 60
+    np.savez(tmp_path / "stats.npz", mu=m2, sigma=s2)  # pytorch-fid's precomputed-statistics file
+    assert fid(tmp_path / "samples.npz", net, str(tmp_path / "stats.npz"))["fid"] == pytest.approx(ref, rel=1e-6)
+    assert main(["fid", str(tmp_path / "samples.npz"), "--inception", str(tmp_path / "none.pth")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and ("no Inception weights" in err or "pytorch-fid" in err)
+    assert main(["fid", str(tmp_path / "missing.npz"), "--inception", str(tmp_path / "none.pth")]) == 2
+    assert "no samples file" in capsys.readouterr().err

@@ -391,7 +391,7 @@ def fid(
     inception: Annotated[Path, typer.Option(help="local FID Inception weights (pytorch-fid's "
                                                  "pt_inception-2015-12-05-6726825d.pth); nothing is downloaded")],
     reference: Annotated[str, typer.Option(help="'cifar10' (its 50k training images from --root), a .npz of "
-                                                "mu/sigma (e.g. fid_stats_cifar10_train.npz) or of images")] = "cifar10",
+                                                "mu/sigma (fid_stats_cifar10_train.npz) or of images")] = "cifar10",
     root: Annotated[Path, typer.Option(help="data folder holding CIFAR-10 (for --reference cifar10)")] = Path("data"),
     batch_size: Annotated[int, typer.Option(min=1, help="images per Inception batch")] = 200,
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",

@@ -3,7 +3,9 @@
 Each stage is one ``kdforge.Trainer`` fit in its own folder of a :class:`~kdforge.engine.stages.StagedRun`
 (``RUN/stages/NN-name/``), starting from the weights of an earlier stage (or a checkpoint). After every
 stage the per-segment scores on the validation and test splits are stored; the fusion weights are
-searched on the validation split and applied to the test split.
+searched on the validation split and applied to the test split. On EPIC-SOUNDS the reported test split
+is a labelled hold-out of the validation CSV (whole videos, ``data.report_fraction``), the fusion weights
+are searched on the rest, and ``submission.zip`` is written for the recognition test CSV (no labels).
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ class AudioDataConfig(Strict):
     hdf5: str | None = None
     train_csv: str | None = None
     val_csv: str | None = None
-    test_csv: str | None = None
+    test_csv: str | None = None  # EPIC-SOUNDS recognition test CSV (no labels): scored for submission.zip only
+    report_fraction: float = Field(0.5, gt=0, lt=1)  # EPIC-SOUNDS: share of validation videos held out for reporting
     redact_background: bool = False
     frontend: FrontEndConfig = Field(default_factory=FrontEndConfig)
     specaugment: bool = True
@@ -152,6 +155,7 @@ class AudioSplits:
     pretrain: Any = None
     pretrain_val: Any = None
     pretrain_classes: int = 0
+    submit: Any = None  # EPIC-SOUNDS: the unlabelled recognition test split, scored for the submission
     annotation_ids: list[str] = field(default_factory=list)
 
 
@@ -169,9 +173,15 @@ def build_data(c: AudioDataConfig) -> AudioSplits:
                                "annotation CSVs; the data is not downloaded by kdforge)")
         train = EpicSounds(c.hdf5, c.train_csv, fe, train=True, specaug=aug, split="train")  # type: ignore[arg-type]
         val = EpicSounds(c.hdf5, c.val_csv, fe, views=c.views, split="val")  # type: ignore[arg-type]
-        test = EpicSounds(c.hdf5, c.test_csv or c.val_csv, fe, views=c.views, split="test")  # type: ignore[arg-type]
-        ids = [r.annotation_id for r in test.records]
-        return AudioSplits(train, val, test, 44, train.class_names(), annotation_ids=ids)
+        test = EpicSounds(c.hdf5, c.val_csv, fe, views=c.views, split="test")  # type: ignore[arg-type]
+        held = holdout_videos([r.video_id for r in val.records], c.report_fraction, c.data_seed)
+        val.records = [r for r in val.records if r.video_id not in held]
+        test.records = [r for r in test.records if r.video_id in held]
+        out = AudioSplits(train, val, test, 44, train.class_names())
+        if c.test_csv is not None:
+            out.submit = EpicSounds(c.hdf5, c.test_csv, fe, views=c.views, split="submit")
+            out.annotation_ids = [r.annotation_id for r in out.submit.records]
+        return out
     specs = _cached_specs(c, fe)
     n = fe.num_frames
 
@@ -185,6 +195,17 @@ def build_data(c: AudioDataConfig) -> AudioSplits:
         out.pretrain, out.pretrain_val = ds("pretrain", True), ds("pretrain_val", False)
         out.pretrain_classes = specs["pretrain_classes"]
     return out
+
+
+def holdout_videos(videos: list[str], fraction: float, seed: int) -> set[str]:
+    """A seeded share of the distinct videos (at least one, never all), held out as the labelled report split."""
+    distinct = sorted(set(videos))
+    if len(distinct) < 2:
+        raise KdforgeError(f"the validation CSV has {len(distinct)} video(s): holding out a labelled report split "
+                           "(whole videos) beside the fusion-search split needs at least 2")
+    k = min(len(distinct) - 1, max(1, round(fraction * len(distinct))))
+    order = np.random.default_rng(seed).permutation(len(distinct))
+    return {distinct[i] for i in order[:k]}
 
 
 def _cached_specs(c: AudioDataConfig, fe: FrontEnd) -> dict[str, Any]:
@@ -241,14 +262,23 @@ class AudioResult:
 
 
 def load_backbone(model: nn.Module, state: dict[str, torch.Tensor] | str | Path) -> list[str]:
-    """Load weights whose names and shapes fit (a new classifier stays as built); return the keys skipped."""
+    """Load weights whose names and shapes fit (a new classifier stays as built); return the keys skipped.
+
+    ``state``: a state dict, a .safetensors file, or an official Auditory SlowFast ``.pyth`` checkpoint
+    (its names converted by :func:`~kdforge.audio.models.convert_official`).
+    """
     if not isinstance(state, dict):
         from safetensors.torch import load_file
 
         p = Path(state)
         if not p.is_file():
             raise KdforgeError(f"stage init checkpoint not found: {str(p)!r}")
-        state = load_file(str(p))
+        if p.suffix == ".pyth":
+            from kdforge.audio.models import load_official
+
+            state = load_official(p)
+        else:
+            state = load_file(str(p))
     own = model.state_dict()
     fit = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not fit:
@@ -308,7 +338,7 @@ def run(recipe: AudioRecipe, run_dir: str | Path | None = None, resume: bool = T
 
             weights[s.name] = load_file(str(d / "model.safetensors"))
             z = np.load(d / "scores.npz")
-            scores[s.name] = {k: (z[f"{k}_s"], z[f"{k}_y"]) for k in ("val", "test")}
+            scores[s.name] = {k: (z[f"{k}_s"], z[f"{k}_y"]) for k in ("val", "test", "submit") if f"{k}_s" in z}
             results[s.name], times[s.name] = done["metrics"], done["time_s"]
             continue
         method = AudioStage(model, s.loss, s.epsilon, s.gamma, s.freeze_backbone, s.freeze_bn and s.init is not None,
@@ -323,7 +353,8 @@ def run(recipe: AudioRecipe, run_dir: str | Path | None = None, resume: bool = T
         fit = trainer.fit()
         del trainer
         got = {}
-        for key, dset in (("val", val), ("test", test)):
+        extra = (("submit", data.submit),) if data.submit is not None and not pre else ()
+        for key, dset in (("val", val), ("test", test), *extra):
             split = getattr(dset, "split", "")  # the engine's final evaluation already scored it
             got[key] = method.scores[split] if split in method.scores else view_scores(
                 method.model, make_loader(dset, recipe.data.eval_batch_size, False))
@@ -346,7 +377,7 @@ def run(recipe: AudioRecipe, run_dir: str | Path | None = None, resume: bool = T
         if data.annotation_ids and fusion:  # EPIC-SOUNDS: the challenge file of the searched fusion
             from kdforge.audio.data import write_submission
 
-            fused = fuse([scores[n]["test"][0] for n in fusion["models"]], fusion["searched"]["weights"])
+            fused = fuse([scores[n]["submit"][0] for n in fusion["models"]], fusion["searched"]["weights"])
             write_submission(root / "submission.zip", fused, data.annotation_ids)
     return res
 

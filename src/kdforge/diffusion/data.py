@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from kdforge.config import DataConfig
 import torch
 
+from kdforge.config import DataConfig
 from kdforge.data import DATASETS, DataBundle, cifar10, digits, fashion_mnist_subset
 from kdforge.data.tensor_dataset import TensorImages
 

@@ -210,8 +210,9 @@ class DdpmUNet(Denoiser):
             raise KdforgeError(f"the pytorch-ddpm UNet uses GroupNorm(32): ch must be a multiple of 32, got {ch}")
         T = grid + 1 if T is None else T  # the embedding table is looked up at grid indices 0..G
         if T < grid + 1:
-            raise KdforgeError(f"ddpm_unet: the time-embedding table (T = {T}) must cover the grid indices 0..{grid} "
-                               f"(T >= {grid + 1}); leave T unset, or set grid <= {T - 1} for a checkpoint with T = {T}")
+            raise KdforgeError(f"ddpm_unet: the time-embedding table (T = {T}) must cover the grid indices "
+                               f"0..{grid} (T >= {grid + 1}); leave T unset, or set grid <= {T - 1} for a checkpoint "
+                               f"with T = {T}")
         tdim = ch * 4
         self.time_embedding = _TimeEmbedding(T, ch, tdim)
         self.head = nn.Conv2d(in_chans, ch, 3, 1, 1)
