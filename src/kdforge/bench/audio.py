@@ -254,8 +254,10 @@ def _markdown(runs: dict[int, Any], models: list[dict[str, Any]], fused: list[di
         "",
         "Recipe `src/kdforge/recipes/audio/epic_sounds_paper.yaml` (official framing at 24 kHz, `audio_slowfast` "
         "26.1 M parameters, batch 128, precise BN 200 batches). It needs the EPIC-SOUNDS HDF5 and CSVs and the "
-        "official checkpoints converted to safetensors, and a GPU: it was not run here, so the kdforge column "
-        "is empty. Published numbers as the spec holds them (`unknown`: not recoverable; `unverified`: the spec "
+        "official `.pyth` checkpoints (names converted on load), and a GPU: it was not run here, so the kdforge "
+        "column is empty. Its numbers would be reported on a labelled hold-out of half the validation videos "
+        "(the fusion weights are searched on the other half) and `submission.zip` written for the recognition "
+        "test CSV. Published numbers as the spec holds them (`unknown`: not recoverable; `unverified`: the spec "
         "author's recollection of the EPIC-SOUNDS paper).",
         "",
         markdown_table([{**p, "kdforge": ""} for p in PUBLISHED], pub_cols),
