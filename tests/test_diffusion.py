@@ -579,3 +579,29 @@ def test_fid_of_a_sample_file_against_an_independent_computation(tmp_path: Path,
     assert err.count("\n") == 0 and ("no Inception weights" in err or "pytorch-fid" in err)
     assert main(["fid", str(tmp_path / "missing.npz"), "--inception", str(tmp_path / "none.pth")]) == 2
     assert "no samples file" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_fid_inception_loads_a_weights_file_of_the_fid_inception_layout(tmp_path: Path) -> None:
+    pfi = pytest.importorskip("pytorch_fid.inception")
+    import sys
+
+    from kdforge.diffusion.metrics import fid, inception_net
+
+    # random weights in the FID Inception's layout, taken from the model pytorch-fid builds (no download)
+    grab = lambda *a, **k: sys._getframe(1).f_locals["inception"].state_dict()  # noqa: E731
+    original, pfi.load_state_dict_from_url = pfi.load_state_dict_from_url, grab
+    try:
+        torch.save(pfi.fid_inception_v3().state_dict(), tmp_path / "pt_inception.pth")
+    finally:
+        pfi.load_state_dict_from_url = original
+    net = inception_net(tmp_path / "pt_inception.pth")
+    assert pfi.load_state_dict_from_url is original  # the patch is undone
+    g = np.random.default_rng(0)
+    np.savez(tmp_path / "a.npz", images=g.integers(0, 256, (6, 8, 8, 1), dtype=np.uint8))
+    np.savez(tmp_path / "b.npz", images=g.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8))
+    got = fid(tmp_path / "a.npz", net, str(tmp_path / "b.npz"), batch_size=3)
+    assert got["samples"] == 6 and np.isfinite(got["fid"]) and got["fid"] >= 0
+    torch.save({"other": torch.zeros(2)}, tmp_path / "wrong.pth")
+    with pytest.raises(kd.KdforgeError, match="not the FID Inception"):
+        inception_net(tmp_path / "wrong.pth")
