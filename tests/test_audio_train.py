@@ -503,3 +503,12 @@ def test_precise_bn_is_estimated_once_and_only_for_adapting_bns() -> None:
         next(net.parameters()).mul_(2.0)  # the stem convolution, before the stem BN
     method.evaluate(test, T(), net)
     assert not torch.equal(net.state_dict()[bns[0] + ".running_mean"], after[bns[0] + ".running_mean"])
+
+
+def test_paper_recipe_reads_official_checkpoints_and_the_recognition_test_csv() -> None:
+    from kdforge.audio.recipe import AudioRecipe
+    from kdforge.recipe_files import packaged
+
+    r = AudioRecipe.from_yaml(packaged("audio/epic_sounds_paper.yaml"))
+    assert r.data.test_csv != r.data.val_csv and "recognition_test" in r.data.test_csv
+    assert 0 < r.data.report_fraction < 1 and all(s.init.endswith(".pyth") for s in r.stages)

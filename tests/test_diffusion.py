@@ -589,7 +589,7 @@ def test_fid_inception_loads_a_weights_file_of_the_fid_inception_layout(tmp_path
     from kdforge.diffusion.metrics import fid, inception_net
 
     # random weights in the FID Inception's layout, taken from the model pytorch-fid builds (no download)
-    grab = lambda *a, **k: sys._getframe(1).f_locals["inception"].state_dict()  # noqa: E731
+    grab = lambda *a, **k: sys._getframe(1).f_locals["inception"].state_dict()
     original, pfi.load_state_dict_from_url = pfi.load_state_dict_from_url, grab
     try:
         torch.save(pfi.fid_inception_v3().state_dict(), tmp_path / "pt_inception.pth")
@@ -605,3 +605,17 @@ def test_fid_inception_loads_a_weights_file_of_the_fid_inception_layout(tmp_path
     torch.save({"other": torch.zeros(2)}, tmp_path / "wrong.pth")
     with pytest.raises(kd.KdforgeError, match="not the FID Inception"):
         inception_net(tmp_path / "wrong.pth")
+
+
+def test_paper_scale_recipes_name_the_flip_only_data_and_the_densenet() -> None:
+    from kdforge.config import validate
+    from kdforge.diffusion.method import DiffusionConfig
+    from kdforge.recipe_files import packaged
+
+    rdd = kd.Recipe.from_yaml(packaged("diffusion/cifar10-rdd-paper.yaml"))
+    cls = kd.Recipe.from_yaml(packaged("diffusion/cifar10-densenet201.yaml"))
+    assert rdd.data.name == cls.data.name == "cifar10_pm1" and rdd.data.augment
+    m = validate(DiffusionConfig, rdd.method.model_dump())
+    assert m.features is not None and m.features.model == "diffusion_densenet"
+    assert m.features.checkpoint == "runs/cifar10-densenet201/checkpoints/last.safetensors"
+    assert cls.method.model_dump()["model"]["model"] == "diffusion_densenet"
