@@ -1,6 +1,6 @@
 """kdforge: make deep models small and fast — distillation, pruning, continual learning."""
 
-from kdforge import audio, clip, continual, diffusion, distill, llm, losses, models, reid, rl  # noqa: F401 - registers them
+from kdforge import audio, clip, compress, continual, diffusion, distill, llm, losses, models, reid, rl  # noqa: F401 - registers them
 from kdforge.config import Recipe
 from kdforge.data import DataBundle, load_data
 from kdforge.distill import Distill, Term
@@ -19,9 +19,10 @@ from kdforge.taps import FeatureTaps
 
 __version__ = "0.1.0"
 
+# kd.compress(recipe, out): the package is callable (kdforge.compress.compress)
 __all__ = [
     "Callback", "DataBundle", "DataInfo", "Distill", "DistillLoss", "FeatureTaps", "FitResult", "KDLoss",
     "KdforgeError", "Method", "OptimizerSpec", "Recipe", "StepSource", "Supervised", "Term", "Trainer", "build_loss",
-    "count_flops", "count_params", "create_model", "kd_loss", "load_data", "load_deployable", "load_weights",
-    "measure_latency", "profile", "save_weights", "train",
+    "compress", "count_flops", "count_params", "create_model", "kd_loss", "load_data", "load_deployable",
+    "load_weights", "measure_latency", "profile", "save_weights", "train",
 ]
