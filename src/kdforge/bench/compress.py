@@ -30,7 +30,7 @@ def _settings(quick: bool) -> dict[str, Any]:
     return {"model": "resnet32", "data": {"name": "fashion_mnist_subset", "batch_size": 128, "val_fraction": 0.1},
             "teacher_epochs": 6, "teacher_lr": 0.05, "teacher_batch": 64, "fractions": [0.5, 0.25],
             "families": ["sglp", "block_influence", "uniform", "random", "width"], "seeds": [0, 1, 2],
-            "heal_epochs": 2, "max_drop": 1.5, "formats": ["onnx", "pt2", "safetensors"], "batch_sizes": [1, 64],
+            "heal_epochs": 1, "max_drop": 1.5, "formats": ["onnx", "pt2", "safetensors"], "batch_sizes": [1, 64],
             "iters": 3, "cache": "runs/cache"}
 
 
@@ -171,8 +171,11 @@ def _write_md(path: Path, res: dict[str, Any], quick: bool) -> None:
         lines.append("")
     lines += [f"*{env['cpu']}, onnxruntime {env['onnxruntime']} and torch {env['torch']} on 1 thread, "
               f"{env['date']}; {res['machine']}. Whole bench: {res['timing']['total_s'] / 60:.1f} min on one core "
-              "(budget: about 40 core-minutes).*", "", "![pareto](compress.png)", "",
-              "Language half (SmolLM2-135M): not measured on this page yet.", ""]
+              "(budget: about 40 core-minutes; the core was shared with at most one other job of the session, "
+              "so absolute milliseconds are noisy; the gate compares original and candidate interleaved).*", "",
+              "![pareto](compress.png)", "",
+              "Language half (SmolLM2-135M, about 70 % and 50 % of its layers): "
+              "[compress-llm](compress-llm.md) (`kdforge bench compress-llm --publish`).", ""]
     path.write_text("\n".join(lines))
 
 
