@@ -93,3 +93,20 @@ def test_gate_failure_is_one_line_exit_1_and_keeps_the_artifacts(tmp_path, capsy
     drop = data["original"]["top1"] - cand["top1"]
     assert cand["gate"]["quality"]["values"]["drop"] == pytest.approx(drop) and drop > 0.5
     assert cand["params"] <= 0.5 * data["original"]["params"]
+    from kdforge.evaluate import evaluate_source  # `kdforge eval` rebuilds the candidate from its safetensors plan
+
+    again = evaluate_source(out / "candidates" / cand["name"] / "model.safetensors")
+    assert again["top1"] == pytest.approx(cand["top1"], abs=1e-6)
+    from kdforge.report.site import build_site  # `kdforge report -o SITE OUT` shows the compress report
+
+    page = build_site([out], tmp_path / "site", "t").read_text()
+    assert cand["name"] in page and "rejected by" in page
+
+
+def test_kd_compress_is_the_python_twin(tmp_path):
+    import kdforge as kd
+    from kdforge.errors import KdforgeError
+
+    assert callable(kd.compress)
+    with pytest.raises(KdforgeError, match=r"model\.checkpoint is required"):
+        kd.compress({"name": "x", "model": {"model": "resnet8"}}, tmp_path / "o")

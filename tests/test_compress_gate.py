@@ -63,6 +63,14 @@ def test_pruned_cifar_resnet_onnx_matches_in_onnxruntime(pruned_resnet):
     assert m.ok and m.values["max_abs_diff"]["pt2"] == 0.0
 
 
+def test_loads_takes_a_path_relative_to_the_callers_folder(pruned_resnet, monkeypatch):
+    _, files, _ = pruned_resnet
+    monkeypatch.chdir(files["onnx"].parent.parent)  # the loader runs elsewhere: relative paths must still resolve
+    rel = {"onnx": Path(files["onnx"].parent.name) / files["onnx"].name}
+    c, _, _ = check_loads(rel, torch.zeros(1, *SHAPE))
+    assert c.ok, c.detail
+
+
 def test_matches_fails_when_the_export_differs(pruned_resnet):
     pruned, files, _ = pruned_resnet
     x = torch.randn(4, *SHAPE)

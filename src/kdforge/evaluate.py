@@ -84,6 +84,10 @@ def load_deployable(source: str | Path, which: str = "best") -> tuple[nn.Module,
         meta = {**meta, "kdforge_model": base["model"], "num_classes": str(base["num_classes"]),
                 "in_chans": str(base.get("in_chans", 3)), "image_size": str(base.get("image_size") or "")}
         return load_pruned(p), meta
+    if "kdforge_compress" in meta:  # a compressed model (kdforge compress): rebuilt from its base and plan
+        from kdforge.compress.export import load_compressed
+
+        return load_compressed(p), meta
     spec = json.loads(meta.get("kdforge_spec") or "{}")
     if spec:
         model = rebuild_model(spec)

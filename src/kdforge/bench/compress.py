@@ -77,7 +77,7 @@ def run(out: Path | None = None, quick: bool = False) -> dict[str, Any]:
             "name": f"bench-{int(100 * frac)}", "model": {"model": s["model"], "checkpoint": str(ckpt)},
             "data": s["data"], "budget": {"metric": "latency", "fraction": frac, "max_drop": s["max_drop"],
                                           "latency_batch": 64},
-            "candidates": {"families": s["families"]}, "export": {"formats": s["formats"]},
+            "candidates": {"families": s["families"], "max_candidates": 8}, "export": {"formats": s["formats"]},
             "gate": {"batch_sizes": s["batch_sizes"], "iters": s["iters"], "rounds": 7, "threads": 1},
             "optim": {"name": "sgd", "lr": 0.02, "weight_decay": 5e-4},
             "train": {"epochs": s["heal_epochs"], "progress": "never", "save_checkpoints": False, "threads": 1}})

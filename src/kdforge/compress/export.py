@@ -51,17 +51,26 @@ def export_pt2(model: nn.Module, shape: tuple[int, ...], path: Path) -> Path:
 
 
 def export_safetensors(model: nn.Module, path: Path, base: dict[str, Any], plan: dict[str, Any],
-                       shape: tuple[int, ...]) -> Path:
-    """Weights with the record that rebuilds the compressed model from its base (``load_compressed``)."""
+                       shape: tuple[int, ...], data: dict[str, Any] | None = None) -> Path:
+    """Weights with the record that rebuilds the compressed model from its base (``load_compressed``).
+
+    ``data``: the data config, so that ``kdforge eval model.safetensors`` evaluates on the same data.
+    """
     from kdforge.engine.checkpoint import save_weights
 
     record = {"format": COMPRESS_FORMAT, "base": base, "plan": plan, "input_shape": list(shape)}
-    save_weights(model, path, {"kdforge_compress": json.dumps(record)})
+    meta = {"kdforge_compress": json.dumps(record), "kdforge_spec": "", "num_classes": str(base.get("num_classes")),
+            "in_chans": str(base.get("in_chans")), "image_size": str(base.get("image_size") or "")}
+    if data is not None:
+        from kdforge.config import Recipe
+
+        meta["recipe"] = Recipe.model_validate({"data": data}).model_dump_json()
+    save_weights(model, path, meta)
     return path
 
 
 def export_all(model: nn.Module, shape: tuple[int, ...], folder: Path, formats: list[str], base: dict[str, Any],
-               plan: dict[str, Any]) -> dict[str, Path]:
+               plan: dict[str, Any], data: dict[str, Any] | None = None) -> dict[str, Path]:
     """Write every requested format into ``folder``; returns format -> file."""
     folder.mkdir(parents=True, exist_ok=True)
     out: dict[str, Path] = {}
@@ -72,7 +81,7 @@ def export_all(model: nn.Module, shape: tuple[int, ...], folder: Path, formats: 
         elif f == "pt2":
             out[f] = export_pt2(model, shape, p)
         else:
-            out[f] = export_safetensors(model, p, base, plan, shape)
+            out[f] = export_safetensors(model, p, base, plan, shape, data)
     return out
 
 

@@ -84,8 +84,8 @@ def load_fresh(fmt: str, path: Path, x: Tensor, threads: int = 1, peak_batch: in
     with tempfile.TemporaryDirectory(prefix="kdforge-gate-") as tmp:
         inp, out = Path(tmp) / "x.npz", Path(tmp) / "y.npy"
         np.savez(inp, x=x.numpy())
-        job = {"format": fmt, "path": str(path), "inputs": str(inp), "out": str(out), "threads": threads,
-               "peak_batch": peak_batch}
+        job = {"format": fmt, "path": str(Path(path).resolve()), "inputs": str(inp), "out": str(out),
+               "threads": threads, "peak_batch": peak_batch}
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         p = subprocess.run([sys.executable, "-c", LOADER, json.dumps(job)], capture_output=True, text=True,
                            timeout=timeout, env=env, cwd=tmp)

@@ -186,7 +186,8 @@ def run_compress(r: CompressRecipe, out: str | Path, overwrite: bool = False, ve
         original_value, cands, skipped = search_candidates(src, r, log)  # bad budgets fail before any export
         orig = Evaluated("original", "original", count_params(src.model),
                          count_flops(src.model, src.input_shape), accuracy(src.model, src))
-        orig.files = export_all(src.model, src.input_shape, out / "original", r.export.formats, src.spec, {})
+        orig.files = export_all(src.model, src.input_shape, out / "original", r.export.formats, src.spec, {},
+                                 r.data.model_dump(mode="json"))
         loads, _, facts = check_loads(orig.files, plain_batch(src.data.test, 2, 0)[0], r.gate.threads,
                                       max(r.gate.batch_sizes))
         if not loads.ok:
@@ -247,7 +248,8 @@ def _evaluate_candidate(c: Candidate, src: Source, r: CompressRecipe, orig: Eval
     e = Evaluated(c.name, c.family, count_params(healed), count_flops(healed, src.input_shape), top1,
                   info={"budget_value": c.budget_value, "budget_fraction": c.budget_fraction,
                         "search_seconds": c.search_seconds, "heal": heal_info, **c.info})
-    e.files = export_all(healed, src.input_shape, out / "candidates" / c.name, r.export.formats, src.spec, c.plan)
+    e.files = export_all(healed, src.input_shape, out / "candidates" / c.name, r.export.formats, src.spec, c.plan,
+                             r.data.model_dump(mode="json"))
     e.checks, info = gate_candidate(healed, e.files, orig, src, r, top1)
     e.info.update(info)
     failed = verdict(e.checks)

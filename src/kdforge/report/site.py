@@ -95,6 +95,8 @@ def classify(d: Path, root: Path) -> list[Entry] | None:
                 return [Entry("prune", d, name, res)]
             if isinstance(res, dict) and "test_last" in res:
                 return [Entry("train", d, name, read_results(d / "results.json"))]
+        if (d / "compress.json").is_file() and (d / "report.md").is_file():  # kdforge compress: its report page
+            return [Entry("bench", d / "report.md", f"{name}/report", {})]
         if (d / "metrics.csv").is_file():  # unfinished: curves only
             return [Entry("train", d, name, {})]
     except (OSError, json.JSONDecodeError, ValueError):
