@@ -112,7 +112,7 @@ def test_cnn_pipeline_end_to_end(tmp_path: Path) -> None:
     x = torch.randn(2, 1, 8, 8)
     assert torch.equal(m(x), res.model.eval()(x))
     assert "Before / after" in (out / "report.md").read_text()
-    with pytest.raises(KdforgeError, match="not empty"):
+    with pytest.raises(KdforgeError, match="already exists"):
         run_prune(r, out, verbose=False)
 
 

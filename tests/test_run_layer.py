@@ -44,7 +44,7 @@ def test_existing_folder_refused_with_its_kind_and_overwrite_replaces_any_kind(t
     d = tmp_path / "run"
     with open_run(d, "train") as lease:
         (lease / "results.json").write_text("old")
-    with pytest.raises(KdforgeError, match="already exists.*'kdforge train' run.*--overwrite"):
+    with pytest.raises(KdforgeError, match=r"already exists.*'kdforge train' run.*--overwrite"):
         with open_run(d, "prune"):
             pass
     with open_run(d, "prune", overwrite=True) as lease:
@@ -77,7 +77,7 @@ def test_resume_of_another_kind_says_what_it_is(tmp_path: Path) -> None:
     d = tmp_path / "a"
     with open_run(d, "audio") as lease:
         (lease / "stages.json").write_text("{}")
-    with pytest.raises(KdforgeError, match="'kdforge audio' run.*audio-predict"):
+    with pytest.raises(KdforgeError, match=r"'kdforge audio' run.*audio-predict"):
         with open_run(d, "train", resume=True):
             pass
     with open_run(d, "audio", resume="auto") as lease:  # a rerun of the same kind continues it

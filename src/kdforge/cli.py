@@ -157,6 +157,8 @@ def report(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="write one static HTML page here "
                                                                   "(OUT/index.html, images in OUT/assets)")] = None,
     title: Annotated[str, typer.Option(help="the page's title (with -o)")] = "kdforge report",
+    overwrite: Annotated[bool, typer.Option(help="with -o: replace an existing kdforge folder of another kind")
+                         ] = False,
 ) -> None:
     """Rewrite report.md and curves.png of a run folder; with -o, one offline HTML page over runs and benchmarks."""
     if out is None:
@@ -167,9 +169,13 @@ def report(
 
         typer.echo(str(write_run_report(dirs[0])))
         return
+    from kdforge.engine.run_dir import open_run
     from kdforge.report.site import build_site
 
-    typer.echo(str(build_site(dirs, out, title)))
+    with open_run(out, "report", resume="auto", overwrite=overwrite, legacy=lambda p: (p / ".kdforge-site").is_file(),
+                  resume_cmd=f"kdforge report {' '.join(map(str, dirs))} -o {out}"):
+        page = build_site(dirs, out, title)
+    typer.echo(str(page))
 
 
 @app.command("list")
@@ -235,11 +241,13 @@ def bench(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="where to write (default runs/bench/NAME)")] = None,
     quick: Annotated[bool, typer.Option(help="tiny budget, a smoke run (never published)")] = False,
     publish: Annotated[bool, typer.Option(help="also update docs/benchmarks/NAME.{md,json,png}")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing kdforge folder of another kind at --out")
+                         ] = False,
 ) -> None:
     """Run a named benchmark; writes runs/bench/NAME (or --out), and with --publish the docs page."""
     from kdforge.bench.common import run_bench
 
-    typer.echo(str(run_bench(name, out, quick=quick, publish=publish)))
+    typer.echo(str(run_bench(name, out, quick=quick, publish=publish, overwrite=overwrite)))
 
 
 @app.command()
@@ -247,19 +255,25 @@ def cil(
     recipe: Annotated[Path, typer.Argument(help="class-incremental recipe (recipes/continual/*.yaml)")],
     run_dir: Annotated[Path | None, typer.Option("--run-dir", "-r", help="save every stage here; resumes")] = None,
     set_: SetOpt = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing kdforge folder (of any kind) at -r")] = False,
 ) -> None:
     """Run an exemplar-free class-incremental recipe and print its accuracy matrix and metrics."""
     from kdforge.continual.driver import run
     from kdforge.continual.recipe import CilRecipe
 
     r = CilRecipe.from_yaml(_recipe_path(recipe), set_)
-    _check_cil(run_dir)
+    if run_dir is not None:
+        from kdforge.continual.driver import _legacy_run
+        from kdforge.engine.run_dir import check_run_folder
+
+        check_run_folder(run_dir, "cil", overwrite=overwrite, resume="auto", legacy=_legacy_run)
     c = r.cil
     typer.echo(f"kdforge cil {r.name}: learner {c.learner}, backbone {c.model}, data {r.data.name}; "
                f"{c.tasks + 1} tasks: {c.base} base classes, then {c.tasks} x {c.increment} new classes; "
                f"{c.base_epochs or r.train.epochs} epochs on the base task, {r.train.epochs} on each later one"
                + (f"; run folder {run_dir} (a rerun resumes)" if run_dir else ""), err=True)
-    res = run(r, run_dir, callbacks=[_cil_status(c.tasks + 1)])
+    res = run(r, run_dir, callbacks=[_cil_status(c.tasks + 1)], overwrite=overwrite,
+              resume_cmd=f"kdforge cil {recipe} -r {run_dir}")
     n = len(res.matrix)
     typer.echo("accuracy (%) on each task's test classes (columns) after learning task t (rows):")
     typer.echo(" " * 10 + "".join(f"{f'task {j + 1}':>9s}" for j in range(n)))
@@ -274,14 +288,15 @@ def audio(
     recipe: Annotated[Path, typer.Argument(help="audio recipe (src/kdforge/recipes/audio/*.yaml)")],
     run_dir: Annotated[Path | None, typer.Option("--run-dir", "-r", help="save every stage here; resumes")] = None,
     set_: SetOpt = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing kdforge folder (of any kind) at -r")] = False,
 ) -> None:
     """Run an audio recipe (its stages, then late fusion); print each stage's and the fusion's test metrics."""
     from kdforge.audio.recipe import AudioRecipe, check_run_dir
     from kdforge.audio.recipe import run as run_audio
 
     r = AudioRecipe.from_yaml(_recipe_path(recipe), set_)
-    check_run_dir(run_dir)
-    res = run_audio(r, run_dir)
+    check_run_dir(run_dir, overwrite)
+    res = run_audio(r, run_dir, overwrite=overwrite, resume_cmd=f"kdforge audio {recipe} -r {run_dir}")
     for name, m in res.stages.items():
         t = m.get("test", {})
         typer.echo(f"{name:14s} " + " ".join(f"{k}={t[k]:.2f}" for k in ("top1", "top5", "mca", "ece") if k in t))
@@ -377,11 +392,12 @@ def sample(
     steps: Annotated[int | None, typer.Option(help="DDIM steps (default: the model's own; a distilled model "
                                                     "samples only with its own)")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="folder (default RUN/samples)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing kdforge folder of another kind at -o")] = False,
 ) -> None:
     """Sample a diffusion model with DDIM: a PNG grid and the samples as .npz."""
     from kdforge.diffusion.sample import sample_run
 
-    png, npz = sample_run(run, n, seed, steps, out)
+    png, npz = sample_run(run, n, seed, steps, out, overwrite=overwrite)
     typer.echo(f"{png}\n{npz}")
 
 
@@ -410,27 +426,6 @@ def _cache_commands() -> None:
 
 
 _cache_commands()
-
-_CIL_FILES = ("config.yaml", "stages.json", "stages", "result.json")
-
-
-def _check_cil(run_dir: Path | None) -> None:
-    """What `kdforge cil -r` refuses before it starts: a file, a train run, a folder holding something else."""
-    from kdforge.engine.run_dir import MARKER, check_writable_dir
-
-    if run_dir is None:
-        return
-    check_writable_dir(run_dir, "cil run folder")
-    if run_dir.is_dir():
-        foreign = [p.name for p in run_dir.iterdir() if not p.name.lstrip(".").startswith(_CIL_FILES)]
-        if (run_dir / MARKER).exists() or (foreign and (run_dir / "config.yaml").exists()):
-            what = "a 'kdforge train' run"
-        elif foreign:
-            what = f"not a cil run folder (it holds {foreign[0]!r})"
-        else:
-            return
-        raise KdforgeError(f"cil -r {str(run_dir)!r}: that folder is {what}; give a new or a cil run folder")
-
 
 def _one_line(msg: str) -> str:
     """A message on one line; an error re-raised from a DataLoader worker keeps only its own last line."""

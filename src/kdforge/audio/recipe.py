@@ -298,8 +298,28 @@ def stage_recipe(r: AudioRecipe, s: StageConfig, seed: int) -> Recipe:
 
 
 def run(recipe: AudioRecipe, run_dir: str | Path | None = None, resume: bool = True,
-        splits: AudioSplits | None = None) -> AudioResult:
-    """Train every stage (resuming finished ones from ``run_dir``), then fuse; returns the metrics."""
+        splits: AudioSplits | None = None, overwrite: bool = False, resume_cmd: str | None = None) -> AudioResult:
+    """Train every stage (resuming finished ones from ``run_dir``), then fuse; returns the metrics.
+
+    ``run_dir`` is a run folder of kind ``audio`` (:func:`kdforge.engine.run_dir.open_run`): an audio run folder
+    resumes; any other existing folder is refused unless ``overwrite`` (a kdforge folder only).
+    """
+    if run_dir is None:
+        return _run(recipe, None, resume, splits)
+    from kdforge.engine.run_dir import open_run
+
+    with open_run(run_dir, "audio", resume="auto" if resume else False, overwrite=overwrite, legacy=_legacy_run,
+                  resume_cmd=resume_cmd or f"kdforge audio RECIPE -r {run_dir}"):
+        return _run(recipe, run_dir, resume, splits)
+
+
+def _legacy_run(path: Path) -> bool:
+    """An audio run folder written before run folders recorded their kind."""
+    cfg = path / "config.yaml"
+    return (path / "stages.json").is_file() and cfg.is_file() and "\nstages:" in "\n" + cfg.read_text(errors="replace")
+
+
+def _run(recipe: AudioRecipe, run_dir: str | Path | None, resume: bool, splits: AudioSplits | None) -> AudioResult:
     from kdforge.audio.method import AudioStage, view_scores
     from kdforge.data import DataBundle, make_loader
     from kdforge.engine.checkpoint import atomic_write_text, save_weights
@@ -435,18 +455,13 @@ def predict_file(path: str | Path, checkpoint: str | Path, model: ModelSpec, num
     return [(names[int(i)], float(p[i])) for i in order]
 
 
-def check_run_dir(run_dir: Path | None) -> None:
-    """Refuse a run folder that is a file or holds something other than an audio run."""
+def check_run_dir(run_dir: Path | None, overwrite: bool = False) -> None:
+    """Refuse, before any work, a run folder that :func:`run` would refuse (a file, another kind, a user's)."""
     if run_dir is None:
         return
-    from kdforge.engine.run_dir import check_writable_dir
+    from kdforge.engine.run_dir import check_run_folder
 
-    check_writable_dir(run_dir, "audio run folder")
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / "stages.json").is_file() and not (
-            run_dir / "config.yaml").is_file():
-        first = next(iter(sorted(p.name for p in run_dir.iterdir())))
-        raise KdforgeError(f"audio run folder {str(run_dir)!r} holds something else ({first!r}); give a new folder "
-                           "or an audio run folder to resume")
+    check_run_folder(run_dir, "audio", overwrite=overwrite, resume="auto", legacy=_legacy_run)
 
 
 def predict_run(run_dir: str | Path, audio_file: str | Path, stage: str | None = None,

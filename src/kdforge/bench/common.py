@@ -159,9 +159,15 @@ def prepare_bench_dir(dest: Path) -> Path:
     return dest
 
 
-def run_bench(name: str, out: str | Path | None = None, quick: bool = False, publish: bool = False) -> Path:
-    """The one rule for every bench: write to ``runs/bench/NAME`` (or ``out``); ``publish`` updates the docs."""
+def run_bench(name: str, out: str | Path | None = None, quick: bool = False, publish: bool = False,
+              overwrite: bool = False) -> Path:
+    """The one rule for every bench: write to ``runs/bench/NAME`` (or ``out``); ``publish`` updates the docs.
+
+    The folder is a run folder of kind ``bench`` (:func:`kdforge.engine.run_dir.open_run`), locked while the
+    bench runs: a bench folder is rerun in place; any other existing folder is refused unless ``overwrite``.
+    """
     from kdforge.bench import load_benches
+    from kdforge.engine.run_dir import open_run
     from kdforge.errors import KdforgeError
 
     fn = load_benches().get(name)
@@ -171,12 +177,16 @@ def run_bench(name: str, out: str | Path | None = None, quick: bool = False, pub
     if publish and not PUBLISHED.is_dir():
         raise KdforgeError(f"--publish updates {str(PUBLISHED)!r} of a kdforge checkout, which is not here; "
                            "run it from the repository root")
-    dest = prepare_bench_dir(bench_dir(name, out))
-    fn(out=dest, quick=quick)
-    if quick:
-        label_smoke_run(dest, name)
-    if publish:
-        publish_bench(name, dest)
+    dest = bench_dir(name, out)
+    flags = " --quick" if quick else " --publish" if publish else ""
+    with open_run(dest, "bench", resume="auto", overwrite=overwrite, legacy=lambda p: bool(bench_files(name, p)),
+                  resume_cmd=f"kdforge bench {name}{flags}" + (f" -o {out}" if out is not None else "")):
+        prepare_bench_dir(dest)
+        fn(out=dest, quick=quick)
+        if quick:
+            label_smoke_run(dest, name)
+        if publish:
+            publish_bench(name, dest)
     return dest
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -54,12 +53,36 @@ def identity(teacher: nn.Module, teacher_spec: ModelSpec | dict[str, Any], views
     return {
         "teacher": {"weights_sha256": teacher_hash(teacher), "model": spec.get("model"),
                     "kwargs": json.loads(json.dumps(spec.get("kwargs", {}), sort_keys=True, default=str)),
-                    "mode": "eval"},
+                    "mode": "eval", "code": model_code_version(teacher), "precision": "fp32"},
         "preprocessing": {**views.identity(), "image_shape": list(views.base.image_shape)},
         "data": {"samples": len(views), "fingerprint": views.fingerprint()},
         "storage": {"store": store, "k": cfg.k if store == "topk" else None, "dtype": cfg.dtype},
         "classes": num_classes,
     }
+
+
+def model_code_version(model: nn.Module) -> str:
+    """What the teacher's outputs depend on besides its weights: the source of the module that defines its
+    class (kdforge's own zoo), or the version of the package that does (timm, torchvision, transformers)."""
+    import hashlib
+    import inspect
+
+    cls = type(model)
+    top = cls.__module__.split(".")[0]
+    if top != "kdforge":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return f"{top} {version(top)}"
+        except PackageNotFoundError:
+            pass
+    try:
+        src = inspect.getsource(sys.modules[cls.__module__])
+    except (OSError, TypeError, KeyError):
+        from kdforge import __version__
+
+        return f"kdforge {__version__}"
+    return f"{cls.__module__}.{cls.__qualname__} {hashlib.sha256(src.encode()).hexdigest()[:12]}"
 
 
 def distill_parts(recipe: Recipe) -> tuple[TeacherCacheConfig, ModelSpec]:
@@ -100,11 +123,15 @@ def _dist() -> tuple[int, int, Callable[[], None]]:
 
 def _check(path: Path, ident: dict[str, Any], overwrite: bool) -> None:
     """Refuse a folder that is not a teacher cache, or a cache built differently (read-only: every rank)."""
-    meta = read_meta(path) if path.is_dir() else None
-    if meta is None and path.is_dir() and any(path.iterdir()):
+    from kdforge.cache.store import is_cache
+    from kdforge.engine.run_dir import check_writable_dir
+
+    check_writable_dir(path, "cache folder")
+    if path.is_dir() and any(path.iterdir()) and not is_cache(path):
         raise KdforgeError(f"cache folder {str(path)!r} exists and is not a teacher cache; choose another "
                            "method.cache.name or dir")
-    if meta is not None and not overwrite:
+    meta = read_meta(path) if path.is_dir() and not overwrite else None
+    if meta is not None:
         change = describe_change(meta["identity"], ident)
         if change is not None:
             raise KdforgeError(f"teacher cache {str(path)!r} was built differently: {change}; "
@@ -112,16 +139,13 @@ def _check(path: Path, ident: dict[str, Any], overwrite: bool) -> None:
                                f"{path.name} --dir {path.parent})")
 
 
-def _start(path: Path, ident: dict[str, Any], overwrite: bool) -> None:
-    """Start (or restart) the cache folder; rank 0 only, after every rank has checked it."""
-    meta = read_meta(path) if path.is_dir() else None
-    if meta is not None and overwrite:
-        shutil.rmtree(path / "chunks", ignore_errors=True)
-        (path / META).unlink(missing_ok=True)
-        meta = None
-    if meta is None:
-        path.mkdir(parents=True, exist_ok=True)
+def _start(path: Path, ident: dict[str, Any]) -> None:
+    """Start (or continue) the cache folder; rank 0 only, after every rank has checked it."""
+    meta = read_meta(path)
+    if meta is None or (not meta.get("complete") and meta.get("key") != identity_key(ident)):
         _write_meta(path, {"format": FORMAT, "key": identity_key(ident), "identity": ident, "complete": False})
+    elif meta.get("complete"):  # a rebuild (chunk size or code changed): incomplete until it ends
+        _write_meta(path, {**meta, "complete": False})
     for tmp in (path / "chunks").glob(".*"):  # half-written chunks of a build that was killed
         tmp.unlink(missing_ok=True)
 
@@ -141,18 +165,34 @@ def teacher_outputs(teacher: nn.Module, views: ReplayViews, start: int, stop: in
 
 
 def build(teacher: nn.Module, views: ReplayViews, ident: dict[str, Any], cfg: TeacherCacheConfig,
-          overwrite: bool = False, on_chunk: Callable[[int], None] | None = None, log: bool = False) -> BuildResult:
+          overwrite: bool = False, on_chunk: Callable[[int], None] | None = None, log: bool = False,
+          resume_cmd: str | None = None) -> BuildResult:
     """Build (or resume) the cache of ``teacher`` on ``views`` in ``cfg``'s folder; this process's chunks only.
 
-    ``on_chunk(i)`` is called after chunk ``i`` is written (progress; tests stop a build there).
+    The folder is a run folder of kind ``cache`` (:func:`kdforge.engine.run_dir.open_run`), locked for the
+    build; ``overwrite`` replaces it (kept aside until the first new chunk). A chunk counts as done only for
+    this identity and sample range (a changed chunk size rebuilds). ``on_chunk(i)`` is called after chunk
+    ``i`` is written (progress; tests stop a build there).
     """
+    from kdforge.engine.run_dir import open_run
+
     rank, world, barrier = _dist()
     path = cache_path(cfg)
     _check(path, ident, overwrite)
     barrier()  # every rank has read the folder before rank 0 writes to it: the ranks agree on a refusal
-    if rank == 0:
-        _start(path, ident, overwrite)
-    barrier()
+    with open_run(path, "cache", resume="auto", overwrite=overwrite, main=rank == 0,
+                  legacy=lambda p: (p / META).is_file(), resume_cmd=resume_cmd or "kdforge cache build RECIPE"
+                  ) as lease:
+        if rank == 0:
+            _start(path, ident)
+        barrier()
+        return _build_chunks(teacher, views, ident, cfg, path, lease, rank, world, barrier, on_chunk, log)
+
+
+def _build_chunks(teacher: nn.Module, views: ReplayViews, ident: dict[str, Any], cfg: TeacherCacheConfig,
+                  path: Path, lease: Any, rank: int, world: int, barrier: Callable[[], None],
+                  on_chunk: Callable[[int], None] | None, log: bool) -> BuildResult:
+    """This rank's missing chunks, then (rank 0) the complete meta.json."""
     teacher = teacher.eval()
     n, chunk = len(views), cfg.chunk
     n_chunks = (n + chunk - 1) // chunk
@@ -160,10 +200,14 @@ def build(teacher: nn.Module, views: ReplayViews, ident: dict[str, Any], cfg: Te
     key = identity_key(ident)
     t0 = time.perf_counter()
     built = 0
+
+    def span(i: int) -> tuple[int, int]:
+        return i * chunk, min(n, (i + 1) * chunk)
+
     for i in range(rank, n_chunks, world):
-        if chunk_done(path, i):
+        start, stop = span(i)
+        if chunk_done(path, i, key, start, stop):
             continue
-        start, stop = i * chunk, min(n, (i + 1) * chunk)
         logits = teacher_outputs(teacher, views, start, stop, cfg.batch_size)
         params = torch.tensor([[views.params(s, v) for v in range(views.views)] for s in range(start, stop)],
                               dtype=torch.int16).reshape(stop - start, views.views, -1)
@@ -174,6 +218,7 @@ def build(teacher: nn.Module, views: ReplayViews, ident: dict[str, Any], cfg: Te
             v, idx, rest = compress_topk(logits, int(storage["k"]))
             tensors.update(values=v.to(DTYPES[storage["dtype"]]), indices=idx, rest=rest)
         write_chunk(path, i, tensors, {"key": key, "chunk": str(i), "start": str(start), "stop": str(stop)})
+        lease.commit()  # the first durable write: a cache replaced with --overwrite is dropped now
         built += 1
         if log:
             print(f"cache {cfg.name}: chunk {i + 1}/{n_chunks} (samples {start}-{stop - 1})", file=sys.stderr,
@@ -183,10 +228,13 @@ def build(teacher: nn.Module, views: ReplayViews, ident: dict[str, Any], cfg: Te
     barrier()
     seconds = time.perf_counter() - t0
     if rank == 0:
-        missing = [i for i in range(n_chunks) if not chunk_done(path, i)]
+        missing = [i for i in range(n_chunks) if not chunk_done(path, i, key, *span(i))]
         if missing:
             raise KdforgeError(f"teacher cache {str(path)!r}: chunks {missing[:5]} are missing after the build; "
                                "run kdforge cache build RECIPE again to resume")
+        for f in (path / "chunks").glob("*.s*"):  # chunks beyond the end (the chunk size grew)
+            if f.stem.isdigit() and int(f.stem) >= n_chunks:
+                f.unlink(missing_ok=True)
         meta = read_meta(path) or {}
         meta.update({"format": FORMAT, "key": key, "identity": ident, "complete": True, "n": n,
                      "views": views.views, "chunk": chunk, "n_chunks": n_chunks,
@@ -198,7 +246,7 @@ def build(teacher: nn.Module, views: ReplayViews, ident: dict[str, Any], cfg: Te
 
 
 def build_from_recipe(recipe: Recipe, overwrite: bool = False, on_chunk: Callable[[int], None] | None = None,
-                      log: bool = False) -> BuildResult:
+                      log: bool = False, resume_cmd: str | None = None) -> BuildResult:
     """``kdforge cache build``: the recipe's data (as recorded views) and teacher, into ``method.cache``."""
     from kdforge.data import load_data
     from kdforge.data.replay import replay_views
@@ -215,7 +263,8 @@ def build_from_recipe(recipe: Recipe, overwrite: bool = False, on_chunk: Callabl
         views = replay_views(data.train, recipe.data.views, recipe.data.view_seed)
         teacher = build_model(spec, DataInfo(data.num_classes, data.in_chans, data.image_size))
         ident = identity(teacher, spec, views, cfg, data.num_classes)
-        return build(teacher, views, ident, cfg, overwrite=overwrite, on_chunk=on_chunk, log=log)
+        return build(teacher, views, ident, cfg, overwrite=overwrite, on_chunk=on_chunk, log=log,
+                     resume_cmd=resume_cmd)
     finally:
         torch.set_num_threads(threads)
 

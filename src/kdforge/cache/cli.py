@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Annotated
 
@@ -37,7 +36,8 @@ def build_cmd(
     from kdforge.recipe_files import resolve_recipe
 
     r = Recipe.from_yaml(resolve_recipe(recipe), set_)
-    res = build_from_recipe(r, overwrite=overwrite, log=r.train.progress != "silent")
+    res = build_from_recipe(r, overwrite=overwrite, log=r.train.progress != "silent",
+                            resume_cmd=f"kdforge cache build {recipe}" + "".join(f" --set {s}" for s in set_ or []))
     done = "up to date" if res.chunks_built == 0 else f"{res.chunks_built} of {res.chunks_total} chunks built"
     typer.echo(f"teacher cache {res.path}: {done} in {res.seconds:.1f} s, {human(res.bytes)}")
 
@@ -52,6 +52,10 @@ def list_cmd(dir_: DirOpt = Path(DEFAULT_DIR)) -> None:
         typer.echo(f"no teacher caches in {dir_}")
         return
     for c in caches:
+        if c.damaged is not None:
+            typer.echo(f"{c.path.name:28s} {'damaged':10s} {c.damaged}; clear it: kdforge cache clear "
+                       f"{c.path.name} --dir {dir_}, {human(c.bytes)}")
+            continue
         ident = c.meta.get("identity", {})
         st = ident.get("storage", {})
         store = f"top-{st.get('k')}" if st.get("store") == "topk" else "full"
@@ -90,9 +94,11 @@ def clear_cmd(
 
     if (name is None) == (not all_):
         raise KdforgeError("kdforge cache clear needs a cache name or --all (not both)")
+    from kdforge.engine.run_dir import remove_run
+
     targets = [c.path for c in list_caches(dir_)] if all_ else [_one(dir_, name)]  # type: ignore[arg-type]
     for p in targets:
-        shutil.rmtree(p)
+        remove_run(p)  # refused while a build holds the cache's lock
         typer.echo(f"removed {p}")
     if not targets:
         typer.echo(f"no teacher caches in {dir_}")
@@ -100,12 +106,12 @@ def clear_cmd(
 
 def _one(root: Path, name: str) -> Path:
     """The folder of cache ``name`` under ``root``, refused in one line unless it is a teacher cache."""
-    from kdforge.cache.store import list_caches, read_meta
+    from kdforge.cache.store import is_cache, list_caches
 
     p = root / name
     if "/" in name or name in ("", ".", ".."):
         raise KdforgeError(f"bad cache name {name!r}: give the name of a folder in {str(root)!r}")
-    if not p.is_dir() or read_meta(p) is None:
+    if not is_cache(p):  # a damaged meta.json still counts: clearing is how it is repaired
         names = [c.path.name for c in list_caches(root)]
         raise KdforgeError(f"no teacher cache {name!r} in {str(root)!r} (caches there: {', '.join(names) or 'none'})")
     return p

@@ -85,30 +85,49 @@ def describe_change(built: dict[str, Any], now: dict[str, Any]) -> str | None:
 
 @dataclass
 class CacheInfo:
-    """What ``kdforge cache list`` shows of one cache."""
+    """What ``kdforge cache list`` shows of one cache (``damaged``: why its meta.json cannot be read)."""
 
     path: Path
     meta: dict[str, Any]
     bytes: int
+    damaged: str | None = None
 
     @property
     def complete(self) -> bool:
-        return bool(self.meta.get("complete"))
+        return bool(self.meta.get("complete")) and self.damaged is None
+
+
+#: keys every meta.json holds, and those a complete cache's adds
+_META_KEYS = ("format", "key", "identity")
+_COMPLETE_KEYS = ("n", "chunk", "n_chunks")
 
 
 def read_meta(path: Path) -> dict[str, Any] | None:
-    """A cache folder's meta.json, or None if it has none (not a cache)."""
+    """A cache folder's meta.json, or None if it has none (not a cache); a damaged one is a one-line error."""
     p = Path(path) / META
     if not p.is_file():
         return None
+    clear = f"clear it: kdforge cache clear {Path(path).name} --dir {Path(path).parent}"
     try:
         meta = json.loads(p.read_text())
     except (OSError, ValueError) as e:
-        raise KdforgeError(f"teacher cache {str(path)!r} has a damaged meta.json ({e}); clear it: "
-                           f"kdforge cache clear {Path(path).name}") from None
+        raise KdforgeError(f"teacher cache {str(path)!r} has a damaged meta.json ({str(e).splitlines()[0]}); "
+                           f"{clear}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise KdforgeError(f"teacher cache {str(path)!r} has an unknown format; clear it and build it again")
+        raise KdforgeError(f"teacher cache {str(path)!r} has an unknown format; {clear}, then build it again")
+    missing = [k for k in (*_META_KEYS, *(_COMPLETE_KEYS if meta.get("complete") else ())) if k not in meta]
+    if not missing and not isinstance(meta["identity"], dict):
+        missing = ["identity"]
+    if missing:
+        raise KdforgeError(f"teacher cache {str(path)!r} has a damaged meta.json (no valid {missing[0]!r}); {clear}")
     return meta
+
+
+def is_cache(path: Path) -> bool:
+    """Whether a folder is a teacher cache (its meta.json may be damaged): its marker, or meta.json with chunks."""
+    from kdforge.engine.run_dir import run_kind
+
+    return Path(path).is_dir() and (run_kind(path) == "cache" or (Path(path) / META).is_file())
 
 
 def folder_bytes(path: Path) -> int:
@@ -117,15 +136,20 @@ def folder_bytes(path: Path) -> int:
 
 
 def list_caches(root: str | Path) -> list[CacheInfo]:
-    """Every cache under ``root`` (folders with a meta.json), by name."""
+    """Every cache under ``root`` (folders with a meta.json), by name; a damaged one is listed with the reason."""
     root = Path(root)
     if not root.is_dir():
         return []
     out = []
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
-        meta = read_meta(d)
-        if meta is not None:
-            out.append(CacheInfo(d, meta, folder_bytes(d)))
+        if not is_cache(d):
+            continue
+        try:
+            meta = read_meta(d) or {}
+            why = None if meta else "no meta.json (its first build stopped early)"
+        except KdforgeError as e:
+            meta, why = {}, str(e).split("(", 1)[-1].split(")")[0] if "(" in str(e) else str(e)
+        out.append(CacheInfo(d, meta, folder_bytes(d), why))
     return out
 
 
@@ -133,12 +157,25 @@ def chunk_path(path: Path, i: int) -> Path:
     return Path(path) / CHUNKS / f"{i:06d}.safetensors"
 
 
-def chunk_done(path: Path, i: int) -> bool:
-    """Whether chunk ``i`` was written completely (its checksum file exists and matches)."""
+def chunk_done(path: Path, i: int, key: str | None = None, start: int | None = None, stop: int | None = None
+               ) -> bool:
+    """Whether chunk ``i`` was written completely (its checksum file exists and matches) for this cache's
+    ``key`` and sample range [start, stop): a chunk of another identity or chunk size is redone."""
     f, s = chunk_path(path, i), chunk_path(path, i).with_suffix(".sha256")
     if not (f.is_file() and s.is_file()):
         return False
-    return s.read_text().strip() == file_sha256(f)
+    if s.read_text().strip() != file_sha256(f):
+        return False
+    if key is None:
+        return True
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(f), "pt") as g:
+            m = chunk_meta(g.metadata())
+    except (SafetensorError, OSError):
+        return False
+    return m.get("key") == key and m.get("start") == str(start) and m.get("stop") == str(stop)
 
 
 def write_chunk(path: Path, i: int, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
@@ -147,20 +184,32 @@ def write_chunk(path: Path, i: int, tensors: dict[str, Tensor], metadata: dict[s
 
     f = chunk_path(path, i)
     f.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=f.parent, prefix=f".{f.name}.")
-    os.close(fd)
     try:
-        # one metadata entry: safetensors writes a map's entries in no fixed order, which would make
-        # otherwise identical chunks differ byte for byte
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
-                  metadata={"kdforge": json.dumps(metadata, sort_keys=True)})
-        os.replace(tmp, f)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=f.parent, prefix=f".{f.stem}.sha.")
-    with os.fdopen(fd, "w") as out:
-        out.write(file_sha256(f) + "\n")
-    os.replace(tmp, f.with_suffix(".sha256"))
+        fd, tmp = tempfile.mkstemp(dir=f.parent, prefix=f".{f.name}.")
+        os.close(fd)
+        try:
+            # one metadata entry: safetensors writes a map's entries in no fixed order, which would make
+            # otherwise identical chunks differ byte for byte
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
+                      metadata={"kdforge": json.dumps(metadata, sort_keys=True)})
+            os.replace(tmp, f)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=f.parent, prefix=f".{f.stem}.sha.")
+        try:
+            with os.fdopen(fd, "w") as out:
+                out.write(file_sha256(f) + "\n")
+            os.replace(tmp, f.with_suffix(".sha256"))
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    except (OSError, RuntimeError) as e:  # safetensors reports a full disk as a RuntimeError / SafetensorError
+        from kdforge.engine.checkpoint import _disk_full
+
+        if not isinstance(e, OSError) and not _disk_full(e):
+            raise
+        why = "disk full" if _disk_full(e) else (e.strerror or str(e)) if isinstance(e, OSError) else str(e)
+        raise KdforgeError(f"{why} while writing chunk {f.name} of teacher cache {str(path)!r}: the chunks written "
+                           "so far are kept; free some space, then resume: kdforge cache build RECIPE") from None
 
 
 def chunk_meta(metadata: dict[str, str] | None) -> dict[str, Any]:
@@ -178,7 +227,7 @@ class TeacherCache:
         self.path, self.meta = Path(path), meta
         self.store: str = meta["identity"]["storage"]["store"]
         self.num_classes: int = int(meta["identity"]["classes"])
-        self.views: int = int(meta["views"])
+        self.views: int = int(meta.get("views", 1))
         self.t = tensors
 
     @classmethod
@@ -205,8 +254,7 @@ class TeacherCache:
         parts: dict[str, list[Tensor]] = {}
         for i in range(int(meta["n_chunks"])):
             f = chunk_path(path, i)
-            sha = f.with_suffix(".sha256")
-            if not f.is_file() or not sha.is_file() or sha.read_text().strip() != file_sha256(f):
+            if not chunk_done(path, i):
                 raise KdforgeError(f"teacher cache {str(path)!r} is damaged: chunk {f.name} is missing or fails its "
                                    "checksum; resume the build to redo it: kdforge cache build RECIPE")
             try:
@@ -218,6 +266,10 @@ class TeacherCache:
                         parts.setdefault(k, []).append(g.get_tensor(k))
             except SafetensorError as e:
                 raise KdforgeError(f"teacher cache {str(path)!r}: chunk {f.name} is unreadable ({e})") from None
+        if set(parts) != {"params", *(("logits",) if meta["identity"].get("storage", {}).get("store") == "full"
+                                      else ("values", "indices", "rest"))}:
+            raise KdforgeError(f"teacher cache {str(path)!r} is damaged: its chunks hold {sorted(parts)}; rebuild it: "
+                               "kdforge cache build RECIPE --overwrite")
         tensors = {k: torch.cat(v) for k, v in parts.items()}
         n = int(meta["n"])
         if len(tensors["params"]) != n:

@@ -65,12 +65,30 @@ def build_learner(name: str, split: CILSplit, in_chans: int, image_size: int, cf
 
 
 def run(recipe: CilRecipe, run_dir: str | Path | None = None, resume: bool = True, bundle: Any = None,
-        callbacks: Iterable[Any] = ()) -> CILResult:
+        callbacks: Iterable[Any] = (), overwrite: bool = False, resume_cmd: str | None = None) -> CILResult:
     """Run a class-incremental recipe; with ``run_dir`` every stage is saved and a rerun resumes where it stopped.
 
-    ``bundle``: a DataBundle to use instead of loading ``recipe.data``; ``callbacks``: extra engine callbacks
-    for every stage's fit.
+    ``run_dir`` is a run folder of kind ``cil`` (:func:`kdforge.engine.run_dir.open_run`): any other existing
+    folder is refused unless ``overwrite`` (a kdforge folder only). ``bundle``: a DataBundle to use instead of
+    loading ``recipe.data``; ``callbacks``: extra engine callbacks for every stage's fit.
     """
+    if run_dir is None:
+        return _run(recipe, None, resume, bundle, callbacks)
+    from kdforge.engine.run_dir import open_run
+
+    with open_run(run_dir, "cil", resume="auto" if resume else False, overwrite=overwrite, legacy=_legacy_run,
+                  resume_cmd=resume_cmd or f"kdforge cil RECIPE -r {run_dir}"):
+        return _run(recipe, run_dir, resume, bundle, callbacks)
+
+
+def _legacy_run(path: Path) -> bool:
+    """A cil run folder written before run folders recorded their kind."""
+    cfg = path / "config.yaml"
+    return (path / "stages.json").is_file() and cfg.is_file() and "\ncil:" in "\n" + cfg.read_text(errors="replace")
+
+
+def _run(recipe: CilRecipe, run_dir: str | Path | None, resume: bool, bundle: Any, callbacks: Iterable[Any]
+         ) -> CILResult:
     from kdforge.data import load_data
     from kdforge.engine.checkpoint import atomic_write_text
     from kdforge.engine.stages import StagedRun
@@ -88,11 +106,6 @@ def run(recipe: CilRecipe, run_dir: str | Path | None = None, resume: bool = Tru
     check_fit(lrn.net, example)
     lrn.setup(example)
     root = Path(run_dir) if run_dir is not None else None
-    if root is not None:
-        if not resume and (root / "stages.json").exists():
-            raise KdforgeError(f"run folder {str(root)!r} holds a class-incremental run; resume it or choose "
-                               "another folder")
-        root.mkdir(parents=True, exist_ok=True)
     staged = StagedRun(root, recipe.identity(), resume=resume)
     if root is not None:
         atomic_write_text(root / "config.yaml", recipe.to_yaml())

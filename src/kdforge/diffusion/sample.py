@@ -72,24 +72,37 @@ def save_grid(x: Tensor, path: str | Path, cols: int | None = None, scale: int =
 
 
 def sample_run(source: str | Path, n: int, seed: int, steps: int | None = None, out: str | Path | None = None,
-               which: str = "last") -> tuple[Path, Path]:
-    """``kdforge sample``: n samples of a run folder's (or checkpoint's) denoiser → PNG grid and .npz."""
+               which: str = "last", overwrite: bool = False) -> tuple[Path, Path]:
+    """``kdforge sample``: n samples of a run folder's (or checkpoint's) denoiser → PNG grid and .npz.
+
+    The output folder (default ``RUN/samples``) is a run folder of kind ``sample``: a sample folder is added
+    to; any other existing folder is refused unless ``overwrite`` (a kdforge folder only).
+    """
+    from kdforge.engine.run_dir import open_run
     from kdforge.evaluate import load_deployable
 
     if n < 1:
         raise KdforgeError(f"-n must be a positive number of samples, got {n}")
+    if not 0 <= seed < 2**63:
+        raise KdforgeError(f"--seed must be in [0, 2**63), got {seed}")
     model, meta = load_deployable(source, which)
     if not hasattr(model, "grid") or not hasattr(model, "steps"):
         raise KdforgeError(f"{str(source)!r} holds a {type(model).__name__}, not a diffusion denoiser")
     spec_shape = (int(meta.get("in_chans") or 1), int(meta.get("image_size") or 8))
     used = int(model.steps) if steps is None else steps
     step_indices(model, steps)  # refuse a wrong count before any work
-    x = ddim_sample(model, n, (spec_shape[0], spec_shape[1], spec_shape[1]), steps, seed)
     src = Path(source)
     dest = Path(out) if out is not None else (src if src.is_dir() else src.parent) / "samples"
-    dest.mkdir(parents=True, exist_ok=True)
     stem = f"samples-{used}steps-seed{seed}-n{n}"
-    png = save_grid(x[:min(n, 256)], dest / f"{stem}.png")
-    npz = dest / f"{stem}.npz"
-    np.savez_compressed(npz, x=x.numpy().astype(np.float32), images=to_uint8(x), steps=used, seed=seed)
+    with open_run(dest, "sample", resume="auto", overwrite=overwrite, legacy=_legacy_samples,
+                  resume_cmd=f"kdforge sample {source} -n {n} --seed {seed} -o {dest}"):
+        x = ddim_sample(model, n, (spec_shape[0], spec_shape[1], spec_shape[1]), steps, seed)
+        png = save_grid(x[:min(n, 256)], dest / f"{stem}.png")
+        npz = dest / f"{stem}.npz"
+        np.savez_compressed(npz, x=x.numpy().astype(np.float32), images=to_uint8(x), steps=used, seed=seed)
     return png, npz
+
+
+def _legacy_samples(path: Path) -> bool:
+    """A samples folder written before run folders recorded their kind: only ``samples-*`` files."""
+    return all(p.name.startswith("samples-") and p.suffix in (".png", ".npz") for p in path.iterdir())

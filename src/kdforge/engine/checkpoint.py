@@ -42,6 +42,7 @@ def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | 
     os.close(fd)
     try:
         save_model(model, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
+        sort_header(Path(tmp))
         os.replace(tmp, path)
     except (OSError, SafetensorError, RuntimeError) as e:
         if isinstance(e, OSError) or _disk_full(e):
@@ -49,6 +50,25 @@ def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | 
         raise
     finally:
         _remove(Path(tmp))
+
+
+def sort_header(path: Path) -> None:
+    """Rewrite a safetensors file's metadata in key order, in place: safetensors writes that map in no fixed
+    order, so the same weights would give other bytes each save (and ``sha256sum`` would disagree)."""
+    import json
+
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        meta = header.get("__metadata__")
+        if not meta:
+            return
+        header["__metadata__"] = dict(sorted(meta.items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > n:  # escaped differently from safetensors' own writer: leave the file as written
+            return
+        f.seek(8)
+        f.write(text.ljust(n, b" "))
 
 
 def _mkdir(directory: Path) -> None:

@@ -45,7 +45,8 @@ class RunKind:
 KINDS: dict[str, RunKind] = {
     "train": RunKind("a 'kdforge train' run", "evaluate it with 'kdforge eval {dir}', continue it with "
                      "'kdforge train {dir} --resume'"),
-    "prune": RunKind("a 'kdforge prune' run", "its pruned model is evaluated with 'kdforge eval {dir}/pruned'"),
+    "prune": RunKind("a 'kdforge prune' run",
+                     "evaluate its pruned model with 'kdforge eval {dir}/pruned/model.safetensors'"),
     "cil": RunKind("a 'kdforge cil' run", "rerun 'kdforge cil RECIPE -r {dir}' to resume it"),
     "audio": RunKind("a 'kdforge audio' run", "classify a file with 'kdforge audio-predict {dir} FILE'"),
     "cache": RunKind("a teacher cache ('kdforge cache build')", "'kdforge train' reads it through method.cache; "
@@ -179,27 +180,15 @@ def prepare_run_dir(path: Path, resume: bool = False, overwrite: bool = False, k
     whether a folder without a marker was made by an older kdforge of this kind (it is adopted).
     """
     path = Path(path)
-    if resume and overwrite:
-        raise KdforgeError("--resume and --overwrite exclude each other: choose one")
-    check_writable_dir(path, f"{_word(kind)} folder")
     _release_own(path)
-    if not path.exists():
+    if not path.exists() and path.parent.is_dir():
         _restore_orphan(path)
+    check_run_folder(path, kind, overwrite=overwrite, resume=resume, legacy=legacy)
     if legacy is not None and path.is_dir() and not _is_run(path) and not _is_empty(path) and legacy(path):
         (path / MARKER).write_text(marker_text(kind))  # made by an older kdforge: adopt it
     if resume:
-        _check_kind(path, kind, "resume")
         return _prepare_resume(path) if kind == "train" else _resume_other(path, kind)
     if path.exists() and not _is_empty(path):
-        if not overwrite:
-            have = run_kind(path)
-            if have is None:
-                hint = "it was not made by kdforge, so --overwrite will not replace it either; choose another folder"
-            elif have == kind == "train":
-                hint = "pass --resume to continue it or --overwrite to replace it"
-            else:
-                hint = f"it holds {KINDS[have].noun if have in KINDS else repr(have)}; pass --overwrite to replace it"
-            raise KdforgeError(f"{_word(kind)} folder {str(path)!r} already exists; {hint}")
         return _prepare_overwrite(path, kind)
     existed = path.exists()
     try:
@@ -209,6 +198,43 @@ def prepare_run_dir(path: Path, resume: bool = False, overwrite: bool = False, k
     lease = _lock(RunDirLease(path, kind=kind, created=not existed, adopted=existed and not _is_run(path)))
     (path / MARKER).write_text(marker_text(kind))
     return lease
+
+
+def check_run_folder(path: str | Path, kind: str, *, overwrite: bool = False, resume: bool | Literal["auto"] = False,
+                     legacy: Callable[[Path], bool] | None = None) -> None:
+    """What :func:`open_run` would refuse, checked without writing anything (a command calls it before its banner).
+
+    The lock is not tried here: a folder in use is refused when it is opened.
+    """
+    path = Path(path)
+    if resume is True and overwrite:
+        raise KdforgeError("--resume and --overwrite exclude each other: choose one")
+    check_writable_dir(path, f"{_word(kind)} folder")
+    if resume == "auto":
+        resume = bool(path.is_dir() and not _is_empty(path) and not overwrite and (run_kind(path) == kind or (
+            legacy is not None and not _is_run(path) and legacy(path))))
+    if resume:
+        _check_kind(path, kind, "resume")
+        if kind != "train" and not path.is_dir():
+            raise KdforgeError(f"cannot resume: {_word(kind)} folder {str(path)!r} does not exist")
+        if kind != "train" and not _is_run(path) and not (legacy is not None and legacy(path)):
+            raise KdforgeError(f"cannot resume {str(path)!r}: it was not made by kdforge; choose another folder")
+        return
+    if path.exists() and not _is_empty(path):
+        adopted = legacy is not None and not _is_run(path) and legacy(path)
+        have = kind if adopted else run_kind(path)
+        if not overwrite:
+            if have is None:
+                hint = "it was not made by kdforge, so --overwrite will not replace it either; choose another folder"
+            elif have == kind == "train":
+                hint = "pass --resume to continue it or --overwrite to replace it"
+            else:
+                hint = f"it holds {KINDS[have].noun if have in KINDS else repr(have)}; pass --overwrite to replace it"
+            raise KdforgeError(f"{_word(kind)} folder {str(path)!r} already exists; {hint}")
+        _refuse_special(path)
+        if have is None:
+            raise KdforgeError(f"--overwrite refused: {str(path)!r} was not made by kdforge (no {MARKER} file); "
+                               "remove it yourself or choose another folder")
 
 
 def _word(kind: str) -> str:
@@ -226,10 +252,6 @@ def _check_kind(path: Path, kind: str, doing: str) -> None:
 
 def _resume_other(path: Path, kind: str) -> RunDirLease:
     """Resume a folder of a kind without engine state: lock it and clear temp files; the command continues."""
-    if not path.is_dir():
-        raise KdforgeError(f"cannot resume: {_word(kind)} folder {str(path)!r} does not exist")
-    if not _is_run(path):
-        raise KdforgeError(f"cannot resume {str(path)!r}: it was not made by kdforge; choose another folder")
     lease = _lock(RunDirLease(path, kind=kind, resumed=True, stale=_asides(path)))
     remove_temp_files(path)
     return lease
@@ -336,6 +358,19 @@ def _prepare_overwrite(path: Path, kind: str = "train") -> RunDirLease:
     return lease
 
 
+def remove_run(path: str | Path) -> None:
+    """Delete a kdforge folder (``kdforge cache clear``): refused in one line while a run holds its lock."""
+    path = Path(path)
+    _release_own(path)
+    lease = _lock(RunDirLease(path, kind=run_kind(path) or "train"))
+    try:
+        shutil.rmtree(path)
+    except OSError as e:
+        raise KdforgeError(f"cannot remove {str(path)!r}: {e.strerror or e}") from None
+    finally:
+        lease.release()
+
+
 def commit_pending(under: Path | None = None) -> None:
     """Commit every lease of this process (or those whose folder contains ``under``): the new runs work."""
     for lease in list(_HELD.values()):
@@ -411,7 +446,7 @@ def _lock(lease: RunDirLease) -> RunDirLease:
             raise
         other = os.read(fd, 32).decode(errors="replace").strip()
         os.close(fd)
-        raise KdforgeError(f"run folder {str(lease.path)!r} is in use by another kdforge run"
+        raise KdforgeError(f"{_word(lease.kind)} folder {str(lease.path)!r} is in use by another kdforge run"
                            f"{f' (pid {other})' if other else ''}; wait for it to finish or choose another folder"
                            ) from None
     os.ftruncate(fd, 0)

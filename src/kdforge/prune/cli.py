@@ -15,7 +15,8 @@ def prune_command(recipe: Path, out: Path | None = None, set_: list[str] | None 
 
     r = load_recipe(recipe, set_)
     run_dir = out or Path("runs") / "prune" / r.name
-    res = run_prune(r, run_dir, overwrite=overwrite)
+    res = run_prune(r, run_dir, overwrite=overwrite,
+                    resume_cmd=f"kdforge prune {recipe} -o {run_dir} --overwrite (a prune run starts over)")
     names = [u.name for u in res.analysis.units]
     typer.echo(f"{res.selection.method}: kept {len(res.selection.kept)}/{len(names)} units; removed "
                + (", ".join(names[i] for i in res.selection.removed) or "nothing"))

@@ -446,32 +446,33 @@ class PruneResult:
                 "recipe": self.recipe.model_dump(mode="json")}
 
 
-def _prepare_out(out: Path | None, overwrite: bool) -> None:
-    if out is None:
-        return
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise KdforgeError(f"output folder {str(out)!r} exists and is not empty (use --overwrite)")
-    out.mkdir(parents=True, exist_ok=True)
+def run_prune(recipe: PruneRecipe, out: Path | None = None, overwrite: bool = False, verbose: bool = True,
+              resume_cmd: str | None = None) -> PruneResult:
+    """Run a prune recipe end to end; writes the pruned model, report and plots into ``out`` if given.
 
+    ``out`` is a run folder of kind ``prune`` (:func:`kdforge.engine.run_dir.open_run`): refused if it exists
+    unless ``overwrite`` (a kdforge folder only, kept aside until the results are written).
+    """
+    import contextlib
 
-def run_prune(recipe: PruneRecipe, out: Path | None = None, overwrite: bool = False, verbose: bool = True
-              ) -> PruneResult:
-    """Run a prune recipe end to end; writes the pruned model, report and plots into ``out`` if given."""
     from kdforge.engine.checkpoint import atomic_write_text
+    from kdforge.engine.run_dir import open_run
 
     if recipe.heal.mode != "none":
         check_distributed(recipe.train)
-    _prepare_out(out, overwrite)
-    if out is not None:
-        atomic_write_text(out / "config.yaml", recipe.to_yaml())
-    torch.manual_seed(recipe.seed)
-    res = _run_llm(recipe, out, verbose) if recipe.is_llm else _run_cnn(recipe, out, verbose)
-    if out is not None:
-        from kdforge.prune.report import write_prune_report
+    held = open_run(out, "prune", overwrite=overwrite, resume_cmd=resume_cmd) if out is not None else \
+        contextlib.nullcontext()
+    with held:
+        if out is not None:
+            atomic_write_text(out / "config.yaml", recipe.to_yaml())
+        torch.manual_seed(recipe.seed)
+        res = _run_llm(recipe, out, verbose) if recipe.is_llm else _run_cnn(recipe, out, verbose)
+        if out is not None:
+            from kdforge.prune.report import write_prune_report
 
-        atomic_write_text(out / "results.json", json.dumps(res.to_json(), indent=2))
-        write_prune_report(res, out)
-    return res
+            atomic_write_text(out / "results.json", json.dumps(res.to_json(), indent=2))
+            write_prune_report(res, out)
+        return res
 
 
 def _log(verbose: bool, msg: str) -> None:
