@@ -183,8 +183,8 @@ class EmaConfig(Strict):
     every: int = Field(1, ge=1)
     #: evaluate (and deploy) the EMA weights
     evaluate: bool = True
-    # warm-up: decay min(d, (1 + n) / (10 + n)) at update n, so the random start fades from the average
-    # (without it, n updates keep a share d^n of the initial weights: 10 % after 2,300 steps at 0.999)
+    #: decay min(decay, (1 + n) / (10 + n)) at update n, so the initial weights fade from the average (without
+    #: it, n updates keep a share decay^n of them: 10 % after 2,300 updates at 0.999)
     warmup: bool = False
 
 

@@ -69,8 +69,11 @@ class AudioDataConfig(Strict):
     hdf5: str | None = None
     train_csv: str | None = None
     val_csv: str | None = None
-    test_csv: str | None = None  # EPIC-SOUNDS recognition test CSV (no labels): scored for submission.zip only
-    report_fraction: float = Field(0.5, gt=0, lt=1)  # EPIC-SOUNDS: share of validation videos held out for reporting
+    #: EPIC-SOUNDS recognition test CSV (no labels): scored for submission.zip only
+    test_csv: str | None = None
+    #: EPIC-SOUNDS: share of the validation CSV's videos held out (labelled) for every reported number; the
+    #: fusion weights are searched on the other videos
+    report_fraction: float = Field(0.5, gt=0, lt=1)
     redact_background: bool = False
     frontend: FrontEndConfig = Field(default_factory=FrontEndConfig)
     specaugment: bool = True
