@@ -92,6 +92,8 @@ def train(
         line += f", {result.test_best[key]:.2f} (best by val, epoch {result.best_epoch})"
     elif result.best_epoch < 0:
         line += " (no validation split: only the last checkpoint is kept)"
+    if not _is_main_rank():  # the end of a run is said once for the launch, not once per process
+        return
     typer.echo(f"{line}; run folder: {run_dir}")
     end_lines(run_dir, time.perf_counter() - t0, [f"kdforge eval {run_dir}", f"kdforge report {run_dir.parent} -o "
                                                   "report", f"tensorboard --logdir {run_dir.parent}"])
@@ -483,16 +485,20 @@ def _wrap_commands(t: typer.Typer) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: every user error is one line on stderr and exit code 2."""
+    """Entry point: every user error is one line on stderr and exit code 2 (on every rank of a launch)."""
+    from kdforge.engine import launch
+
     _wrap_commands(app)
     try:
+        launch.join()  # before any work: a rank failing early must not leave the others at the rendezvous
         rv = app(args=argv, standalone_mode=False, prog_name="kdforge")
         _settle_runs(ok=True)
         return rv if isinstance(rv, int) else 0
     except KdforgeError as e:
         _settle_runs(ok=False)
-        if _is_main_rank():  # under DDP every rank fails the same way; one of them speaks
-            print(f"error: {_one_line(str(e))}", file=sys.stderr)
+        line = launch.error_line(_one_line(str(e)))  # a failure all ranks share: rank 0 speaks; else the rank itself
+        if line is not None:
+            print(line, file=sys.stderr)
         return 2
     except click.UsageError as e:
         if not e.format_message().strip():  # no arguments: the help was printed, there is no error to add
@@ -510,6 +516,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception:
         _settle_runs(ok=False)
+        if launch.peer_failed():  # a collective broke because another rank failed: that rank has spoken
+            return 2
         raise
 
 

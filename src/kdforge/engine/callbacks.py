@@ -81,7 +81,10 @@ class RunFolder(Callback):
     def on_fit_start(self, trainer: Trainer) -> None:
         r = trainer.recipe
         if self.resume and self._has_state():
-            method_state, st = load_state(self.ck / "state")
+            if trainer.sharding is not None:  # every rank reads its shard of the DCP folder
+                method_state, st = None, trainer.sharding.load(self.ck / "state", trainer)
+            else:
+                method_state, st = load_state(self.ck / "state")
             before = int(st.get("total_steps", trainer.total_steps))
             trainer.load_state(method_state, st)
             if trainer.main and trainer.global_step < trainer.total_steps and trainer.global_step >= before:
@@ -121,19 +124,30 @@ class RunFolder(Callback):
 
     def save(self, trainer: Trainer, improved: bool) -> None:
         """Write last (and best) weights and the resumable state (main process only)."""
-        if not trainer.recipe.train.save_checkpoints or not trainer.main:
+        if not trainer.recipe.train.save_checkpoints:
+            return
+        if trainer.sharding is not None:  # collectives: every rank gathers the weights and writes its shard
+            trainer.sharding.refresh(trainer.global_step)
+            self._write_weights(trainer, improved)
+            trainer.sharding.save(self.ck / "state", trainer)
+        elif trainer.main:
+            self._write_weights(trainer, improved)
+            save_state(self.ck / "state", trainer.method.resumable_state(), trainer.state())
+        if trainer.main and not self._committed:
+            commit = getattr(self.lease, "commit", None)
+            if commit is not None:
+                commit()
+            self._committed = True
+
+    def _write_weights(self, trainer: Trainer, improved: bool) -> None:
+        """last (and best) deployable weights as safetensors (main process only)."""
+        if not trainer.main:
             return
         meta = trainer.export_metadata()
         model = trainer.deployable()
         save_weights(model, self.ck / "last.safetensors", meta)
         if improved:
             save_weights(model, self.ck / "best.safetensors", meta)
-        save_state(self.ck / "state", trainer.method.resumable_state(), trainer.state())
-        if not self._committed:
-            commit = getattr(self.lease, "commit", None)
-            if commit is not None:
-                commit()
-            self._committed = True
 
     def best_model(self, trainer: Trainer) -> nn.Module | None:
         """The best checkpoint's weights in a copy of the deployable model."""
@@ -145,9 +159,9 @@ class RunFolder(Callback):
         return model
 
     def on_fit_end(self, trainer: Trainer, result: FitResult) -> None:
+        self.save(trainer, improved=False)  # marks the state finished
         if not trainer.main:
             return
-        self.save(trainer, improved=False)  # marks the state finished
         atomic_write_text(self.path / "results.json", json.dumps(result.to_json(), indent=2, allow_nan=False))
         from kdforge.report.run_report import write_run_report
 

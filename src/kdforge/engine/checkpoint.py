@@ -120,21 +120,31 @@ def save_state(directory: Path, method_state: dict[str, torch.Tensor], trainer_s
     try:
         tensors = {k: v.detach().contiguous().cpu() for k, v in method_state.items()}
         save_file(_unshare(tensors), str(tmp / "method.safetensors"))
-        buf = io.BytesIO()  # serialised in memory so that a full disk surfaces as an OSError, not torch's own
-        torch.save(trainer_state, buf)
-        (tmp / "trainer.pt").write_bytes(buf.getbuffer())
-        old = directory.with_name(f".{directory.name}.old")
-        if directory.exists():
-            _remove(old)
-            os.replace(directory, old)
-        os.replace(tmp, directory)  # a kill between the two renames is repaired by recover_state()
-        _remove(old)
+        save_torch(tmp / "trainer.pt", trainer_state)
+        atomic_dir_swap(tmp, directory)
     except (OSError, SafetensorError, RuntimeError) as e:
         if isinstance(e, OSError) or _disk_full(e):
             raise _write_error(directory, e) from None
         raise
     finally:
         _remove(tmp)
+
+
+def save_torch(path: Path, obj: Any) -> None:
+    """``torch.save`` through memory, so that a full disk surfaces as an OSError, not torch's own error."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    Path(path).write_bytes(buf.getbuffer())
+
+
+def atomic_dir_swap(tmp: Path, directory: Path) -> None:
+    """Put the finished folder ``tmp`` in place of ``directory`` (the old one is dropped once the new one is in)."""
+    old = directory.with_name(f".{directory.name}.old")
+    if directory.exists():
+        _remove(old)
+        os.replace(directory, old)
+    os.replace(tmp, directory)  # a kill between the two renames is repaired by recover_state()
+    _remove(old)
     from kdforge.engine.run_dir import commit_pending
 
     commit_pending(under=directory)  # a run replacing an older one (--overwrite) now works: drop the old one
@@ -163,7 +173,11 @@ def _state_complete(directory: Path) -> bool:
     import zipfile
 
     tensors, trainer = directory / "method.safetensors", directory / "trainer.pt"
-    if not (tensors.is_file() and trainer.is_file() and zipfile.is_zipfile(trainer)):
+    if not (trainer.is_file() and zipfile.is_zipfile(trainer)):
+        return False
+    if (directory / "dcp").is_dir():  # a sharded (FSDP) state: DCP writes its .metadata last
+        return (directory / "dcp" / ".metadata").is_file()
+    if not tensors.is_file():
         return False
     try:
         with safe_open(str(tensors), framework="pt") as f:
@@ -202,13 +216,20 @@ def load_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         method_state = load_file(str(tensors))
     except Exception as e:  # safetensors raises several types for a cut file
         raise _damaged(tensors, _first_line(e)) from None
+    return method_state, load_torch(trainer)
+
+
+def load_torch(path: Path) -> dict[str, Any]:
+    """A dict saved by :func:`save_torch` (``weights_only``); a missing or damaged file is a one-line error."""
+    if not path.is_file():
+        raise _damaged(path, "it is missing")
     try:
-        trainer_state = torch.load(trainer, weights_only=True, map_location="cpu")
+        st = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:  # EOFError would otherwise read as Ctrl-C ("aborted") in the CLI
-        raise _damaged(trainer, _first_line(e)) from None
-    if not isinstance(trainer_state, dict):
-        raise _damaged(trainer, f"it holds a {type(trainer_state).__name__}, not the trainer state")
-    return method_state, trainer_state
+        raise _damaged(path, _first_line(e)) from None
+    if not isinstance(st, dict):
+        raise _damaged(path, f"it holds a {type(st).__name__}, not the trainer state")
+    return st
 
 
 def _first_line(e: BaseException) -> str:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from kdforge.config import OptimConfig, SchedConfig, validate
 from kdforge.engine.schedule import lr_factor
@@ -123,7 +124,8 @@ class EngineOptimizer:
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved."""
-        self.opt.load_state_dict(st["opt"])
+        if "opt" in st:  # a sharded run's optimizer state is in its DCP folder, loaded by the engine
+            self.opt.load_state_dict(st["opt"])
         self.steps = int(st.get("steps", 0))
         if self.scaler is not None and "scaler" in st:
             self.scaler.load_state_dict(st["scaler"])
@@ -136,7 +138,8 @@ def sync_gradients(params: list[nn.Parameter]) -> None:
     world = torch.distributed.get_world_size()
     if world == 1:
         return
-    grads = [p.grad for p in params if p.grad is not None]
+    # FSDP2 parameters (DTensors) were reduce-scattered in their backward already
+    grads = [p.grad for p in params if p.grad is not None and not isinstance(p.grad, DTensor)]
     if not grads:
         return
     flat = torch._utils._flatten_dense_tensors(grads)

@@ -164,16 +164,15 @@ def _accelerator(recipe: Recipe) -> Accelerator:
                                and not torch.backends.mps.is_available())
     if cpu and mp == "fp16":
         raise KdforgeError("train.precision fp16 needs a GPU; on the CPU use bf16 or fp32")
-    plugin = None
-    if t.distributed == "fsdp":
-        from kdforge.engine.fsdp import fsdp_plugin
+    if t.distributed == "fsdp":  # FSDP2 is applied by the engine itself (kdforge.engine.fsdp), not a plugin
+        from kdforge.engine.fsdp import check
 
-        plugin = fsdp_plugin(t, cpu)
+        check(t, cpu)
     # Several runs in one process (demo, benchmarks) may ask for different precisions: reset the
     # per-run part of accelerate's singleton state, keeping the process group.
     AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(cpu=cpu, mixed_precision=mp, gradient_accumulation_steps=t.grad_accum,
-                       fsdp_plugin=plugin, kwargs_handlers=[DistributedDataParallelKwargs(
+                       kwargs_handlers=[DistributedDataParallelKwargs(
                            find_unused_parameters=t.find_unused_parameters)])
 
 
@@ -303,7 +302,19 @@ class Trainer:
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.method = method.to(acc.device)
         self.method.setup(self._example_batch())
+        self.sharding: Any = None
+        if r.train.distributed == "fsdp":  # sharded in place before the optimizers see its parameters
+            from kdforge.engine.fsdp import Sharding
+
+            self.sharding = Sharding(method, r.train, acc.device)
         self.optimizers = self._build_optimizers()
+        if self.sharding is not None and r.train.precision == "fp16":
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            acc.scaler = ShardedGradScaler()  # found-inf agreed across ranks, gradients being shards
+            for o in self.optimizers.values():
+                if o.scaler is not None:
+                    o.scaler = ShardedGradScaler()
         automatic = [o for o in self.optimizers.values() if not o.manual]
         if automatic and not method.automatic_optimization:
             raise KdforgeError(f"{type(method).__name__} optimizes manually: mark every OptimizerSpec manual=True")
@@ -312,11 +323,7 @@ class Trainer:
             if o.manual:
                 for p in o.params:
                     p.requires_grad_(False)
-        if r.train.distributed == "fsdp":
-            from kdforge.engine.fsdp import keep_frozen_whole
-
-            keep_frozen_whole(acc, method, r.train.fsdp)
-        self.model = acc.prepare_model(method) if automatic else method
+        self.model = acc.prepare_model(method) if automatic and self.sharding is None else method
         method.attach_engine(self)
         self.ema = None
         if r.train.ema is not None:
@@ -421,6 +428,8 @@ class Trainer:
         """The model evaluated and saved: the EMA copy when ``train.ema.evaluate``, else the method's."""
         if self.ema is not None and self.ema.cfg.evaluate:
             return self.ema.model
+        if self.sharding is not None:  # the plain copy, gathered at the end of every epoch and before a save
+            return self.sharding.plain
         return self.method.deployable()
 
     # -- state -------------------------------------------------------------------------------
@@ -442,16 +451,20 @@ class Trainer:
             st["source"] = self.source.state_dict()
         return st
 
-    def load_state(self, method_state: dict[str, Tensor], st: dict[str, Any]) -> None:
-        """Restore a state written by :meth:`state` (with the method's tensors)."""
+    def load_state(self, method_state: dict[str, Tensor] | None, st: dict[str, Any]) -> None:
+        """Restore a state written by :meth:`state` (with the method's tensors; ``None``: already loaded, sharded)."""
         if st.get("format") != STATE_FORMAT:
             raise KdforgeError("this run folder was written by an older kdforge engine and cannot be resumed; "
                                "start it again with --overwrite")
-        missing, unexpected = self.method.load_state_dict(method_state, strict=False)
-        bad = [k for k in missing if not k.startswith(self.method.frozen_prefixes)]
-        if bad or unexpected:
-            raise KdforgeError(f"resume state does not fit this method: missing {bad[:3]}, "
-                               f"unexpected {list(unexpected)[:3]}")
+        if method_state is not None:
+            if "sharded" in st or self.sharding is not None:
+                raise KdforgeError("resume state was saved with another train.distributed (ddp vs fsdp); resume "
+                                   "with the recipe's own")
+            missing, unexpected = self.method.load_state_dict(method_state, strict=False)
+            bad = [k for k in missing if not k.startswith(self.method.frozen_prefixes)]
+            if bad or unexpected:
+                raise KdforgeError(f"resume state does not fit this method: missing {bad[:3]}, "
+                                   f"unexpected {list(unexpected)[:3]}")
         if set(st["optimizers"]) != set(self.optimizers):
             raise KdforgeError(f"resume state has optimizers {sorted(st['optimizers'])}, this method declares "
                                f"{sorted(self.optimizers)}")
@@ -565,9 +578,14 @@ class Trainer:
         if self.zero_first and i % self.accum == 0:
             for o in auto:
                 o.zero_grad()
-        ctx = acc.no_sync(self.model) if (auto and not last_micro) else nullcontext()
+        if auto and not last_micro:
+            ctx = self.sharding.no_sync() if self.sharding is not None else acc.no_sync(self.model)
+        else:
+            ctx = nullcontext()
         with ctx:
-            out = self.model(batch, self.global_step)
+            # a prepared model autocasts in its forward; the sharded method is not prepared by Accelerate
+            with acc.autocast() if self.sharding is not None else nullcontext():
+                out = self.model(batch, self.global_step)
             if "loss" not in out:
                 raise KdforgeError(f"{type(self.method).__name__}.training_step must return a dict with 'loss'")
             if auto:
@@ -635,6 +653,8 @@ class Trainer:
         last_epoch = self.global_step >= self.total_steps
         improved = False
         if (self.epoch + 1) % r.train.eval_every == 0 or last_epoch:
+            if self.sharding is not None:
+                self.sharding.refresh(self.global_step)
             val = self.evaluate(self.val_loader)
             row.update({f"val_{k}": v for k, v in val.items()})
             key, mode = self.method.monitor

@@ -1,0 +1,109 @@
+"""Runs the FSDP test cases in one process of a launch, or as the 1-process reference.
+
+``python tests/fsdp_cases.py OUT [--reference] CASE...``: each case trains into ``OUT/CASE`` through the
+engine (the recipe path ``kdforge train`` takes, or a Trainer over a step source for the language model).
+Under a launch the cases use ``train.distributed: fsdp``; ``--reference`` runs them unsharded in one
+process with the launch's global batch (2 processes x 32 = 64 samples per step).
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+WORLD = 2  # the launch the reference stands for
+
+BASE: dict[str, Any] = {
+    "seed": 0, "data": {"name": "digits", "batch_size": 32, "augment": False, "limit_train": 256},
+    "optim": {"lr": 0.1}, "train": {"epochs": 2, "progress": "never", "threads": 1},
+}
+KD = {"name": "distill", "teacher": {"model": "mlp"}, "student": {"model": "mlp", "kwargs": {"hidden": [32]}},
+      "terms": [{"loss": "ce", "weight": 1.0}, {"loss": "kd", "weight": 0.9, "T": 4}]}
+ADV = {"name": "adversarial", "teacher": {"model": "mlp"}, "student": {"model": "mlp", "kwargs": {"hidden": [32]}},
+       "input": "logits", "adv_weight": 0.5, "lr_d": 1e-3}
+# size-based wrap: the MLPs' linear layers become FSDP units of their own (blocks, then the root)
+FSDP = {"auto_wrap": "size", "min_params": 500}
+
+
+def recipe(case: str, reference: bool) -> dict[str, Any]:
+    """The recipe dict of an image case, sharded or as the 1-process reference."""
+    r = copy.deepcopy(BASE)
+    r["name"] = case
+    r["method"] = copy.deepcopy(ADV if case == "adv" else KD)
+    if reference:
+        r["data"]["batch_size"] *= WORLD
+    else:
+        r["train"]["distributed"] = "fsdp"
+        r["train"]["fsdp"] = {**FSDP, "shard_teacher": case == "kd_sharded"}
+    return r
+
+
+class Slices:
+    """A fixed global batch of token rows per step; each rank trains on its contiguous slice."""
+
+    def __init__(self, rows: torch.Tensor) -> None:
+        self.rows = rows
+        self.steps_per_epoch = rows.shape[0]
+
+    def batch(self, step: int) -> torch.Tensor:
+        """Rows of step ``step`` for this rank."""
+        g = self.rows[step % self.steps_per_epoch]
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        n = g.shape[0] // world
+        return g[rank * n:(rank + 1) * n]
+
+
+def tiny_llama(layers: int, seed: int) -> torch.nn.Module:
+    """A random LlamaForCausalLM small enough for a test (vocabulary 64, width 32)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    return LlamaForCausalLM(cfg).float()
+
+
+def run_llama(out: Path, reference: bool) -> None:
+    """KD of a 2-layer student from a 3-layer teacher through the LM distillation method (teacher sharded)."""
+    from kdforge.config import Recipe
+    from kdforge.engine.trainer import Trainer
+
+    try:
+        from kdforge.llm.distill import LogitDistill  # type: ignore[import-not-found]
+    except ImportError:
+        from kdforge.prune.llm import LogitDistill
+    teacher, student = tiny_llama(3, 1), tiny_llama(2, 2)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    rows = torch.randint(0, 64, (4, 4, 16), generator=torch.Generator().manual_seed(3))
+    train: dict[str, Any] = {"max_steps": 4, "grad_clip": 1.0, "progress": "never", "threads": 1}
+    if not reference:
+        train.update(distributed="fsdp", fsdp={"shard_teacher": True})
+    r = Recipe.from_dict({"name": "llama", "seed": 0, "data": {"batch_size": 2},
+                          "method": {"name": "llm-kd"}, "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.0},
+                          "sched": {"name": "constant"}, "train": train})
+    Trainer(LogitDistill(student, teacher, T=2.0), None, r, run_dir=out, source=Slices(rows)).fit()
+
+
+def main(argv: list[str]) -> None:
+    from kdforge.config import Recipe
+    from kdforge.run import train
+
+    out, reference = Path(argv[0]), "--reference" in argv
+    for case in [a for a in argv[1:] if not a.startswith("--")]:
+        if case == "llama":
+            run_llama(out / case, reference)
+        else:
+            train(Recipe.from_dict(recipe(case, reference)), out / case)
+
+
+if __name__ == "__main__":
+    from kdforge.engine import launch
+
+    launch.join()
+    main(sys.argv[1:])
