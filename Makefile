@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # torch and torchvision pinned to the builds this project is tested with
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-slow lint docs docs-cli bench-overhead clean
+.PHONY: demo test test-slow gpu-check lint docs docs-cli bench-overhead clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,6 +31,12 @@ docs: $(STAMP)
 docs-cli: $(STAMP)
 	$(BIN)/python -m kdforge.report.cli_doc > docs/cli.md
 	$(BIN)/python -m kdforge.report.recipe_doc > docs/recipe-keys.md
+
+# On a machine with a CUDA GPU (no network, <= 8 min): the CUDA test subset, then the throughput table to paste
+# into docs/benchmarks/gpu.md with the card's name. Without a GPU the tests skip and the table refuses.
+gpu-check: $(STAMP)
+	$(BIN)/python -m pytest -q -m gpu tests/test_gpu.py
+	$(BIN)/python scripts/gpu_throughput.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks scripts

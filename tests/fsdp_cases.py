@@ -19,12 +19,15 @@ import torch.distributed as dist
 WORLD = 2  # the launch the reference stands for
 
 BASE: dict[str, Any] = {
-    "seed": 0, "data": {"name": "digits", "batch_size": 32, "augment": False, "limit_train": 256},
+    "seed": 0, "data": {"name": "digits", "batch_size": 32, "augment": False, "limit_train": 256,
+                        "val_fraction": 0.125},
     "optim": {"lr": 0.1}, "train": {"epochs": 2, "progress": "never", "threads": 1},
 }
-KD = {"name": "distill", "teacher": {"model": "mlp"}, "student": {"model": "mlp", "kwargs": {"hidden": [32]}},
+TEACHER = {"model": "mlp", "weights": "random"}
+STUDENT = {"model": "mlp", "kwargs": {"hidden": [32]}}
+KD = {"name": "distill", "teacher": TEACHER, "student": STUDENT,
       "terms": [{"loss": "ce", "weight": 1.0}, {"loss": "kd", "weight": 0.9, "T": 4}]}
-ADV = {"name": "adversarial", "teacher": {"model": "mlp"}, "student": {"model": "mlp", "kwargs": {"hidden": [32]}},
+ADV = {"name": "adversarial", "teacher": TEACHER, "student": STUDENT,
        "input": "logits", "adv_weight": 0.5, "lr_d": 1e-3}
 # size-based wrap: the MLPs' linear layers become FSDP units of their own (blocks, then the root)
 FSDP = {"auto_wrap": "size", "min_params": 500}
@@ -35,6 +38,8 @@ def recipe(case: str, reference: bool) -> dict[str, Any]:
     r = copy.deepcopy(BASE)
     r["name"] = case
     r["method"] = copy.deepcopy(ADV if case == "adv" else KD)
+    if case == "kd_sharded":  # also the uninterrupted run of the kill-and-resume test
+        r["train"]["save_every_steps"] = 1
     if reference:
         r["data"]["batch_size"] *= WORLD
     else:
@@ -72,11 +77,7 @@ def run_llama(out: Path, reference: bool) -> None:
     """KD of a 2-layer student from a 3-layer teacher through the LM distillation method (teacher sharded)."""
     from kdforge.config import Recipe
     from kdforge.engine.trainer import Trainer
-
-    try:
-        from kdforge.llm.distill import LogitDistill  # type: ignore[import-not-found]
-    except ImportError:
-        from kdforge.prune.llm import LogitDistill
+    from kdforge.llm.heal import LogitDistill
     teacher, student = tiny_llama(3, 1), tiny_llama(2, 2)
     for p in teacher.parameters():
         p.requires_grad_(False)

@@ -282,8 +282,11 @@ def test_copying_a_run_folder_keeps_it_resumable(tmp_path: Path) -> None:
 
 
 def test_fsdp_is_validated_with_one_line_on_the_cpu() -> None:
-    recipe = _recipe(epochs=1, distributed="fsdp", fsdp={"sharding": "full", "shard_teacher": False}, device="cpu")
-    with pytest.raises(KdforgeError, match=r"fsdp' needs CUDA GPUs"):
+    recipe = _recipe(epochs=1, distributed="fsdp", fsdp={"sharding": "no_shard", "shard_teacher": False}, device="cpu")
+    with pytest.raises(KdforgeError, match=r"^train.fsdp.sharding 'no_shard' keeps a whole model on every process"):
+        _trainer(recipe)
+    recipe = _recipe(epochs=1, distributed="fsdp", fsdp={"cpu_offload": True}, device="cpu")
+    with pytest.raises(KdforgeError, match=r"^train.fsdp.cpu_offload moves GPU shards to the CPU"):
         _trainer(recipe)
     with pytest.raises(KdforgeError, match=r"train.fsdp.sharding"):
         _recipe(epochs=1, fsdp={"sharding": "everything"})

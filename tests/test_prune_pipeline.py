@@ -62,11 +62,11 @@ def test_recipe_errors_are_one_line_and_shared_sections() -> None:
     assert llm.heal_recipe("llm-kd", 2).data.batch_size == 2
 
 
-def test_fsdp_heal_on_the_cpu_is_one_line_before_any_work(tmp_path: Path) -> None:
+def test_fsdp_heal_setting_the_cpu_cannot_run_is_one_line_before_any_work(tmp_path: Path) -> None:
     r = load_recipe(RECIPES / "sglp-tiny-llama.yaml", ["train.distributed=fsdp", "train.fsdp.shard_teacher=true",
-                                                       "train.device=cpu"])
+                                                       "train.fsdp.cpu_offload=true", "train.device=cpu"])
     assert r.train.fsdp is not None and r.train.fsdp.shard_teacher
-    with pytest.raises(KdforgeError, match=r"^train.distributed 'fsdp' needs CUDA GPUs") as e:
+    with pytest.raises(KdforgeError, match=r"^train.fsdp.cpu_offload moves GPU shards to the CPU") as e:
         run_prune(r, tmp_path / "run", verbose=False)
     assert "\n" not in str(e.value) and not (tmp_path / "run").exists()
 

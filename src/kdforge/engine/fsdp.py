@@ -45,12 +45,13 @@ def check(t: TrainConfig, cpu: bool) -> None:
                            "whole model on every process); remove train.ema or use train.distributed: ddp")
 
 
-def ensure_process_group(device: torch.device) -> None:
-    """A one-process group when the run was not launched (FSDP2 needs a group even for one process)."""
+def ensure_process_group(device: torch.device) -> bool:
+    """A one-process group when the run was not launched (FSDP2 needs a group even for one process); made one?"""
     if dist.is_initialized():
-        return
+        return False
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return True
 
 
 def device_mesh(device: torch.device, sharding: str) -> Any:
@@ -124,7 +125,7 @@ class Sharding:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy
 
         self.cfg = t.fsdp or FsdpConfig()
-        ensure_process_group(device)
+        self._own_group = ensure_process_group(device)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.mesh = device_mesh(device, self.cfg.sharding)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
@@ -169,6 +170,12 @@ class Sharding:
         for b in blocks(model, self.cfg):
             self._shard(b, reshard)
         self._shard(model, reshard)
+
+    def close(self) -> None:
+        """Drop the one-process group this run made (a launch's group belongs to the launch)."""
+        if self._own_group and dist.is_initialized():
+            dist.destroy_process_group()
+        self._own_group = False
 
     @contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -239,8 +246,11 @@ class Sharding:
     def load(self, directory: Path, trainer: Trainer) -> dict[str, Any]:
         """Read what :meth:`save` wrote (on this or another world size); the trainer state to hand to ``load_state``."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         from kdforge.engine.checkpoint import load_torch
 

@@ -9,12 +9,12 @@ is its own speaks for itself, and a rank that fails because a peer went away exi
 from __future__ import annotations
 
 import os
-from datetime import timedelta
+import time
 
 import torch.distributed as dist
 
 KEY = "kdforge/error/{}"
-WAIT_FOR_RANK0 = timedelta(seconds=5)  # rank 0 usually fails the same way within this; else a rank speaks itself
+WAIT_FOR_RANK0 = 5.0  # seconds; rank 0 usually fails the same way within this; else a rank speaks itself
 
 
 def launched() -> bool:
@@ -25,9 +25,11 @@ def launched() -> bool:
 def join() -> None:
     """Initialise the launch's process group now (through Accelerate, which picks gloo or nccl)."""
     if launched() and not (dist.is_available() and dist.is_initialized()):
+        import torch
         from accelerate import PartialState
 
-        PartialState()
+        # without a GPU Accelerate treats the launch as several CPU processes (gloo) only when told cpu=True
+        PartialState(cpu=not torch.cuda.is_available())
 
 
 def _store() -> dist.Store | None:
@@ -49,10 +51,14 @@ def error_line(msg: str) -> str | None:
         store.set(KEY.format(rank), msg)
         if rank == 0:
             return f"error: {msg}"
-        store.wait([KEY.format(0)], WAIT_FOR_RANK0)
+        deadline = time.monotonic() + WAIT_FOR_RANK0
+        while not store.check([KEY.format(0)]):  # polled: a timed-out store.wait logs C++ warnings
+            if time.monotonic() > deadline:
+                raise TimeoutError
+            time.sleep(0.05)
         if store.get(KEY.format(0)).decode() == msg:
             return None
-    except (RuntimeError, dist.DistStoreError):  # rank 0 did not fail (in time), or its store is gone
+    except (RuntimeError, TimeoutError, dist.DistStoreError):  # rank 0 did not fail (in time), or its store is gone
         pass
     return f"error: rank {rank} of {dist.get_world_size()}: {msg}"
 

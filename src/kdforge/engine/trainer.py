@@ -517,6 +517,8 @@ class Trainer:
         finally:
             for c in self.callbacks:
                 c.on_close(self)
+            if self.sharding is not None:
+                self.sharding.close()
             torch.set_num_threads(self._threads_before)  # train.threads applies to this run only
 
     def _epoch_seed(self) -> int:

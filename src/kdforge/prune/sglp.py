@@ -410,11 +410,11 @@ def heal_cnn(pruned: nn.Module, teacher: nn.Module | None, bundle: Any, r: Prune
 
 
 def check_distributed(train: TrainConfig) -> None:
-    """Refuse, before any work, a distributed setting this machine cannot run (FSDP on the CPU: one line)."""
+    """Refuse, before any work and in one line, an FSDP setting this machine cannot run."""
     if train.distributed == "fsdp":
-        from kdforge.engine.fsdp import fsdp_plugin
+        from kdforge.engine.fsdp import check
 
-        fsdp_plugin(train, cpu=_device(train.device).type == "cpu")
+        check(train, cpu=_device(train.device).type == "cpu")
 
 
 # -- the pipeline ---------------------------------------------------------------------------------
