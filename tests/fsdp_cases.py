@@ -37,7 +37,7 @@ def recipe(case: str, reference: bool) -> dict[str, Any]:
     """The recipe dict of an image case, sharded or as the 1-process reference."""
     r = copy.deepcopy(BASE)
     r["name"] = case
-    r["method"] = copy.deepcopy(ADV if case == "adv" else KD)
+    r["method"] = copy.deepcopy(ADV if case == "adv" else KD)  # kd, kd_sharded, kd_hybrid: KD
     if case == "kd_sharded":  # also the uninterrupted run of the kill-and-resume test
         r["train"]["save_every_steps"] = 1
     if reference:
@@ -45,6 +45,8 @@ def recipe(case: str, reference: bool) -> dict[str, Any]:
     else:
         r["train"]["distributed"] = "fsdp"
         r["train"]["fsdp"] = {**FSDP, "shard_teacher": case == "kd_sharded"}
+        if case == "kd_hybrid":  # nodes x processes per node: replicated across nodes, sharded inside one
+            r["train"]["fsdp"]["sharding"] = "hybrid"
     return r
 
 

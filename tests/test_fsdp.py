@@ -203,3 +203,19 @@ def test_a_failure_on_rank_1_only_is_one_line_and_every_rank_exits_2(tmp_path: P
     assert len(lines) == 1, lines
     assert lines[0].startswith("error: rank 1 of 2: ") and "gone.safetensors" in lines[0]
     assert torch.distributed.is_available()
+
+
+@pytest.mark.slow
+def test_two_nodes_on_loopback_with_torchrun_share_one_run_folder(equal_runs: Path, tmp_path: Path) -> None:
+    """torchrun --nnodes 2 (one process each, 127.0.0.1): hybrid sharding trains as one process; rank 0 writes."""
+    port, run = _free_port(), tmp_path / "shared"
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(i),
+                               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+                               str(CASES), str(run), "kd_hybrid"], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for rc, err in finish(nodes):
+        assert rc == 0, err[-3000:]
+    diff = _max_diff(_weights(run / "kd_hybrid"), _weights(equal_runs / "one" / "kd"))
+    assert diff <= ATOL, diff
+    state = run / "kd_hybrid" / "checkpoints" / "state"
+    assert sorted(p.name for p in state.iterdir()) == ["dcp", "rank0.pt", "rank1.pt", "trainer.pt"]
