@@ -64,7 +64,7 @@ def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
 ADV = {
     "name": "ddp-adv", "seed": 0,
     "data": {"name": "digits", "batch_size": 32, "val_fraction": 0.1, "augment": False, "limit_train": 512},
-    "method": {"name": "adversarial", "teacher": {"model": "mlp"}, "student": {"model": "mlp"},
+    "method": {"name": "adversarial", "teacher": {"model": "mlp", "weights": "random"}, "student": {"model": "mlp"},
                "input": "logits", "adv_weight": 0.5, "lr_d": 1e-3},
     "optim": {"lr": 0.1}, "train": {"epochs": 2, "progress": "silent", "threads": 1},
 }

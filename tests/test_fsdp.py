@@ -163,7 +163,7 @@ def test_eval_of_a_sharded_run_reproduces_results_json(equal_runs: Path, capsys:
     stored = json.loads((run / "results.json").read_text())
     assert stored["test_best"] is not None
     for which, key in (("last", "test_last"), ("best", "test_best")):
-        res = json.loads(_cli(capsys, "eval", str(run), "--which", which))
+        res = json.loads(_cli(capsys, "eval", str(run), "--which", which, "--json"))
         assert {k: res[k] for k in stored[key]} == pytest.approx(stored[key], rel=1e-6, abs=1e-9)
 
 

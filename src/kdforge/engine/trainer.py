@@ -685,6 +685,8 @@ class Trainer:
             if i >= n:
                 break
             out = self._train_batch(send_to_device(batch, self.acc.device), i, self.batches_per_epoch)
+        if self.sharding is not None:
+            self.sharding.close()
         torch.set_num_threads(self._threads_before)
         return {k: float(v.detach().float().mean()) * (100.0 if is_accuracy(k) else 1.0) for k, v in out.items()}
 
