@@ -27,6 +27,7 @@ import torch
 
 from kdforge.bench import BENCHES
 from kdforge.bench.common import bench_dir, machine_note, markdown_table, write_json
+from kdforge.engine.callbacks import Callback
 
 COMMAND = "cpu kdforge bench scale --publish"  # cpu: this session's one-core wrapper (see the page)
 WORLDS = (2, 4)
@@ -39,7 +40,7 @@ BASE: dict[str, Any] = {
                "student": {"model": "mlp", "kwargs": {"hidden": [512, 512]}},
                "terms": [{"loss": "ce", "weight": 1.0}, {"loss": "kd", "weight": 0.9, "T": 4}]},
     "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9}, "sched": {"name": "constant"},
-    "train": {"max_steps": 24, "progress": "never", "threads": 1, "save_checkpoints": False},
+    "train": {"max_steps": 40, "progress": "never", "threads": 1, "save_checkpoints": False},
 }
 
 
@@ -52,7 +53,7 @@ def recipe(mode: str, world: int, steps: int) -> dict[str, Any]:
         r["data"]["batch_size"] = PER_RANK_BATCH * world
     elif mode.startswith("fsdp"):
         r["train"]["distributed"] = "fsdp"
-        r["train"]["fsdp"] = {"auto_wrap": "none", "shard_teacher": mode == "fsdp-shard-teacher"}
+        r["train"]["fsdp"] = {"shard_teacher": mode == "fsdp-shard-teacher"}
     return r
 
 
@@ -76,8 +77,8 @@ def held(trainer: Any) -> dict[str, int]:
             "optimizer": _bytes(state), "teacher_params": _bytes(m.teacher.parameters())}
 
 
-class _StepTimes:
-    """Wall time of every optimizer step (a Callback; the first steps carry the lazy set-up)."""
+class _StepTimes(Callback):
+    """Wall time of every optimizer step (the first steps carry the lazy set-up)."""
 
     def __init__(self) -> None:
         self.t = [time.perf_counter()]
@@ -90,7 +91,6 @@ def train_one(mode: str, world: int, steps: int, weights_out: Path | None) -> di
     """Train one recipe in this process (one rank of a launch, or alone); its bytes, step times and weights."""
     from kdforge.config import Recipe
     from kdforge.data import load_data
-    from kdforge.engine.callbacks import Callback
     from kdforge.engine.trainer import Trainer
     from kdforge.method import DataInfo, build_method
 
@@ -98,8 +98,7 @@ def train_one(mode: str, world: int, steps: int, weights_out: Path | None) -> di
     data = load_data(r.data)
     method = build_method(r.method.model_dump(), DataInfo(data.num_classes, data.in_chans, data.image_size))
     times = _StepTimes()
-    cb = type("Times", (Callback,), {"on_step_end": times.on_step_end})()
-    trainer = Trainer(method, data, r, callbacks=[cb])
+    trainer = Trainer(method, data, r, callbacks=[times])
     trainer.fit()
     dt = [b - a for a, b in zip(times.t[1:], times.t[2:], strict=False)][2:]  # without the first 3 steps
     res = {"held": held(trainer), "step_ms": 1000 * statistics.median(dt), "steps": steps}
