@@ -241,3 +241,62 @@ def test_cache_dir_that_is_a_file_and_full_disk_are_one_line(tmp_path: Path, mon
     monkeypatch.undo()
     assert main(["cache", "build", str(r)]) == 0
     assert "1 of 2 chunks built" in capsys.readouterr().out  # resumed: only the missing chunk
+
+
+# -- readers and bounds -----------------------------------------------------------------------------------
+def test_readers_say_what_a_folder_of_another_kind_is(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "p"
+    assert main(["prune", str(_prune_recipe(tmp_path)), "-o", str(out)]) == 0
+    capsys.readouterr()
+    _err(capsys, main(["eval", str(out)]), "'kdforge prune' run", f"kdforge eval {out}/pruned/model.safetensors")
+    _err(capsys, main(["sample", str(out)]), "'kdforge prune' run")
+    _err(capsys, main(["train", str(out), "--resume"]), "cannot resume with 'kdforge train'", "'kdforge prune' run")
+
+
+def test_numeric_bounds_where_declared(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from kdforge.audio.recipe import AudioRecipe
+    from kdforge.errors import KdforgeError
+    from kdforge.rl.group import DistillConfig as GroupDistillConfig
+
+    for bad in ({"attn_dim": -3}, {"tau": 0}, {"tau": float("nan")}, {"lambda_dec": -1}, {"ramp_up": 2}):
+        with pytest.raises(ValueError):
+            GroupDistillConfig(**bad)
+    with pytest.raises(KdforgeError, match=r"fusion\.published"):
+        AudioRecipe.from_yaml(AUDIO, ["fusion.published=[]"])
+    with pytest.raises(KdforgeError, match=r"fusion\.published"):
+        AudioRecipe.from_yaml(AUDIO, ["fusion.published=[0.5, -1]"])
+    code = main(["sample", str(tmp_path), "--seed", str(2**70)])
+    assert code == 2 and "--seed" in capsys.readouterr().err
+    code = main(["audio-predict", str(tmp_path), str(tmp_path / "x.wav"), "--top", "0"])
+    assert code == 2 and "--top" in capsys.readouterr().err
+
+
+def test_nan_audio_clip_is_refused(tmp_path: Path) -> None:
+    import numpy as np
+    import soundfile as sf
+
+    from kdforge.audio.recipe import predict_file
+    from kdforge.config import ModelSpec
+    from kdforge.errors import KdforgeError
+
+    wav = tmp_path / "nan.wav"
+    x = np.zeros(16000, np.float32)
+    x[100] = np.nan
+    sf.write(wav, x, 16000, subtype="FLOAT")
+    with pytest.raises(KdforgeError, match="NaN"):
+        predict_file(wav, tmp_path / "none.safetensors", ModelSpec(model="audio_slowfast_lite"), 3,
+                     None, ["a", "b", "c"], 5, 3)  # type: ignore[arg-type]
+
+
+def test_identical_runs_write_identical_checkpoint_bytes(tmp_path: Path) -> None:
+    import hashlib
+
+    r = digits_recipe({"name": "supervised", "model": {"model": "mlp", "kwargs": {"hidden": [8]}}}, epochs=1)
+    r["data"]["limit_train"] = 64
+    p = tmp_path / "t.yaml"
+    p.write_text(yaml.safe_dump(r))
+    sums = []
+    for name in ("a", "b"):
+        assert main(["train", str(p), "-o", str(tmp_path / name)]) == 0
+        sums.append(hashlib.sha256((tmp_path / name / "checkpoints" / "last.safetensors").read_bytes()).hexdigest())
+    assert sums[0] == sums[1]  # before: the metadata map came out in another order each save

@@ -65,6 +65,10 @@ def train(
         raise KdforgeError(f"cannot resume {str(recipe)!r}: no such run folder (the run stopped before it started); "
                            f"start it again: kdforge train RECIPE -o {recipe}")
     if resume and recipe.is_dir():
+        from kdforge.engine.run_dir import describe_folder, run_kind
+
+        if run_kind(recipe) not in (None, "train"):
+            raise KdforgeError(f"cannot resume with 'kdforge train': {describe_folder(recipe)}")
         out = out or recipe
         recipe = recipe / "config.yaml"
         if not recipe.is_file():
@@ -141,7 +145,7 @@ def eval_(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="run folder")] = Path("runs/demo"),
-    seeds: Annotated[int, typer.Option(help="number of paired student seeds")] = 5,
+    seeds: Annotated[int, typer.Option(min=1, max=1000, help="number of paired student seeds")] = 5,
     overwrite: Annotated[bool, typer.Option(help="replace an existing demo folder")] = False,
     quick: Annotated[bool, typer.Option(help="tiny budget, for smoke tests")] = False,
     threads: Annotated[int | None, typer.Option(help="torch threads per run (train.threads)")] = None,
@@ -335,7 +339,7 @@ def audio_predict(
     run_dir: Annotated[Path, typer.Argument(help="a finished audio run folder (kdforge audio RECIPE -r FOLDER)")],
     audio_file: Annotated[Path, typer.Argument(help="WAV (or any format soundfile reads), any sample rate")],
     stage: Annotated[str | None, typer.Option(help="which stage's model (default: the last fused one)")] = None,
-    top: Annotated[int, typer.Option(help="how many classes to print")] = 5,
+    top: Annotated[int, typer.Option(min=1, max=100_000, help="how many classes to print")] = 5,
 ) -> None:
     """Classify your own audio file with a trained audio run (resampled to the run's rate, 5 views)."""
     from kdforge.audio.recipe import predict_run
@@ -390,7 +394,7 @@ def compress(
 def sample(
     run: Annotated[Path, typer.Argument(help="diffusion run folder or .safetensors checkpoint")],
     n: Annotated[int, typer.Option("-n", help="number of samples")] = 64,
-    seed: Annotated[int, typer.Option(help="seed of the initial noise")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**63 - 1, help="seed of the initial noise")] = 0,
     steps: Annotated[int | None, typer.Option(help="DDIM steps (default: the model's own; a distilled model "
                                                     "samples only with its own)")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="folder (default RUN/samples)")] = None,

@@ -37,6 +37,10 @@ def checkpoint_path(source: str | Path, which: str = "best") -> tuple[Path, str]
         if which == "best" and not ck.is_file() and (p / "checkpoints" / "last.safetensors").is_file():
             return p / "checkpoints" / "last.safetensors", "last"  # no validation split: only "last" is kept
         if not ck.is_file():
+            from kdforge.engine.run_dir import describe_folder, run_kind
+
+            if run_kind(p) not in (None, "train"):
+                raise KdforgeError(f"{describe_folder(p)}; it has no checkpoints/{which}.safetensors to load")
             raise KdforgeError(f"{str(p)!r} has no checkpoints/{which}.safetensors "
                                "(give a run folder written by 'kdforge train' or a .safetensors file)")
         return ck, which

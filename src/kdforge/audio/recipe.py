@@ -14,7 +14,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -107,7 +107,8 @@ class StageConfig(Strict):
 class FusionConfig(Strict):
     """Late fusion: the published weights (for the 4 fused stages), the search grid step and metric."""
 
-    published: list[float] = Field(default_factory=lambda: list(PUBLISHED_WEIGHTS))
+    published: list[Annotated[float, Field(ge=0, allow_inf_nan=False)]] = Field(
+        default_factory=lambda: list(PUBLISHED_WEIGHTS), min_length=1, max_length=64)
     step: float = Field(0.05, gt=0, le=1)
     metric: Literal["top1", "mca"] = "top1"
 
@@ -444,6 +445,8 @@ def predict_file(path: str | Path, checkpoint: str | Path, model: ModelSpec, num
 
     fe = fe or FrontEnd()
     wave, sr = read_audio(path)
+    if not np.isfinite(np.asarray(wave)).all():
+        raise KdforgeError(f"audio file {str(path)!r} holds NaN or infinite samples; give a clip of finite samples")
     wave = resample(wave, sr, fe.sample_rate)
     from kdforge.engine.checkpoint import load_weights
 

@@ -14,6 +14,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
 from kdforge.config import Strict
@@ -34,15 +35,15 @@ class DistillConfig(Strict):
     """
 
     aggregation: Literal["attention", "mean", "leader", "dml"] = "attention"
-    lambda_dec: float = 1.0
-    lambda_feat: float = 0.1
-    tau: float = 3.0
+    lambda_dec: float = Field(1.0, ge=0, allow_inf_nan=False)
+    lambda_feat: float = Field(0.1, ge=0, allow_inf_nan=False)
+    tau: float = Field(3.0, gt=0, allow_inf_nan=False)
     include_self: bool = True
     detach_targets: bool = False
     detach_feature_target: bool = True
-    attn_dim: int | None = None
+    attn_dim: int | None = Field(None, ge=1, le=1 << 16)
     attn_scale: bool = False
-    ramp_up: float = 0.1
+    ramp_up: float = Field(0.1, ge=0, le=1)
     states: Literal["union", "own"] = "union"
     q_standardize: bool = False
 
