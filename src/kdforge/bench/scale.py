@@ -35,12 +35,13 @@ MODES = ("ddp", "fsdp", "fsdp-shard-teacher")
 PER_RANK_BATCH = 32
 
 BASE: dict[str, Any] = {
-    "seed": 0, "data": {"name": "digits", "batch_size": PER_RANK_BATCH, "augment": False, "val_fraction": 0.1},
+    "seed": 0, "data": {"name": "digits", "batch_size": PER_RANK_BATCH, "augment": False, "val_fraction": 0.1,
+             "limit_train": 1280},  # a multiple of 2 x 32 and 4 x 32: no rank pads its last batch
     "method": {"name": "distill", "teacher": {"model": "mlp", "weights": "random", "kwargs": {"hidden": [1024] * 3}},
                "student": {"model": "mlp", "kwargs": {"hidden": [512, 512]}},
                "terms": [{"loss": "ce", "weight": 1.0}, {"loss": "kd", "weight": 0.9, "T": 4}]},
     "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9}, "sched": {"name": "constant"},
-    "train": {"max_steps": 40, "progress": "never", "threads": 1, "save_checkpoints": False},
+    "train": {"max_steps": 40, "progress": "silent", "threads": 1, "save_checkpoints": False},
 }
 
 
@@ -91,10 +92,11 @@ def train_one(mode: str, world: int, steps: int, weights_out: Path | None) -> di
     """Train one recipe in this process (one rank of a launch, or alone); its bytes, step times and weights."""
     from kdforge.config import Recipe
     from kdforge.data import load_data
-    from kdforge.engine.trainer import Trainer
+    from kdforge.engine.trainer import Trainer, seed_everything
     from kdforge.method import DataInfo, build_method
 
     r = Recipe.from_dict(recipe(mode, world, steps))
+    seed_everything(r.seed)  # as kdforge.run.train: every mode and the reference start from the same weights
     data = load_data(r.data)
     method = build_method(r.method.model_dump(), DataInfo(data.num_classes, data.in_chans, data.image_size))
     times = _StepTimes()
