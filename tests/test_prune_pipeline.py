@@ -156,7 +156,11 @@ def test_quick_llm_bench(tmp_path: Path) -> None:
 
     res = load_benches().get("sglp-llm")(out=tmp_path, quick=True)
     assert (tmp_path / "sglp-llm.md").is_file() and (tmp_path / "sglp-llm-cka.png").is_file()
-    assert {r["label"] for r in res["rows"]} >= {"SGLP (subnet, min)", "last-N", "SGLP (subnet, min) + KD heal"}
+    labels = {(r["label"], r["n_removed"]) for r in res["rows"]}
+    assert {("SLEB (KL to unpruned)", 2), ("SLEB (KL to unpruned) + KD heal", 3), ("block influence (ShortGPT)", 3),
+            ("SGLP + KL score (CKA per sample)", 2)} <= labels
+    sleb = {r["n_removed"]: set(r["removed"]) for r in res["rows"] if r["label"] == "SLEB (KL to unpruned)"}
+    assert sleb[2] < sleb[3] and len(sleb[3]) == 3  # one greedy search: the smaller choice is its prefix
 
 
 @pytest.mark.slow

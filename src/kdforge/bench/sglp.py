@@ -231,11 +231,11 @@ def _write_cnn_md(path: Path, res: dict[str, Any], base: dict[str, float], rows:
 def _llm_settings(quick: bool) -> dict[str, Any]:
     if quick:
         return {"model": "tiny", "seq_len": 64, "max_tokens": 64 * 40, "n_eval": 6, "cka_batches": 2, "cka_bs": 6,
-                "score_rows": 2, "random_seeds": 2, "heal_steps": 6, "heal_lr": 1e-3, "heal_bs": 2,
-                "max_candidates": 8, "decode_tokens": 8, "keep_ratio": 0.75}
+                "score_rows": 2, "kl_rows": 2, "heal_steps": 6, "heal_lr": 1e-3, "heal_bs": 2,
+                "max_candidates": 8, "decode_tokens": 8, "removals": [2, 3], "ablation_at": 2}
     return {"model": "smollm2", "seq_len": 128, "max_tokens": None, "n_eval": 16, "cka_batches": 3, "cka_bs": 16,
-            "score_rows": 4, "random_seeds": 3, "heal_steps": 40, "heal_lr": 5e-5, "heal_bs": 2,
-            "max_candidates": 32, "decode_tokens": 32, "keep_ratio": 0.75}
+            "score_rows": 4, "kl_rows": 2, "heal_steps": 40, "heal_lr": 2e-4, "heal_bs": 2,
+            "max_candidates": 32, "decode_tokens": 32, "removals": [8, 12], "ablation_at": 8}
 
 
 def _llm_metrics(m: nn.Module, ev: torch.Tensor, s: dict[str, Any]) -> dict[str, float]:
@@ -243,13 +243,17 @@ def _llm_metrics(m: nn.Module, ev: torch.Tensor, s: dict[str, Any]) -> dict[str,
     from kdforge.profile import count_params
 
     return {"ppl": perplexity(m, ev), "params": float(count_params(m)),
-            "prefill_tok_s": tokens_per_second(m, ev, 1, repeats=2),
-            "decode_tok_s": tokens_per_second(m, ev[:, :16], 1, repeats=1, new_tokens=s["decode_tokens"])}
+            "prefill_tok_s": tokens_per_second(m, ev, 1, repeats=2)}
+
+
+#: the recommended LLM layer-removal criterion (docs/benchmarks/sglp-llm.md): greedy removal by KL to the
+#: unpruned model (SLEB's search with the KL of the pruned model to the original as its score)
+RECOMMENDED = "SLEB (KL to unpruned)"
 
 
 @BENCHES.register("sglp-llm")
 def run_llm(out: Path | None = None, quick: bool = False) -> dict[str, Any]:
-    """SmolLM2-135M on pydoc text: perplexity after removing 25% of layers by SGLP and baselines, then KD heal."""
+    """SmolLM2-135M on pydoc text: layer-removal criteria at 8/30 and 12/30 removed, unhealed and KD-healed."""
     from kdforge.llm import (
         ByteTokenizer,
         heal_kd,
@@ -260,9 +264,16 @@ def run_llm(out: Path | None = None, quick: bool = False) -> dict[str, Any]:
         tiny_llama,
         token_blocks,
     )
-    from kdforge.prune.importance import causal_lm_task, select_baseline, sglp_select
+    from kdforge.prune.importance import (
+        allocate_keep,
+        causal_lm_kl_task,
+        causal_lm_task,
+        select_baseline,
+        sglp_select,
+        with_reference,
+    )
     from kdforge.prune.report import plot_cka
-    from kdforge.prune.sglp import AnalysisConfig, BudgetConfig, analyze, keep_budget
+    from kdforge.prune.sglp import AnalysisConfig, analyze
     from kdforge.prune.surgery import find_units, prune_model
 
     s = _llm_settings(quick)
@@ -283,103 +294,118 @@ def run_llm(out: Path | None = None, quick: bool = False) -> dict[str, Any]:
     blocks = token_blocks(tok, pydoc_text(), s["seq_len"], s["max_tokens"])
     calib, ev = split_blocks(blocks, 0.2)
     ev = ev[: s["n_eval"]]
-    task = causal_lm_task()
     units = find_units(model)
     n = len(units)
     g = torch.Generator().manual_seed(0)
     perm = torch.randperm(len(calib), generator=g)
     cka_b = [calib[perm[i * s["cka_bs"]:(i + 1) * s["cka_bs"]]] for i in range(s["cka_batches"])]
     score_b = [calib[perm[-s["score_rows"]:]]]
+    ce, kl = causal_lm_task(), causal_lm_kl_task()
+    kl_b = with_reference(model, [calib[perm[-s["score_rows"] - s["kl_rows"]: -s["score_rows"]]]])
     _log(f"{label}: {n} layers, {len(blocks)} sequences of {s['seq_len']} tokens ({len(ev)} held out for perplexity)")
-    analysis = analyze(model, units, cka_b, task, AnalysisConfig())
-    plot_cka(analysis.cka, analysis.segmentation.segments, out / "sglp-llm-cka.png", [str(i) for i in range(n)],
-             title=f"{label.split(' (')[0]} layer CKA, {analysis.segmentation.k} segments")
-    per_seg = keep_budget(analysis, BudgetConfig(keep_ratio=s["keep_ratio"]), set())
-    n_keep = sum(per_seg)
+    analyses = {rep: analyze(model, units, cka_b, ce, AnalysisConfig(representation=rep))
+                for rep in ("sample", "token")}
+    for rep, a in analyses.items():
+        plot_cka(a.cka, a.segmentation.segments, out / f"sglp-llm-cka{'' if rep == 'sample' else '-token'}.png",
+                 [str(i) for i in range(n)], title=f"{label.split(' (')[0]} layer CKA per {rep}, "
+                                                    f"{a.segmentation.k} segments")
+        _log(f"CKA per {rep}: segments {a.segmentation.sizes()} ({a.cka_seconds:.1f}s)")
     base = _llm_metrics(model, ev, s)
-    _log(f"unpruned ppl {base['ppl']:.2f}; segments {analysis.segmentation.sizes()} keep {per_seg} "
-         f"(CKA {analysis.cka_seconds:.1f}s)")
+    _log(f"unpruned ppl {base['ppl']:.2f}")
     rows: list[dict[str, Any]] = []
-    sglp_models: dict[str, nn.Module] = {}
-    for name, direction in (("SGLP (subnet, min)", "min"), ("SGLP (subnet, max)", "max")):
-        sel = sglp_select(model, units, analysis.segmentation.segments, per_seg, score_b, task, set(), "subnet",
-                          direction, "global", s["max_candidates"])  # type: ignore[arg-type]
+    pruned_models: dict[tuple[str, int], nn.Module] = {}
+
+    def add(name: str, k: int, sel: Any, seconds: float | None = None) -> None:
         pruned = prune_model(model, units, sel.kept)
-        sglp_models[name] = pruned
-        rows.append({"label": name, "removed": sel.removed, "select_s": sel.seconds, "n_evals": sel.n_evals,
-                     **_llm_metrics(pruned, ev, s)})
-        _log(f"{name}: removed {sel.removed} ppl {rows[-1]['ppl']:.2f} ({sel.seconds:.1f}s, {sel.n_evals} evals)")
-    baselines = [("block influence (ShortGPT)", "block_influence", 0), ("angular distance (block)", "angular", 0),
-                 ("last-N", "last_n", 0)] + [(f"random (seed {i})", "random", i) for i in range(s["random_seeds"])]
-    for name, method, seed in baselines:
-        sel = select_baseline(method, model, units, n_keep, cka_b[:1], task, set(), seed)
-        pruned = prune_model(model, units, sel.kept)
-        rows.append({"label": name, "removed": sel.removed, "select_s": sel.seconds, "n_evals": sel.n_evals,
-                     **_llm_metrics(pruned, ev, s)})
-        _log(f"{name}: removed {sel.removed} ppl {rows[-1]['ppl']:.2f}")
-    student = copy.deepcopy(sglp_models["SGLP (subnet, min)"])
+        pruned_models[(name, k)] = pruned
+        rows.append({"label": name, "n_removed": k, "removed": sel.removed, "n_evals": sel.n_evals,
+                     "select_s": sel.seconds if seconds is None else seconds, **_llm_metrics(pruned, ev, s)})
+        _log(f"{name} @{k}: removed {sel.removed} ppl {rows[-1]['ppl']:.2f} ({rows[-1]['select_s']:.1f}s, "
+             f"{sel.n_evals} evals)")
+
+    # SLEB's search runs once to the largest budget: its first k removals are its choice at k
     t0 = time.perf_counter()
-    losses = heal_kd(student, model, calib, s["heal_steps"], s["heal_lr"], s["heal_bs"], T=1.0)
-    heal_s = time.perf_counter() - t0
-    healed = {"label": "SGLP (subnet, min) + KD heal", "removed": rows[0]["removed"], "select_s": rows[0]["select_s"],
-              "n_evals": rows[0]["n_evals"], **_llm_metrics(student, ev, s)}
-    rows.append(healed)
-    _log(f"KD heal ({s['heal_steps']} steps, {heal_s:.0f}s): ppl {healed['ppl']:.2f}")
+    sleb = select_baseline("sleb", model, units, n - max(s["removals"]), kl_b, kl, set())
+    sleb_s = time.perf_counter() - t0
+    for k in s["removals"]:
+        drop = set(sleb.details["order"][:k])
+        part = type(sleb)("sleb", [i for i in range(n) if i not in drop], n, {}, sum(n - j for j in range(k)))
+        add(RECOMMENDED, k, part, sleb_s * part.n_evals / max(sleb.n_evals, 1))
+        add("block influence (ShortGPT)", k, select_baseline("block_influence", model, units, n - k, cka_b[:1], ce,
+                                                             set()))
+        variants = [("SGLP as published (CKA per sample, GradNorm of CE)", "sample", ce, score_b, "gradnorm",
+                     set()),
+                    ("SGLP fixed (CKA per token, KL score, last layer kept)", "token", kl, kl_b, "loss", {n - 1})]
+        if k == s["ablation_at"]:
+            variants.insert(1, ("SGLP + KL score (CKA per sample)", "sample", kl, kl_b, "loss", set()))
+        for name, rep, task, batches, score_by, pinned in variants:
+            a = analyses[rep]
+            pins = [sum(1 for u in seg if u in pinned) for seg in a.segmentation.segments]
+            per_seg = allocate_keep(a.segmentation.sizes(), (n - k) / n, pins, total=n - k)
+            sel = sglp_select(model, units, a.segmentation.segments, per_seg, batches, task, pinned, "subnet", "min",
+                              "global", s["max_candidates"], 0, score_by)  # type: ignore[arg-type]
+            add(name, k, sel)
+    heals: dict[str, Any] = {}
+    for k in s["removals"]:
+        student = copy.deepcopy(pruned_models[(RECOMMENDED, k)])
+        t0 = time.perf_counter()
+        losses = heal_kd(student, model, calib, s["heal_steps"], s["heal_lr"], s["heal_bs"], T=1.0)
+        heal_s = time.perf_counter() - t0
+        r = next(r for r in rows if r["label"] == RECOMMENDED and r["n_removed"] == k)
+        rows.append({**r, "label": f"{RECOMMENDED} + KD heal", **_llm_metrics(student, ev, s)})
+        heals[str(k)] = {"seconds": heal_s, "first_loss": losses[0], "last_loss": losses[-1]}
+        _log(f"KD heal @{k} ({s['heal_steps']} steps, {heal_s:.0f}s): ppl {rows[-1]['ppl']:.2f}")
     total = time.perf_counter() - t_all
-    result = {"settings": s, "model": label, "base": base, "rows": rows, "segments": analysis.segmentation.to_json(),
-              "keep_per_segment": per_seg, "heal": {"steps": s["heal_steps"], "seconds": heal_s,
-                                                    "first_loss": losses[0], "last_loss": losses[-1]},
-              "timing": {"load_s": load_s, "cka_s": analysis.cka_seconds, "total_s": total},
-              "machine": machine_note()}
+    result = {"settings": s, "model": label, "n_layers": n, "base": base, "rows": rows,
+              "segments": {rep: a.segmentation.to_json() for rep, a in analyses.items()},
+              "sleb_order": sleb.details["order"], "heal": heals,
+              "timing": {"load_s": load_s, "cka_s": {r: a.cka_seconds for r, a in analyses.items()},
+                         "total_s": total}, "machine": machine_note()}
     write_json(out / "sglp-llm.json", result)
     _write_llm_md(out / "sglp-llm.md", result, quick)
     return result
 
 
 def _write_llm_md(path: Path, res: dict[str, Any], quick: bool) -> None:
-    s, base = res["settings"], res["base"]
-
-    def fmt(label: str, rs: list[dict[str, Any]]) -> dict[str, Any]:
-        ppl = fmt_mean_std([r["ppl"] for r in rs]) if len(rs) > 1 else f"{rs[0]['ppl']:.2f}"
-        return {"method": label, "removed layers": ", ".join(map(str, rs[0]["removed"])) if len(rs) == 1 else
-                f"{len(rs[0]['removed'])} per seed", "perplexity": ppl,
-                "params (M)": f"{rs[0]['params'] / 1e6:.1f}",
-                "prefill tok/s": f"{mean_std([r['prefill_tok_s'] for r in rs])[0]:.0f}",
-                "decode tok/s": f"{mean_std([r['decode_tok_s'] for r in rs])[0]:.1f}",
-                "selection (s)": f"{mean_std([r['select_s'] for r in rs])[0]:.1f}"}
-
-    table = [{"method": "unpruned", "removed layers": "", "perplexity": f"{base['ppl']:.2f}",
-              "params (M)": f"{base['params'] / 1e6:.1f}", "prefill tok/s": f"{base['prefill_tok_s']:.0f}",
-              "decode tok/s": f"{base['decode_tok_s']:.1f}", "selection (s)": ""}]
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for r in res["rows"]:
-        groups.setdefault("random (mean ± std)" if r["label"].startswith("random") else r["label"], []).append(r)
-    table += [fmt(k, v) for k, v in groups.items()]
-    h = res["heal"]
+    s, base, n = res["settings"], res["base"], res["n_layers"]
+    table = [{"method": "unpruned", "removed": "", "layers removed": "", "perplexity": f"{base['ppl']:.2f}",
+              "× unpruned": "1.00", "prefill tok/s": f"{base['prefill_tok_s']:.0f}", "selection (s)": ""}]
+    for k in s["removals"]:
+        for r in (r for r in res["rows"] if r["n_removed"] == k):
+            table.append({"method": r["label"], "removed": f"{k}/{n}",
+                          "layers removed": ", ".join(map(str, r["removed"])),
+                          "perplexity": f"{r['ppl']:.2f}", "× unpruned": f"{r['ppl'] / base['ppl']:.2f}",
+                          "prefill tok/s": f"{r['prefill_tok_s']:.0f}", "selection (s)": f"{r['select_s']:.1f}"})
+    seg = res["segments"]
+    heal_txt = "; ".join(f"{k}/{n}: {h['seconds']:.0f} s, KD loss {h['first_loss']:.3f} → {h['last_loss']:.3f}"
+                         for k, h in res["heal"].items())
     text = [f"# Benchmark: sglp-llm{' (quick smoke run)' if quick else ''}", "",
-            f"Layer pruning of **{res['model']}**: {len(res['rows'][0]['removed'])} of "
-            f"{sum(res['keep_per_segment']) + len(res['rows'][0]['removed'])} decoder layers removed "
-            f"(keep ratio {s['keep_ratio']}). Text: Python's `pydoc_data.topics`, cut into sequences of "
-            f"{s['seq_len']} tokens; the last 20% is held out and perplexity is measured on {s['n_eval']} of those "
-            f"sequences. Calibration (CKA: {s['cka_batches']} batches of {s['cka_bs']} sequences; GradNorm on "
-            f"{s['score_rows']} sequences; block influence and angular distance on one CKA batch) uses the first "
-            "80% only.", "",
+            f"Layer removal from **{res['model']}** ({n} decoder layers) at "
+            f"{' and '.join(f'{k}/{n}' for k in s['removals'])} layers removed, by each criterion, before and "
+            "after a KD heal. Text: Python's `pydoc_data.topics` in "
+            f"sequences of {s['seq_len']} tokens; the last 20% is held out and perplexity is measured on "
+            f"{s['n_eval']} of those sequences; every selection uses the first 80% only.", "",
             markdown_table(table), "",
-            f"SGLP: CKA of the layer outputs (linear, biased, {res['timing']['cka_s']:.1f} s), Fisher segmentation "
-            f"into k = {res['segments']['k']} segments of sizes {[len(x) for x in res['segments']['segments']]}, "
-            f"keep {res['keep_per_segment']} per segment; GradNorm of the next-token loss on subnet candidates "
-            "(the pretrained model with the segment's other layers removed, embeddings frozen), "
-            f"greedy inside a segment past {s['max_candidates']} candidates; `min` keeps the lowest gradient norm, "
-            "`max` the highest (the official direction).", "",
-            f"KD heal: {h['steps']} AdamW steps (lr {s['heal_lr']}, batch {s['heal_bs']} × {s['seq_len']} tokens) of "
-            f"logit KD (T = 1) from the unpruned model on calibration text, {h['seconds']:.0f} s; KD loss "
-            f"{h['first_loss']:.3f} → {h['last_loss']:.3f}.", "",
-            "Throughput: prefill tokens/s of one sequence, and greedy decode tokens/s with the KV cache "
-            f"({s['decode_tokens']} new tokens), batch 1, fp32 on the CPU.", "",
-            "Zero-shot accuracy: `kdforge.llm.lm_eval_zero_shot` (or `eval.lm_eval_tasks` in a prune recipe) "
-            "runs lm-eval-harness tasks when `lm-eval` is installed and their data can be fetched; not run here "
-            "(offline).", "",
-            "![CKA](sglp-llm-cka.png)", "",
+            "Criteria:", "",
+            f"- **{RECOMMENDED}** (the recommended default): remove one layer at a time, each time the one whose "
+            "removal leaves the smallest KL(unpruned ‖ pruned) of the next-token distributions on "
+            f"{s['kl_rows']} calibration sequences (SLEB's greedy search, scored by KL to the original instead of "
+            "perplexity). One search to the largest budget; its first k removals are its choice at k.",
+            "- **block influence (ShortGPT)**: remove the layers with the lowest 1 − cos(h_in, h_out), one batch of "
+            f"{s['cka_bs']} sequences.",
+            f"- **SGLP as published**: linear CKA of the layer outputs with one flattened sequence per sample "
+            f"({s['cka_batches']} batches of {s['cka_bs']}), Fisher segmentation (k = {seg['sample']['k']}, sizes "
+            f"{[len(x) for x in seg['sample']['segments']]}), keep per segment in proportion, GradNorm of the "
+            f"next-token CE on subnet candidates ({s['score_rows']} sequences), lowest kept; greedy inside a segment "
+            f"past {s['max_candidates']} candidates.",
+            "- **SGLP + KL score**: the same segments; a candidate is scored by its KL to the unpruned model.",
+            f"- **SGLP fixed**: CKA with one token per sample (the first token of each sequence left out; "
+            f"k = {seg['token']['k']}, sizes {[len(x) for x in seg['token']['segments']]}), KL score, last layer "
+            "pinned.", "",
+            f"KD heal: {s['heal_steps']} AdamW steps (lr {s['heal_lr']}, batch {s['heal_bs']} × {s['seq_len']} "
+            f"tokens, clip 1.0) of logit KD (T = 1) from the unpruned model on calibration text ({heal_txt}).", "",
+            "Throughput: prefill tokens/s of one sequence, batch 1, fp32 on the CPU (noisy on a shared machine).", "",
+            "![CKA per sample](sglp-llm-cka.png) ![CKA per token](sglp-llm-cka-token.png)", "",
             f"Command: `kdforge bench sglp-llm{' --quick' if quick else ''}`. Machine: {res['machine']}. Total wall "
             f"time {res['timing']['total_s'] / 60:.1f} min (model load {res['timing']['load_s']:.0f} s).", ""]
     path.write_text("\n".join(text))

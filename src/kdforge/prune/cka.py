@@ -187,8 +187,12 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
 def collect_cka(model: nn.Module, units: Sequence[str], batches: Iterable[Any],
                 forward: Callable[[nn.Module, Any], Any] = default_forward, kernel: Kernel = "linear",
                 estimator: Estimator = "biased", aggregate: Aggregate = "mean_cka", sigma_frac: float = 0.5,
-                device: torch.device | str | None = None) -> Tensor:
-    """Stream calibration batches through ``model`` (eval, no grad), tap ``units`` and return the CKA matrix."""
+                device: torch.device | str | None = None, transform: Callable[[Tensor], Tensor] | None = None
+                ) -> Tensor:
+    """Stream calibration batches through ``model`` (eval, no grad), tap ``units`` and return the CKA matrix.
+
+    ``transform`` maps each tapped tensor to the (samples, features) rows the CKA compares (default: one
+    flattened row per sample)."""
     was = model.training
     model.eval()
     dev = torch.device(device) if device is not None else next(model.parameters()).device
@@ -196,13 +200,25 @@ def collect_cka(model: nn.Module, units: Sequence[str], batches: Iterable[Any],
     with FeatureTaps(model, units, detach=True) as taps:
         for batch in batches:
             forward(model, _to(batch, dev))
-            stream.update([taps[u] for u in units])
+            stream.update([taps[u] if transform is None else transform(taps[u]) for u in units])
             taps.clear()
     model.train(was)
     return stream.matrix()
 
 
+def token_rows(x: Tensor, max_rows: int = 512, skip_first: int = 1) -> Tensor:
+    """(B, T, H) hidden states → (≤ max_rows, H) token rows: every token a CKA sample, the first ``skip_first``
+    positions of each sequence dropped (the attention-sink token carries the residual stream's massive
+    activations), evenly strided down to ``max_rows``."""
+    rows = x[:, skip_first:, :].reshape(-1, x.shape[-1])
+    if len(rows) > max_rows:
+        rows = rows[torch.linspace(0, len(rows) - 1, max_rows).long()]
+    return rows
+
+
 def _to(batch: Any, dev: torch.device) -> Any:
+    if isinstance(batch, dict):
+        return {k: _to(v, dev) for k, v in batch.items()}
     if isinstance(batch, Tensor):
         return batch.to(dev)
     if isinstance(batch, (tuple, list)):

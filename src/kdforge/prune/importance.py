@@ -21,6 +21,7 @@ from kdforge.taps import FeatureTaps
 CandidateMode = Literal["hybrid", "hybrid_code_compat", "subnet"]
 Select = Literal["max", "min"]
 NormKind = Literal["global", "sum_per_param"]
+ScoreBy = Literal["gradnorm", "loss"]
 BASELINES = ("random", "first_n", "last_n", "every_other", "block_influence", "angular", "sleb", "taylor", "oracle")
 
 
@@ -49,6 +50,40 @@ def causal_lm_task() -> Task:
     return Task(lambda m, b: lm_logits(m, b), lambda m, b: lm_loss(m, b), False, trainable)
 
 
+def _lm_trainable(name: str) -> bool:
+    return not any(k in name for k in ("embed", "wte", "wpe", "lm_head"))
+
+
+def causal_lm_kl_task() -> Task:
+    """Batches are ``{"ids", "ref_logp"}`` (:func:`with_reference`); the loss is KL(reference ‖ model) per token.
+
+    The reference is the unpruned model, so the loss measures how much of it a candidate keeps (0 for the
+    unpruned model itself), where next-token CE on the data mixes that with how hard the text is.
+    """
+    from kdforge.llm.losses import forward_kl
+    from kdforge.llm.metrics import lm_logits
+
+    def loss(m: nn.Module, b: dict[str, Tensor]) -> Tensor:
+        logits = lm_logits(m, b["ids"]).float()
+        ref = b["ref_logp"].to(logits.device)
+        return forward_kl(logits[..., : ref.shape[-1]].log_softmax(-1), ref).mean()
+
+    return Task(lambda m, b: lm_logits(m, b["ids"]), loss, False, _lm_trainable)
+
+
+@torch.no_grad()
+def with_reference(model: nn.Module, batches: Sequence[Tensor]) -> list[dict[str, Tensor]]:
+    """Token-id batches with the (unpruned) model's next-token log-probabilities, for :func:`causal_lm_kl_task`."""
+    from kdforge.llm.metrics import lm_logits
+
+    was = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    out = [{"ids": b, "ref_logp": lm_logits(model, b.to(dev)).float().log_softmax(-1).cpu()} for b in batches]
+    model.train(was)
+    return out
+
+
 @dataclass
 class Selection:
     """The kept units, per-unit scores for plots, and what the selection cost."""
@@ -73,6 +108,8 @@ class Selection:
 
 # -- GradNorm -----------------------------------------------------------------------------------
 def _to(batch: Any, dev: torch.device) -> Any:
+    if isinstance(batch, dict):
+        return {k: _to(v, dev) for k, v in batch.items()}
     if isinstance(batch, Tensor):
         return batch.to(dev)
     if isinstance(batch, (tuple, list)):
@@ -174,14 +211,22 @@ def _load_into(model: nn.Module, tensors: dict[str, Tensor]) -> None:
 def sglp_select(model: nn.Module, units: Sequence[UnitSpec], segments: Sequence[Sequence[int]],
                 keep_per_segment: Sequence[int], batches: Sequence[Any], task: Task, pinned: set[int] | None = None,
                 candidate_mode: CandidateMode = "hybrid", select: Select = "max", norm: NormKind = "global",
-                max_candidates: int = 256, seed: int = 0) -> Selection:
-    """SGLP: per segment, score every kept subset by GradNorm and keep the best (greedy past ``max_candidates``)."""
+                max_candidates: int = 256, seed: int = 0, score_by: ScoreBy = "gradnorm") -> Selection:
+    """SGLP: per segment, score every kept subset by GradNorm and keep the best (greedy past ``max_candidates``).
+
+    ``score_by="loss"`` scores a subnet candidate by the task's calibration loss instead of its gradient
+    norm (with :func:`causal_lm_kl_task`: its KL to the unpruned model; keep ``select="min"``).
+    """
     if len(segments) != len(keep_per_segment):
         raise KdforgeError(f"keep_per_segment has {len(keep_per_segment)} entries for {len(segments)} segments")
     if candidate_mode not in ("hybrid", "hybrid_code_compat", "subnet"):
         raise KdforgeError(f"unknown candidate_mode {candidate_mode!r} (valid: hybrid, hybrid_code_compat, subnet)")
     if select not in ("max", "min"):
         raise KdforgeError(f"unknown select {select!r} (valid: max, min)")
+    if score_by not in ("gradnorm", "loss"):
+        raise KdforgeError(f"unknown score_by {score_by!r} (valid: gradnorm, loss)")
+    if score_by == "loss" and candidate_mode != "subnet":
+        raise KdforgeError("score_by 'loss' scores pretrained subnets: set candidate_mode 'subnet'")
     pinned = set(pinned or ()) | {i for i, u in enumerate(units) if not u.removable}
     t0 = time.perf_counter()
     n = len(units)
@@ -196,6 +241,8 @@ def sglp_select(model: nn.Module, units: Sequence[UnitSpec], segments: Sequence[
         if candidate_mode == "subnet":
             drop = set(seg) - set(cand)
             with removed(model, units, [i for i in range(n) if i not in drop]):
+                if score_by == "loss":
+                    return calib_loss(model, batches, task)
                 return grad_norm(model, batches, task.loss, norm, task.train_mode, trainable=task.trainable)
         assert work is not None
         if candidate_mode == "hybrid":
@@ -229,7 +276,8 @@ def sglp_select(model: nn.Module, units: Sequence[UnitSpec], segments: Sequence[
         per_seg.append({"segment": seg, "keep": r, "candidates": count, "search": how, "kept": chosen})
         kept += chosen
     unit_scores = {i: float(np.mean(v)) for i, v in sums.items() if v}
-    return Selection(f"sglp-{candidate_mode}-{select}", sorted(kept), n, unit_scores, evals,
+    tag = "" if score_by == "gradnorm" else "-loss"
+    return Selection(f"sglp-{candidate_mode}-{select}{tag}", sorted(kept), n, unit_scores, evals,
                      time.perf_counter() - t0, {"segments": per_seg})
 
 
@@ -444,6 +492,7 @@ def select_baseline(method: str, model: nn.Module, units: Sequence[UnitSpec], n_
                     best, best_v = i, v
             cur.remove(best)  # type: ignore[arg-type]
             scores[best] = float(best_v)  # type: ignore[index]
+            details.setdefault("order", []).append(best)
         kept = cur
     else:
         from kdforge.errors import closest

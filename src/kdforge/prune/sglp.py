@@ -30,16 +30,18 @@ from kdforge.config import (
 )
 from kdforge.errors import KdforgeError
 from kdforge.losses.base import check_compat, deprecated_key
-from kdforge.prune.cka import collect_cka
+from kdforge.prune.cka import collect_cka, token_rows
 from kdforge.prune.importance import (
     BASELINES,
     Selection,
     Task,
     allocate_keep,
+    causal_lm_kl_task,
     causal_lm_task,
     classification_task,
     select_baseline,
     sglp_select,
+    with_reference,
 )
 from kdforge.prune.segment import Segmentation, descriptors, segment
 from kdforge.prune.surgery import UnitSpec, find_units, pinned_indices, prune_model, pruned_record, save_pruned
@@ -89,6 +91,9 @@ class AnalysisConfig(Strict):
     k_max: int = Field(6, ge=1)
     tau: float = Field(0.05, ge=0)
     backtrack: Literal["exact", "code_compat"] = "exact"
+    #: what a CKA sample is: one flattened sequence/image (the code's rule) or one token of a
+    #: (batch, tokens, hidden) output (LLMs; the first token of each sequence is left out)
+    representation: Literal["sample", "token"] = "sample"
 
 
 class SelectionConfig(Strict):
@@ -101,6 +106,11 @@ class SelectionConfig(Strict):
     norm: Literal["global", "sum_per_param"] = "global"
     max_candidates: int = Field(256, ge=1)
     seed: int = 0
+    #: how a subnet candidate is scored: its gradient norm (the paper's) or its calibration loss
+    score_by: Literal["gradnorm", "loss"] = "gradnorm"
+    #: the loss of GradNorm, the loss score and the loss-based baselines on LLMs: next-token CE on the
+    #: text, or KL to the unpruned model's next-token distribution
+    llm_loss: Literal["ce", "kl"] = "ce"
 
 
 class BudgetConfig(Strict):
@@ -273,8 +283,9 @@ def analyze(model: nn.Module, units: list[UnitSpec], batches: list[Any], task: T
             ) -> Analysis:
     """All-pairs CKA over calibration batches, then the Fisher segmentation of the descriptors."""
     t0 = time.perf_counter()
+    transform = token_rows if cfg.representation == "token" else None
     s = collect_cka(model, [u.name for u in units], batches, task.forward, cfg.kernel, cfg.estimator,
-                    cfg.aggregate, cfg.sigma_frac).numpy()
+                    cfg.aggregate, cfg.sigma_frac, transform=transform).numpy()
     t1 = time.perf_counter()
     seg = segment(descriptors(s, cfg.descriptor), cfg.n_segments, cfg.k_max, cfg.tau, cfg.backtrack,
                   cfg.descriptor)
@@ -303,7 +314,8 @@ def choose(model: nn.Module, analysis: Analysis, budget: BudgetConfig, sel: Sele
     if sel.method == "sglp":
         select = sel.select or default_select(candidate_mode)
         return sglp_select(model, analysis.units, analysis.segmentation.segments, per_seg, batches, task, pinned,
-                           candidate_mode, select, sel.norm, sel.max_candidates, sel.seed)  # type: ignore[arg-type]
+                           candidate_mode, select, sel.norm, sel.max_candidates, sel.seed,  # type: ignore[arg-type]
+                           sel.score_by)
     if sel.method not in BASELINES:
         from kdforge.errors import closest
 
@@ -582,6 +594,9 @@ def _run_llm(r: PruneRecipe, out: Path | None, verbose: bool) -> PruneResult:
     _log(verbose, f"prune: {len(units)} decoder layers, CKA on {sum(len(b) for b in cka_b)} sequences of "
                   f"{r.text.seq_len} tokens")
     analysis = analyze(model, units, cka_b, task, r.analysis_config())
+    if r.selection.llm_loss == "kl":
+        task = causal_lm_kl_task()
+        score_b = with_reference(model, score_b)
     sel = choose(model, analysis, r.budget, r.selection, score_b, task, pinned, r.candidate_mode("subnet"))
     per_seg = [sum(1 for u in s if u in set(sel.kept)) for s in analysis.segmentation.segments]
     pruned = prune_model(model, units, sel.kept)
