@@ -134,7 +134,8 @@ def rule_violations(source: str) -> list[tuple[int, str]]:
             via_handle = _is_handle(recv) or (isinstance(recv, ast.Name) and recv.id in handles)
             if attr == "backward" and not via_handle:
                 what = ".backward()"
-            elif attr == "step" and not via_handle and (not node.args or "scaler" in _dotted(recv).lower()):
+            elif attr == "step" and not via_handle and "pruner" not in _dotted(recv).lower() \
+                    and (not node.args or "scaler" in _dotted(recv).lower()):  # a pruner's step removes channels
                 what = ".step()"
             elif attr[:1].isupper() and "optim" in _dotted(recv).split("."):
                 what = f"{_dotted(recv)}.{attr}()"
