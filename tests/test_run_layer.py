@@ -108,3 +108,14 @@ def test_ctrl_c_is_one_resume_line(tmp_path: Path) -> None:
         with open_run(tmp_path / "s", "cil", resume_cmd="kdforge cil R.yaml -r S"):
             raise RunInterrupted("interrupted at epoch 2, step 5; resume with: kdforge train X --resume")
     assert str(e.value) == "interrupted at epoch 2, step 5; resume with: kdforge cil R.yaml -r S"
+
+
+def test_the_engine_imports_no_report_or_profile_module() -> None:
+    import ast
+
+    engine = Path(__file__).resolve().parents[1] / "src" / "kdforge" / "engine"
+    for f in engine.glob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [
+                a.name for a in node.names] if isinstance(node, ast.Import) else []
+            assert not any(n.startswith(("kdforge.report", "kdforge.profile")) for n in names), (f.name, names)

@@ -15,12 +15,26 @@ from typing import Any
 
 from kdforge.config import Recipe
 from kdforge.data import DataBundle, load_data
+from kdforge.engine.callbacks import Callback
 from kdforge.engine.run_dir import open_run
 from kdforge.engine.trainer import FitResult, Trainer, TrainingInterrupted, seed_everything
 from kdforge.errors import KdforgeError
 from kdforge.method import DataInfo, Method, MethodStage, build_method
 
-# recipe keys a resumed staged run may change (as for continual runs)
+
+class RunReport(Callback):
+    """Write ``report.md`` and ``curves.png`` when a run with a folder ends (the engine itself writes no report)."""
+
+    def on_fit_end(self, trainer: Trainer, result: FitResult) -> None:
+        if trainer.main and trainer.run_dir is not None:
+            from kdforge.report.run_report import write_run_report
+
+            write_run_report(trainer.run_dir)
+
+
+def with_report(callbacks: Any = ()) -> list[Any]:
+    """A command's engine callbacks plus the run report."""
+    return [*callbacks, RunReport()]
 
 
 def train(recipe: Recipe, run_dir: str | Path | None = None, resume: bool = False,
@@ -53,6 +67,7 @@ def fit(method: Method, data: DataBundle, recipe: Recipe, run_dir: str | Path | 
     Returns the last stage's result.
     """
     plan = list(method.stages(recipe.train.epochs))
+    trainer_kwargs["callbacks"] = with_report(trainer_kwargs.get("callbacks", ()))
     if not plan:
         return Trainer(method, data, recipe, run_dir, resume=resume, overwrite=overwrite, **trainer_kwargs).fit()
     from kdforge.engine.checkpoint import atomic_write_text

@@ -330,6 +330,7 @@ def _run(recipe: AudioRecipe, run_dir: str | Path | None, resume: bool, splits: 
     from kdforge.engine.stages import StagedRun
     from kdforge.engine.trainer import Trainer
     from kdforge.method import DataInfo, build_model
+    from kdforge.run import with_report
 
     t_start = time.perf_counter()
     data = splits or build_data(recipe.data)
@@ -373,7 +374,7 @@ def _run(recipe: AudioRecipe, run_dir: str | Path | None, resume: bool, splits: 
                             class_names=[])
         t0 = time.perf_counter()
         trainer = Trainer(method, bundle, stage_recipe(recipe, s, seed), run_dir=d,
-                          resume=d is not None and d.is_dir())
+                          resume=d is not None and d.is_dir(), callbacks=with_report())
         fit = trainer.fit()
         del trainer
         got = {}

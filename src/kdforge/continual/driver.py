@@ -187,8 +187,10 @@ def fit_stage(stage: Stage, recipe: CilRecipe, name: str, seed: int, train: Data
                       num_classes=bundle.num_classes, in_chans=bundle.in_chans, image_size=bundle.image_size,
                       class_names=list(bundle.class_names))
     r = recipe.stage_recipe(name, seed, stage.epochs, stage.lr)
+    from kdforge.run import with_report
+
     trainer = Trainer(stage.method, data, r, run_dir=run_dir, resume=run_dir is not None and run_dir.is_dir(),
-                      callbacks=callbacks)
+                      callbacks=with_report(callbacks))
     result = trainer.fit()
     del trainer  # drops the DDP wrapper (and its gradient hooks) before the next stage wraps the same backbone
     stage.method.eval()

@@ -50,7 +50,8 @@ class Callback:
 
 
 class RunFolder(Callback):
-    """The run folder: config.yaml, metrics.csv, TensorBoard, checkpoints, results.json, report.md, resume."""
+    """The run folder: config.yaml, metrics.csv, TensorBoard, checkpoints, results.json, resume (the report.md
+    is written by a callback the command adds: :class:`kdforge.run.RunReport`)."""
 
     def __init__(self, path: Path, resume: bool = False, overwrite: bool = False) -> None:
         self.path, self.resume, self.overwrite = path, resume, overwrite
@@ -163,9 +164,6 @@ class RunFolder(Callback):
         if not trainer.main:
             return
         atomic_write_text(self.path / "results.json", json.dumps(result.to_json(), indent=2, allow_nan=False))
-        from kdforge.report.run_report import write_run_report
-
-        write_run_report(self.path)
 
     def on_close(self, trainer: Trainer) -> None:
         if self.tb is not None:
@@ -321,7 +319,8 @@ def _model_names(spec: Any) -> str | None:
 
 def run_info(trainer: Trainer) -> dict[str, Any]:
     """What a run trains on what: models and parameter counts, FLOPs, data sizes, device, steps."""
-    from kdforge.profile import count_params
+    def count_params(module: nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
 
     r, m = trainer.recipe, trainer.method
     md = r.method.model_dump()

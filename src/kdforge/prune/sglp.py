@@ -431,7 +431,9 @@ def heal_cnn(pruned: nn.Module, teacher: nn.Module | None, bundle: Any, r: Prune
         mname = "distill"
     else:
         method, mname = Supervised(student), "supervised"
-    res = Trainer(method, bundle, r.heal_recipe(mname), run_dir=run_dir, resume=resume).fit()
+    from kdforge.run import with_report
+
+    res = Trainer(method, bundle, r.heal_recipe(mname), run_dir=run_dir, resume=resume, callbacks=with_report()).fit()
     healed = method.deployable().cpu().eval()
     return healed, {"test_top1": res.test_last["top1"], "train_time_s": res.train_time_s, "epochs": res.epochs}
 
