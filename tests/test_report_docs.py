@@ -105,3 +105,11 @@ def test_site_builds_strict_and_offline(tmp_path: Path) -> None:
     for page in site.rglob("*.html"):
         text = page.read_text()
         assert not re.search(r'<(script|link|img)[^>]+(src|href)="(https?:)?//', text), page
+    # search from file://: the index inlined as a script, the worker shim shipped with the site (not a CDN's)
+    assert (site / "search" / "search_index.js").read_text().startswith("var __index = ")
+    assert '<script src="javascripts/iframe-worker-shim.js">' in index
+    # math renders as MathML, with no script
+    assert '<math xmlns="http://www.w3.org/1998/Math/MathML" display="block"' in (site / "compare.html").read_text()
+    # the task-ordered navigation: install, first run, your data, compare, deploy
+    nav = [t for t in ("Install and first run", "Your data and your model", "Compare runs", "Deploy") if t in index]
+    assert nav == ["Install and first run", "Your data and your model", "Compare runs", "Deploy"]

@@ -54,7 +54,37 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
         new = os.path.relpath(docs / _uri(path, repo), docs / Path(page.file.src_uri).parent)
         return f"{m.group(1)}{Path(new).as_posix()}{m.group(3) or ''}{m.group(4) or ''}{m.group(5)}"
 
-    return _plain_brackets(_LINK.sub(sub, markdown))
+    return render_math(_plain_brackets(_LINK.sub(sub, markdown)))
+
+
+_DISPLAY = re.compile(r"\$\$(.+?)\$\$", re.S)
+_INLINE = re.compile(r"(?<![\\$\w])\$(?=\S)([^$\n]+?)(?<=\S)\$(?![\w$])")
+
+
+def render_math(markdown: str) -> str:
+    """``$…$`` and ``$$…$$`` outside code become MathML, which browsers render with no script or network
+    (GitHub renders the same dollars itself). Without the ``latex2mathml`` package the text stays as it is."""
+    try:
+        from latex2mathml.converter import convert
+    except ImportError:
+        return markdown
+
+    def display(m: re.Match[str]) -> str:
+        return "\n\n" + convert(m.group(1).strip(), display="block") + "\n\n"
+
+    def prose(text: str) -> str:
+        parts, last = [], 0
+        for m in _CODE.finditer(text):
+            parts += [_INLINE.sub(lambda k: convert(k.group(1)), _DISPLAY.sub(display, text[last:m.start()])),
+                      m.group(0)]
+            last = m.end()
+        return "".join([*parts, _INLINE.sub(lambda k: convert(k.group(1)), _DISPLAY.sub(display, text[last:]))])
+
+    out, last = [], 0
+    for m in _FENCE.finditer(markdown):
+        out += [prose(markdown[last:m.start()]), m.group(0)]
+        last = m.end()
+    return "".join([*out, prose(markdown[last:])])
 
 
 _FENCE = re.compile(r"^(```|~~~).*?^\1[^\n]*$", re.M | re.S)

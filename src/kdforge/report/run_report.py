@@ -62,7 +62,10 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path, title: str = 
     every = [r for rows in runs.values() for r in rows]
     panels = curve_panels(every, monitor)
     terms = sorted({k for r in every for k in r if k.startswith("train_loss_") and r.get(k) not in (None, "")})
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 0.8, 3.6), squeeze=False)
+    multi = len(runs) > 1
+    legend_rows = -(-len(runs) // 4) if multi else 0  # one legend below the panels, four runs a row
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 0.8, 3.6 + 0.25 * legend_rows),
+                             squeeze=False)
     for ax, (key, name, ylabel) in zip(axes[0], panels, strict=True):
         for label, rows in runs.items():
             ep, ys = _series(rows, key)
@@ -83,11 +86,14 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path, title: str = 
         else:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0] and (len(runs) > 1 or (key == "train_loss" and terms)):
-            ax.legend(fontsize=7)
+        if not multi and key == "train_loss" and terms and ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)  # one run: its loss terms
+    if multi:  # several runs: one legend for the figure, not one over each panel's curves
+        handles, labels = max((ax.get_legend_handles_labels() for ax in axes[0]), key=lambda hl: len(hl[1]))
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.25 * legend_rows / (3.6 + 0.25 * legend_rows) + (0.02 if multi else 0), 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
