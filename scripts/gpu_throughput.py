@@ -66,7 +66,7 @@ def image_row(name: str, method: dict[str, Any], precision: str, device: str, st
     data = cifar_bundle(batch * steps)
     r = Recipe.from_dict({"name": name, "seed": 0, "data": {"batch_size": batch},
                           "method": method, "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
-                          "train": {"epochs": 1, "device": device, "precision": precision, "progress": "never",
+                          "train": {"epochs": 1, "device": device, "precision": precision, "progress": "silent",
                                     "save_checkpoints": False}})
     m = build_method(r.method.model_dump(), DataInfo(100, 3, 32))
     times = StepTimes(device)
@@ -98,7 +98,7 @@ def llama_row(precision: str, device: str, steps: int) -> dict[str, Any]:
                           "method": {"name": "llm-kd"}, "optim": {"name": "adamw", "lr": 1e-4, "weight_decay": 0.0},
                           "sched": {"name": "constant"},
                           "train": {"max_steps": steps, "device": device, "precision": precision, "grad_clip": 1.0,
-                                    "progress": "never", "save_checkpoints": False}})
+                                    "progress": "silent", "save_checkpoints": False}})
     times = StepTimes(device)
     _peak_reset(device)
     Trainer(LogitDistill(student, teacher), None, r, source=CalibrationBlocks(blocks, rows, 0), callbacks=[times]).fit()
