@@ -289,7 +289,9 @@ Chance: the same protocol scored with random embeddings (mean of 20 draws).
 
 Recipes: [`sysu_mm01_resnet50.yaml`](../../src/kdforge/recipes/reid/sysu_mm01_resnet50.yaml) and
 [`llcm_resnet50.yaml`](../../src/kdforge/recipes/reid/llcm_resnet50.yaml) (ResNet-50 ×3 with ImageNet weights from a
-local file, 384×192, P = 8 × K = 4, P = 10 prototypes, 200 epochs, the official lr schedule). Not run here
+local file, 384×192, P = 8 × K = 4, P = 10 prototypes, 200 epochs, the official lr schedule), and
+[`regdb_resnet50.yaml`](../../src/kdforge/recipes/reid/regdb_resnet50.yaml) (the RegDB variant, 288×144; `kdforge regdb`
+trains it on each of the 10 splits and averages both directions, with RegDB's raw-ranking CMC). Not run here
 (no data, no GPU). PDM's own numbers were not reachable when the spec was written (its table is marked
 [?]); DEEN's are the spec's recollection, not verified.
 
