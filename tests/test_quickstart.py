@@ -62,3 +62,16 @@ def test_eval_speaks_to_people_and_json_to_scripts(tmp_path: Path, capsys: pytes
     assert head == f"{tmp_path / 'r'} (best checkpoint; model mlp, method supervised)"
     assert body == (f"test split of digits: top1 {res['top1']:.2f} %   top5 {res['top5']:.2f} %   "
                     f"loss {res['loss']:.4f}")
+
+
+def test_banner_says_when_max_steps_cuts_an_epoch_and_etas_are_labelled(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    p = _recipe(tmp_path, "never")
+    assert main(["train", str(p), "-o", str(tmp_path / "a"), "--set", "train.max_steps=2",
+                 "--set", "data.batch_size=16"]) == 0
+    err = capsys.readouterr().err
+    # digits: 1,437 training images less a 10 % validation split, 16 per batch -> 81 steps per epoch
+    assert "  steps    2 in total (train.max_steps), 81 per epoch: 0.025 of one epoch" in err, err
+    assert main(["train", str(_recipe(tmp_path, "never")), "-o", str(tmp_path / "b")]) == 0
+    first = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("epoch 1/2"))
+    assert re.search(r"ETA \d+ s \(run\)$", first), first

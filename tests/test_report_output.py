@@ -232,7 +232,8 @@ def test_cil_says_what_it_does_and_labels_its_matrix(tmp_path: Path, capsys: pyt
     assert main(["cil", str(recipe)]) == 0
     out = capsys.readouterr()
     assert "learner finetune" in out.err and "3 tasks: 4 base classes, then 2 x 3 new classes" in out.err
-    assert out.err.count("task 2/3, stage task1-") == 1
+    assert out.err.count("task 2/3 (folder stages/task1-") == 1
+    assert "average incremental accuracy" in out.out and "last accuracy" in out.out and " %" in out.out
     lines = out.out.splitlines()
     assert lines[0].startswith("accuracy (%) on each task's test classes (columns) after learning task t (rows)")
     assert lines[1].split() == ["task", "1", "task", "2", "task", "3"]

@@ -108,6 +108,15 @@ def test_ctrl_c_says_where_and_how_to_resume(tmp_path: Path) -> None:
     assert len(lines) == 1 and lines[0].startswith("interrupted at epoch ")
     assert f"resume with: kdforge train {run} --resume" in lines[0]
     assert (run / "checkpoints" / "state" / "trainer.pt").is_file()
+    # it says where a resume starts again: the step of the state on disk, and how many steps are redone
+    import re
+
+    import torch
+
+    saved = torch.load(state, weights_only=True)["global_step"]
+    m = re.search(r"step (\d+); the last checkpoint is at step (\d+)(?:, so (\d+) steps? (?:are|is) redone)?", lines[0])
+    assert m and int(m.group(2)) == saved, lines[0]
+    assert int(m.group(1)) - saved == int(m.group(3) or 0)
 
 
 @pytest.mark.slow

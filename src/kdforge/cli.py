@@ -200,7 +200,7 @@ def list_(what: Annotated[str, typer.Argument(help="models, datasets, methods, l
     reg = tables[what]
     for name in reg.names():
         doc = (getattr(reg.get(name), "__doc__", None) or "").strip().splitlines()
-        typer.echo(f"{name:24s} {doc[0] if doc else ''}")
+        typer.echo(f"{name:24s} {doc[0].replace('``', '') if doc else ''}")  # docstring markup is not for people
 
 
 @app.command()
@@ -285,7 +285,9 @@ def cil(
     typer.echo(" " * 10 + "".join(f"{f'task {j + 1}':>9s}" for j in range(n)))
     for t, row in enumerate(res.matrix):
         typer.echo(f"{f'after {t + 1}':10s}" + "".join(f"{'-':>9s}" if v is None else f"{v:9.2f}" for v in row))
-    typer.echo(" ".join(f"{k}={v:.2f}" for k, v in res.metrics.items()))
+    from kdforge.report.units import readable, unit
+
+    typer.echo("; ".join(f"{readable(k)} {v:.2f}{(' ' + unit(k)) if unit(k) else ''}" for k, v in res.metrics.items()))
     typer.echo("time per task (s): " + " ".join(f"{s:.1f}" for s in res.task_time_s))
 
 
@@ -359,7 +361,7 @@ def _cil_status(tasks: int) -> object:
             stage = name.rsplit("-task", 1)[-1]
             if trainer.main and trainer.recipe.train.progress != "silent":  # type: ignore[attr-defined]
                 task = int(stage.split("-", 1)[0]) + 1 if stage[:1].isdigit() else "?"
-                print(f"task {task}/{tasks}, stage task{stage}", file=sys.stderr, flush=True)
+                print(f"task {task}/{tasks} (folder stages/task{stage}, numbered from 0)", file=sys.stderr, flush=True)
 
     return CilStatus()
 

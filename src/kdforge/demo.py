@@ -91,6 +91,9 @@ def run_demo(out: Path, seeds: int = DEFAULT_SEEDS, overwrite: bool = False, qui
             _row("KD student (cnn_small w8)", kd, load_deployable(out / "kd-seed0", "last")[0])]
     elapsed = time.perf_counter() - t0
     _print_table(rows, paired, seeds, elapsed)
+    if quick:
+        print("smoke run (--quick): a tiny training budget, so these numbers say nothing about KD; "
+              "'kdforge demo' without --quick gives the table of docs/demo.md")
     _write_report(out, rows, paired, seeds, elapsed, quick)
     summary = {"rows": rows, "paired": paired, "seeds": seeds, "threads": threads, "elapsed_s": elapsed,
                "quick": quick}

@@ -93,6 +93,7 @@ class RunFolder(Callback):
                      f"re-planned for {trainer.total_steps} steps")
             elif trainer.main and not trainer.finished:
                 trainer._resume_note = f"resuming from epoch {trainer.epoch + 1}, step {trainer.global_step}"
+            trainer.saved_step = trainer.global_step
         trainer.acc.wait_for_everyone()
         if not trainer.main:
             return
@@ -134,6 +135,7 @@ class RunFolder(Callback):
         elif trainer.main:
             self._write_weights(trainer, improved)
             save_state(self.ck / "state", trainer.method.resumable_state(), trainer.state())
+        trainer.saved_step = trainer.global_step  # what an interrupt tells: where a resume starts again
         if trainer.main and not self._committed:
             commit = getattr(self.lease, "commit", None)
             if commit is not None:
@@ -251,7 +253,7 @@ class Progress(Callback):
             eta = self.eta_s(trainer)
             print(f"epoch {trainer.epoch + 1}/{trainer.epochs} batch {trainer.batch_in_epoch}/"
                   f"{trainer.batches_per_epoch} loss {loss:.4f} ({rate:,.0f} samples/s"
-                  + (f", ETA {fmt_duration(eta)})" if eta is not None else ")"), file=sys.stderr, flush=True)
+                  + (f", ETA {fmt_duration(eta)} (run))" if eta is not None else ")"), file=sys.stderr, flush=True)
 
     def _loss_rate(self, trainer: Trainer, now: float) -> tuple[float, float]:
         n = trainer._counts[0]
@@ -284,7 +286,7 @@ def epoch_line(trainer: Trainer, row: dict[str, float], improved: bool, eta: flo
         parts.append(f"lr {row['lr']:.3g}")
     parts.append(f"{row['epoch_time_s']:.1f} s ({row['samples_per_s']:,.0f} samples/s)")
     if eta is not None and trainer.global_step < trainer.total_steps:
-        parts.append(f"ETA {fmt_duration(eta)}")
+        parts.append(f"ETA {fmt_duration(eta)} (run)")
     return "  ".join(parts)
 
 
@@ -448,8 +450,12 @@ def banner(trainer: Trainer) -> list[str]:
     procs = i["processes"]
     lines.append(f"  device   {i['device']}, {i['precision']}, {procs} process{'es' if procs > 1 else ''}, "
                  f"{i['threads']} thread{'s' if i['threads'] > 1 else ''}")
-    lines.append(f"  steps    {i['steps_per_epoch']:,} per epoch, {i['total_steps']:,} in total "
-                 f"({i['epochs']} epoch{'s' if i['epochs'] > 1 else ''})")
+    spe, total, epochs = i["steps_per_epoch"], i["total_steps"], i["epochs"]
+    if total < spe * epochs:  # train.max_steps stops the run early
+        lines.append(f"  steps    {total:,} in total (train.max_steps), {spe:,} per epoch: "
+                     + (f"{total / spe:.2g} of one epoch" if total < spe else f"about {total / spe:.1f} epochs"))
+    else:
+        lines.append(f"  steps    {spe:,} per epoch, {total:,} in total ({epochs} epoch{'s' if epochs != 1 else ''})")
     note = getattr(trainer, "_resume_note", None)
     if note:
         lines.append(f"  {note}")
@@ -468,7 +474,8 @@ class _Bar:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.p = Progress(TextColumn(f"epoch {epoch + 1}/{epochs}"), BarColumn(), MofNCompleteColumn(),
-                          TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=True)
+                          TextColumn("{task.fields[info]}"), TextColumn("epoch left"), TimeRemainingColumn(),
+                          transient=True)
         self.task = self.p.add_task("train", total=total, info="")
         self.p.start()
 

@@ -512,7 +512,12 @@ class Trainer:
         except KeyboardInterrupt as e:
             if self.run_dir is None or isinstance(e, TrainingInterrupted):
                 raise
-            raise TrainingInterrupted(f"interrupted at epoch {self.epoch + 1}, step {self.global_step}; "
+            saved = getattr(self, "saved_step", None)
+            redo = self.global_step - saved if saved is not None else None
+            where = ("; no checkpoint was written yet, a resume starts again" if saved is None else
+                     f"; the last checkpoint is at step {saved}" + (
+                         f", so {redo} step{'s are' if redo != 1 else ' is'} redone" if redo else ""))
+            raise TrainingInterrupted(f"interrupted at epoch {self.epoch + 1}, step {self.global_step}{where}; "
                                       f"resume with: kdforge train {self.run_dir} --resume") from None
         finally:
             for c in self.callbacks:

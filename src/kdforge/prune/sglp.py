@@ -520,6 +520,12 @@ def _run_cnn(r: PruneRecipe, out: Path | None, verbose: bool) -> PruneResult:
     bundle = load_data(r.data)
     model = create_model(r.model.model, bundle.num_classes, bundle.in_chans, r.model.checkpoint,
                          image_size=bundle.image_size, **r.model.kwargs).eval()
+    if r.model.checkpoint is None:  # CKA and importance of random weights say little about a trained network
+        import sys
+
+        print(f"warning: model.checkpoint is not set, so this prunes an untrained {r.model.model} (its accuracy "
+              "before and after is near chance); set model.checkpoint to your trained weights (a .safetensors, "
+              ".pt or run folder)", file=sys.stderr, flush=True)
     shape = (bundle.in_chans, bundle.image_size, bundle.image_size)
     units = find_units(model, r.units, torch.zeros(2, *shape) if r.units else None)
     pinned = pinned_indices(units, r.budget.pinned)
