@@ -125,3 +125,22 @@ def test_atari_training_reports_whole_unclipped_games_and_a_lost_life_does_not_r
     assert lives_seen[:4] == [4, 3, 2, 1]
     assert ret == pytest.approx(raw_game) and length == len(clipped)
     assert set(clipped) <= {0.0, 1.0}  # the learner sees clipped rewards
+
+
+def test_kdforge_eval_plays_the_split_it_is_asked_for(tmp_path: Any) -> None:
+    import json
+
+    from kdforge.evaluate import evaluate_source
+    from kdforge.run import train
+
+    r = _recipe({"name": "ppo", "num_policies": 2, "num_envs": 2, "num_steps": 16, "eval_episodes": 2,
+                 "probe_states": 8, "steps_per_epoch": 1}, 1)
+    train(r, tmp_path / "run")
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    val_row = res["history"][-1]
+    assert evaluate_source(tmp_path / "run", split="test", which="last")["return"] == pytest.approx(
+        res["test_last"]["return"], abs=0.01)
+    assert evaluate_source(tmp_path / "run", split="val", which="last")["return"] == pytest.approx(
+        val_row["val_return"], abs=0.01)
+    with pytest.raises(kd.KdforgeError, match="no train split"):
+        evaluate_source(tmp_path / "run", split="train")

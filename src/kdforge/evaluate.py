@@ -129,7 +129,9 @@ def evaluate_source(source: str | Path, data: str | None = None, split: str = "t
         raise KdforgeError(f"bad split {split!r} (valid: test, val, train)")
     model, meta = load_deployable(source, which)
     if getattr(model, "kdforge_spec", {}).get("builder") == "rl":  # episodes in its environment, not a data set
-        res = method_evaluation(meta.get("method"))(model, None)  # type: ignore[arg-type]
+        from kdforge.rl.base import split_episodes
+
+        res = method_evaluation(meta.get("method"))(model, split_episodes(model.kdforge_spec, split))  # type: ignore[arg-type]
         return {**res, "model": model.kdforge_spec["env"], "method": meta.get("method", ""),
                 "checkpoint": meta["checkpoint"]}
     base = Recipe.model_validate_json(meta["recipe"]).data.model_dump() if meta.get("recipe") else {}

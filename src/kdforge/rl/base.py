@@ -40,6 +40,15 @@ class Episodes:
     episodes: int
 
 
+def split_episodes(spec: dict[str, Any], split: str) -> Episodes:
+    """The test or validation episodes a checkpoint's spec names (``kdforge eval --split``)."""
+    if split == "train":
+        raise KdforgeError("an RL run has no train split to evaluate (valid: test, val)")
+    if split == "val" and "val_seed" not in spec:
+        raise KdforgeError("this checkpoint predates separate validation episodes (no val_seed): use --split test")
+    return Episodes(split, int(spec["val_seed" if split == "val" else "eval_seed"]), int(spec["eval_episodes"]))
+
+
 def check_eval_seeds(cfg: Any, prefix: str = "method") -> None:
     """Refuse validation episode seeds that overlap the test episode seeds."""
     n = cfg.eval_episodes
@@ -192,7 +201,7 @@ class GroupMethod(Method, ABC):
         obs_shape, num_actions = env_shape(cfg.env)
         spec = {"builder": "rl", "algo": self.algo, "env": cfg.env, "k": k, "obs_shape": list(obs_shape),
                 "num_actions": num_actions, "encoder": encoder_kind(cfg.env, cfg.encoder), "hidden": cfg.hidden,
-                "eval_episodes": cfg.eval_episodes, "eval_seed": cfg.eval_seed}
+                "eval_episodes": cfg.eval_episodes, "eval_seed": cfg.eval_seed, "val_seed": cfg.val_seed}
         self.group: PolicyGroup = build_group(spec, self.seeds)
         self.dist = cfg.distill
         self.attention: DecisionAttention | None = None

@@ -146,7 +146,7 @@ class PolicyDistill(Method):
         obs_shape, num_actions = env_shape(cfg.env)
         spec = {"builder": "rl", "algo": "policy", "env": cfg.env, "k": 1, "obs_shape": list(obs_shape),
                 "num_actions": num_actions, "encoder": encoder_kind(cfg.env, cfg.encoder), "hidden": cfg.hidden,
-                "eval_episodes": cfg.eval_episodes, "eval_seed": cfg.eval_seed}
+                "eval_episodes": cfg.eval_episodes, "eval_seed": cfg.eval_seed, "val_seed": cfg.val_seed}
         self.student = build_group(spec, [cfg.seed])
         self.teacher = load_teacher(cfg.teacher, cfg.env).eval().requires_grad_(False)
 
