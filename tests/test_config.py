@@ -65,7 +65,8 @@ def test_unknown_model_suggests_close_names() -> None:
 def test_unknown_loss_and_loss_option() -> None:
     method = {"name": "distill", "student": {"model": "mlp"}, "teacher": {"model": "mlp"},
               "terms": [{"loss": "kd", "temperature": 4}]}
-    with pytest.raises(KdforgeError, match=r"terms.0: loss 'kd' has no option 'temperature' \(valid: T, compat, reduction\)"):
+    with pytest.raises(KdforgeError,
+                       match=r"terms.0: loss 'kd' has no option 'temperature' \(valid: T, compat, reduction\)"):
         build_method(Recipe.from_dict({"method": method}).method.model_dump(), INFO)
     method["terms"] = [{"loss": "kdd"}]
     with pytest.raises(KdforgeError, match=r"unknown loss 'kdd'; did you mean 'kd'"):
