@@ -115,7 +115,7 @@ def run(out: Path | None = None, quick: bool = False) -> dict[str, Any]:
             failed = verdict(e.checks)
             _log(f"{frac:.0%} {c.name}: healed top-1 {fmt_mean_std(accs)} over {len(accs)} seeds; gate "
                  + ("passed" if failed is None else f"FAILED {failed.line()}"))
-        budgets.append({"fraction": frac, "original_latency_ms_b64_eager": original_value, "rows": rows,
+        budgets.append({"fraction": frac, "original_budget_value": original_value, "rows": rows,
                         "skipped": skipped_json(skipped), "seconds": time.perf_counter() - t_b})
     result = {"settings": s, "original": orig_row, "budgets": budgets, "environment": environment(1),
               "machine": machine_note(), "timing": {"teacher_s": teacher_s, "total_s": time.perf_counter() - t_all}}
