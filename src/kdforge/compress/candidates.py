@@ -122,7 +122,7 @@ class DepthSearch:
             if n not in cache:
                 kept = self.select(family, n)
                 cache[n] = kept, measure(self.build(kept), b.metric, self.src.input_shape, len(kept),
-                                         b.latency_batch)
+                                         b.latency_batch, self.src.model)
             return cache[n]
 
         n_min, n_max = len(self.pinned), len(self.units) - 1
@@ -196,7 +196,7 @@ class WidthSearch:
         except Exception as e:
             return Skipped("width", f"Torch-Pruning cannot trace {type(self.src.model).__name__}: "
                                     f"{str(e).splitlines()[0][:120]}")
-        v_min = measure(smallest, b.metric, self.src.input_shape, None, b.latency_batch)
+        v_min = measure(smallest, b.metric, self.src.input_shape, None, b.latency_batch, self.src.model)
         if v_min > target:
             return Skipped("width", f"even removing {max_ratio:.0%} of the channels gives {v_min / original:.2f} of "
                                     f"the original's {b.metric}", v_min / original)
@@ -204,7 +204,7 @@ class WidthSearch:
         for _ in range(steps):
             mid = (lo + hi) / 2
             m, h = self.build(mid)
-            v = measure(m, b.metric, self.src.input_shape, None, b.latency_batch)
+            v = measure(m, b.metric, self.src.input_shape, None, b.latency_batch, self.src.model)
             if v <= target:
                 hi, best = mid, (mid, m, h, v)
             else:
@@ -229,7 +229,9 @@ def search_candidates(src: Source, r: CompressRecipe, log: Callable[[str], None]
     if b.metric == "layers" and depth is None:
         raise KdforgeError(f"budget.metric layers needs residual blocks to remove, and {type(src.model).__name__} "
                            f"has none the surgery can handle (module types found: {module_types(src.model)})")
-    original = measure(src.model, b.metric, src.input_shape, n_units, b.latency_batch)
+    # latency: every candidate is measured as a ratio to the original, interleaved with it
+    original = 1.0 if b.metric == "latency" else measure(src.model, b.metric, src.input_shape, n_units,
+                                                         b.latency_batch)
     target = b.fraction * original
     cands: list[Candidate] = []
     skipped: list[Skipped] = []
