@@ -22,7 +22,7 @@ def _settings(quick: bool) -> dict[str, Any]:
                 "steps": 2, "max_ppl_ratio": 3.0, "batch": 2, "new_tokens": 4}
     return {"source": "smollm2", "calib": "pydoc", "eval": "austen", "seq_len": 128, "max_tokens": None,
             "eval_sequences": 8, "calib_sequences": 24, "fractions": [0.7, 0.5],
-            "families": ["block_influence", "uniform"], "steps": 10, "max_ppl_ratio": 2.0, "batch": 2,
+            "families": ["block_influence"], "steps": 10, "max_ppl_ratio": 2.0, "batch": 2,
             "new_tokens": 8}
 
 

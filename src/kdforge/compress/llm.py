@@ -112,7 +112,11 @@ def search_lm(src: LMSource, r: CompressRecipe, log: Any = print) -> tuple[float
                 cache[n] = kept, lm_measure(prune_model(src.model, units, kept), b.metric, src.calib, len(kept))
             return cache[n]
 
-        best = _largest_within(1, len(units) - 1, lambda n: probe(n)[1] <= target)
+        if b.metric == "layers":  # known without measuring: the most layers within the fraction
+            n = min(len(units) - 1, int(b.fraction * len(units) + 1e-9))
+            best = n if n >= 1 else None
+        else:
+            best = _largest_within(1, len(units) - 1, lambda n: probe(n)[1] <= target)
         if best is None:
             skipped.append(Skipped(fam, f"even one decoder layer gives {probe(1)[1] / original:.2f} of the "
                                         f"original's {b.metric}", probe(1)[1] / original))
