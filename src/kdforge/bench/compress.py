@@ -175,7 +175,7 @@ def _write_md(path: Path, res: dict[str, Any], quick: bool) -> None:
               "so absolute milliseconds are noisy; the gate compares original and candidate interleaved).*", "",
               "![pareto](compress.png)", "",
               "Language half (SmolLM2-135M, about 70 % and 50 % of its layers): "
-              "[compress-llm](compress-llm.md) (`kdforge bench compress-llm --publish`).", ""]
+              "`kdforge bench compress-llm --publish` (its own page, compress-llm.md).", ""]
     path.write_text("\n".join(lines))
 
 
