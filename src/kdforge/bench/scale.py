@@ -29,7 +29,7 @@ from kdforge.bench import BENCHES
 from kdforge.bench.common import bench_dir, machine_note, markdown_table, write_json
 from kdforge.engine.callbacks import Callback
 
-COMMAND = "cpu kdforge bench scale --publish"  # cpu: this session's one-core wrapper (see the page)
+COMMAND = "OMP_NUM_THREADS=1 taskset -c 0 kdforge bench scale --publish"  # all ranks on one pinned core
 WORLDS = (2, 4)
 MODES = ("ddp", "fsdp", "fsdp-shard-teacher")
 PER_RANK_BATCH = 32
@@ -168,9 +168,9 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join([
         "# Sharding: FSDP2 against DDP on the CPU", "",
         f"Command: `{result['command']}` ({result['wall_s']:.0f} s). Machine: {result['machine']}.",
-        "The `cpu` wrapper pins the whole bench to ONE core with one thread per process, so the W processes "
+        "`taskset -c 0` pins the whole bench to ONE core with one thread per process, so the W processes "
         "share one core: step times measure the work of all ranks on that core and the collectives' overhead, "
-        "not a speed-up. Without the wrapper: `OMP_NUM_THREADS=1 taskset -c 0 kdforge bench scale`.", "",
+        "not a speed-up.", "",
         f"KD, MLP teacher (hidden 1024 x 3, {result['teacher_params']:,} parameters, frozen) -> MLP student "
         f"(hidden 512, 512, {result['student_params']:,} parameters), digits, SGD momentum 0.9, fp32, "
         f"{PER_RANK_BATCH} samples per process per step, {result['steps']} steps, seed 0 (one seed: the table "
