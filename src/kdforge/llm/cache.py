@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdforge.cache.store import (
@@ -33,6 +32,7 @@ from kdforge.cache.store import (
 )
 from kdforge.cache.topk import bytes_per_row, compress_topk, expand_topk
 from kdforge.errors import KdforgeError
+from kdforge.llm.heal import with_ce
 from kdforge.llm.text import Packed
 from kdforge.method import Method
 
@@ -240,10 +240,7 @@ class CachedLogitDistill(Method):
         else:
             t_logits = self.cache.logits(batch["rows"]).to(s_logits.device)
             out = {"kd": kd_loss(s_logits.reshape(-1, v), t_logits.reshape(-1, v), self.T)}
-        if self.ce_weight:
-            out["ce"] = self.ce_weight * F.cross_entropy(s_logits[:, :-1].reshape(-1, v), ids[:, 1:].reshape(-1))
-        out["loss"] = sum(out.values())  # type: ignore[assignment]
-        return out
+        return with_ce(out, s_logits, ids, self.ce_weight)
 
     def deployable(self) -> nn.Module:
         return self.student

@@ -16,6 +16,15 @@ from kdforge.llm.metrics import lm_logits
 from kdforge.method import Method
 
 
+def with_ce(out: dict[str, Tensor], s_logits: Tensor, ids: Tensor, ce_weight: float) -> dict[str, Tensor]:
+    """``out`` plus the weighted next-token CE on ``ids`` (when ``ce_weight``) and ``loss``, the sum of all terms."""
+    if ce_weight:
+        v = s_logits.shape[-1]
+        out["ce"] = ce_weight * F.cross_entropy(s_logits[:, :-1].reshape(-1, v), ids[:, 1:].reshape(-1))
+    out["loss"] = sum(out.values())  # type: ignore[assignment]
+    return out
+
+
 class CalibrationBlocks:
     """A step source of random calibration rows: step ``s`` draws from its own seed, so a resumed run is exact."""
 
@@ -58,11 +67,8 @@ class LogitDistill(Method):
             t_logits = lm_logits(self.teacher, ids).float()
         s_logits = lm_logits(self.student, ids).float()
         v = s_logits.shape[-1]
-        out = {"kd": kd_loss(s_logits.reshape(-1, v), t_logits.reshape(-1, v), self.T)}
-        if self.ce_weight:
-            out["ce"] = self.ce_weight * F.cross_entropy(s_logits[:, :-1].reshape(-1, v), ids[:, 1:].reshape(-1))
-        out["loss"] = sum(out.values())  # type: ignore[assignment]
-        return out
+        return with_ce({"kd": kd_loss(s_logits.reshape(-1, v), t_logits.reshape(-1, v), self.T)},
+                       s_logits, ids, self.ce_weight)
 
     def deployable(self) -> nn.Module:
         return self.student

@@ -14,6 +14,7 @@ float32 tensors of student and teacher exist for one chunk only.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -83,8 +84,8 @@ def total_variation(log_q: Tensor, log_p: Tensor) -> Tensor:
     return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
 
 
-class TokenLoss(DistillLoss):
-    """A per-token term: ``per_token(log_q, log_p)`` on student/teacher log-probabilities, or CE on targets."""
+class TokenLoss(DistillLoss, ABC):
+    """A per-token term over (n, V) student logits: a divergence from the teacher, or CE on targets."""
 
     inputs = "logits"
     #: the term needs the teacher's whole distribution (refuses a top-k teacher cache)
@@ -100,9 +101,26 @@ class TokenLoss(DistillLoss):
             raise ValueError(f"chunk must be >= 1 token, got {chunk}")
         self.T, self.chunk = float(T), int(chunk)
 
+    @abstractmethod
+    def token_values(self, s_logits: Tensor, teacher: Tensor | tuple[Tensor, Tensor] | None,
+                     targets: Tensor | None = None) -> Tensor:
+        """Values (n,) of (n, V) student logits against the teacher's signal or the next-token targets."""
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Mean over the masked positions of (..., V) logits, computed ``chunk`` positions at a time."""
+        v = student_logits.shape[-1]
+        s = student_logits.reshape(-1, v)
+        t = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+        m = torch.ones(len(s), dtype=torch.bool, device=s.device) if mask is None else mask.reshape(-1)
+        return chunked_logit_loss([(self, 1.0)], s, t, m)
+
+
+class Divergence(TokenLoss):
+    """A divergence ``per_token(log_q, log_p)`` between student and teacher log-probabilities at temperature T."""
+
+    @abstractmethod
     def per_token(self, log_q: Tensor, log_p: Tensor) -> Tensor:
         """The divergence at each position of (n, V) log-probabilities (n,)."""
-        raise NotImplementedError
 
     def token_values(self, s_logits: Tensor, teacher: Tensor | tuple[Tensor, Tensor] | None,
                      targets: Tensor | None = None) -> Tensor:
@@ -118,14 +136,6 @@ class TokenLoss(DistillLoss):
             log_p = (_up(teacher) / self.T).log_softmax(-1)
         return self.per_token(log_q, log_p) * (self.T * self.T)
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Mean over the masked positions of (..., V) logits, computed ``chunk`` positions at a time."""
-        v = student_logits.shape[-1]
-        s = student_logits.reshape(-1, v)
-        t = teacher_logits.reshape(-1, teacher_logits.shape[-1])
-        m = torch.ones(len(s), dtype=torch.bool, device=s.device) if mask is None else mask.reshape(-1)
-        return chunked_logit_loss([(self, 1.0)], s, t, m)
-
 
 def _terms_need_full(terms: Sequence[tuple[TokenLoss, float]]) -> list[str]:
     return [getattr(t, "registry_name", type(t).__name__) for t, _ in terms
@@ -133,7 +143,7 @@ def _terms_need_full(terms: Sequence[tuple[TokenLoss, float]]) -> list[str]:
 
 
 @LOSSES.register("lm_fkl")
-class ForwardKL(TokenLoss):
+class ForwardKL(Divergence):
     """Forward KL (teacher → student), the KD of Hinton et al. per token: T² · KL(p ‖ q)."""
 
     needs_full_teacher = False
@@ -143,7 +153,7 @@ class ForwardKL(TokenLoss):
 
 
 @LOSSES.register("lm_rkl")
-class ReverseKL(TokenLoss):
+class ReverseKL(Divergence):
     """Reverse KL (MiniLLM's objective, mode-seeking): T² · KL(q ‖ p)."""
 
     def per_token(self, log_q: Tensor, log_p: Tensor) -> Tensor:
@@ -151,7 +161,7 @@ class ReverseKL(TokenLoss):
 
 
 @LOSSES.register("lm_jsd")
-class GeneralizedJSD(TokenLoss):
+class GeneralizedJSD(Divergence):
     """GKD's generalized JSD (Agarwal et al. 2024): T² · [β·KL(p ‖ m) + (1 − β)·KL(q ‖ m)], m = β·p + (1 − β)·q.
 
     As TRL's ``generalized_jsd_loss``: β = 0 is forward KL and β = 1 reverse KL (the limits of
@@ -172,38 +182,36 @@ class GeneralizedJSD(TokenLoss):
         return generalized_jsd(log_q, log_p, self.beta)
 
 
-@LOSSES.register("lm_skl")
-class SkewKL(TokenLoss):
-    """DistiLLM's skew forward KL (Ko et al. 2024): T² · KL(p ‖ α·p + (1 − α)·q); α = 0 is forward KL."""
-
-    needs_full_teacher = False
+class _Skewed(Divergence):
+    """A DistiLLM skew divergence with its mixing weight α in [0, 1)."""
 
     def __init__(self, alpha: float = 0.1, T: float = 1.0, chunk: int = 1024) -> None:
         super().__init__(T, chunk)
         if not 0.0 <= alpha < 1.0:
             raise ValueError(f"alpha must be in [0, 1), got {alpha}")
         self.alpha = float(alpha)
+
+
+@LOSSES.register("lm_skl")
+class SkewKL(_Skewed):
+    """DistiLLM's skew forward KL (Ko et al. 2024): T² · KL(p ‖ α·p + (1 − α)·q); α = 0 is forward KL."""
+
+    needs_full_teacher = False
 
     def per_token(self, log_q: Tensor, log_p: Tensor) -> Tensor:
         return skew_forward_kl(log_q, log_p, self.alpha)
 
 
 @LOSSES.register("lm_srkl")
-class SkewReverseKL(TokenLoss):
+class SkewReverseKL(_Skewed):
     """DistiLLM's skew reverse KL: T² · KL(q ‖ (1 − α)·p + α·q); α = 0 is reverse KL."""
-
-    def __init__(self, alpha: float = 0.1, T: float = 1.0, chunk: int = 1024) -> None:
-        super().__init__(T, chunk)
-        if not 0.0 <= alpha < 1.0:
-            raise ValueError(f"alpha must be in [0, 1), got {alpha}")
-        self.alpha = float(alpha)
 
     def per_token(self, log_q: Tensor, log_p: Tensor) -> Tensor:
         return skew_reverse_kl(log_q, log_p, self.alpha)
 
 
 @LOSSES.register("lm_tvd")
-class TotalVariation(TokenLoss):
+class TotalVariation(Divergence):
     """Total variation distance: T² · ½ Σ_v |p_v − q_v|."""
 
     def per_token(self, log_q: Tensor, log_p: Tensor) -> Tensor:
