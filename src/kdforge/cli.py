@@ -499,6 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         launch.join()  # before any work: a rank failing early must not leave the others at the rendezvous
         rv = app(args=argv, standalone_mode=False, prog_name="kdforge")
         _settle_runs(ok=True)
+        launch.leave()
         return rv if isinstance(rv, int) else 0
     except KdforgeError as e:
         _settle_runs(ok=False)

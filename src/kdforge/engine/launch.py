@@ -73,3 +73,17 @@ def peer_failed() -> bool:
         return any(store.check([KEY.format(r)]) for r in range(dist.get_world_size()) if r != me)
     except (RuntimeError, dist.DistStoreError):
         return False
+
+
+def leave() -> None:
+    """End a launched process that succeeded: wait for every rank, then close the group in order.
+
+    A rank that simply exits while a peer is still writing its run folder tears gloo down under the peer's
+    feet ("terminate called without an active exception", SIGABRT), and the launcher then kills the peer.
+    """
+    if not (launched() and dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
