@@ -83,3 +83,44 @@ def test_cifar100_recipe_validates_and_runs_one_step(path: Path) -> None:
     assert math.isfinite(float(out["loss"].detach()))
     out["loss"].backward()
     assert any(p.grad is not None for p in method.deployable().parameters())
+
+
+def _drawn_axes(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Collect the figures that charts save, to read their axes back."""
+    import matplotlib.figure
+
+    saved: list = []
+    real = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *a, **k: (saved.append(fig), real(fig, *a, **k))[1])
+    return saved
+
+
+def test_chart_axis_is_fitted_to_the_stored_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from kdforge.bench.kd_zoo import chart
+
+    results = json.loads((ROOT / "docs" / "benchmarks" / "kd-zoo.json").read_text())["results"]
+    means = {k: sum(r["last"] for r in v) / len(v) for k, v in results.items()}
+    saved = _drawn_axes(monkeypatch)
+    chart(results, tmp_path / "kd-zoo.png")
+    (fig,) = saved
+    ax = fig.axes[0]
+    lo, hi = ax.get_ylim()
+    # the 3.6-point DKD gain must take a visible part of the axis: a 0–100 (or 0–85) axis fails here
+    gain = means["dkd"] - means["student alone"]
+    assert 3 < gain < 4 and gain / (hi - lo) > 0.25, (lo, hi)
+    assert lo > 60 and all(lo < m < hi for k, m in means.items() if k not in ("dafl", "deepinversion"))
+    # the two data-free rows, ~56 points below, are marked at the edge with their value instead
+    texts = [t.get_text() for t in ax.texts]
+    assert texts == [f"{means['dafl']:.1f}\n± 16.6", f"{means['deepinversion']:.1f}\n± 6.9"]
+    assert sum(a.get_legend() is not None for a in fig.axes) + len(fig.legends) == 1  # one legend
+
+
+def test_chart_range_keeps_every_row_without_a_clear_outlier() -> None:
+    from kdforge.bench.common import chart_range
+
+    lo, hi, off = chart_range([82.9, 83.3, 82.6, 82.5], [0.9, 0.1, 0.7, 1.2], baseline=82.9)
+    assert off == [] and 80.5 < lo < 81.3 and 84.0 < hi < 84.8  # min−std 81.3, max+std 83.8, 0.5-point margins
+    assert chart_range([10.0, 90.0], [1.0, 1.0])[2] == []  # two far-apart rows: neither is "the outlier"

@@ -1,4 +1,4 @@
-"""What benchmarks share: cached teacher runs, seeds, mean ± std tables, bar charts."""
+"""What benchmarks share: cached teacher runs, seeds, mean ± std tables, charts fitted to the data."""
 
 from __future__ import annotations
 
@@ -78,25 +78,64 @@ def _cell(v: Any) -> str:
     return f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
+#: a mean this many robust spreads (1.4826 · MAD of the means, at least the median std) from the median is off scale
+OFF_SCALE = 8.0
+
+
+def chart_range(means: Sequence[float], stds: Sequence[float],
+                baseline: float | None = None) -> tuple[float, float, list[int]]:
+    """The value axis of a chart of means ± stds, fitted to the data (never from 0): ``(lo, hi, off)``.
+
+    Entries whose mean lies far from the rest (``off``, e.g. a data-free method 56 points below every other row)
+    are left off the axis, so that they do not squeeze the differences between the others into a line; the chart
+    marks them at its edge with their value.
+    """
+    med = statistics.median(means)
+    mad = statistics.median(abs(m - med) for m in means) * 1.4826
+    spread = max(mad, statistics.median(stds), 1e-9)
+    off = [i for i, m in enumerate(means) if abs(m - med) > OFF_SCALE * spread]
+    if len(off) * 2 >= len(means):  # no clear majority: show everything
+        off = []
+    keep = [i for i in range(len(means)) if i not in off]
+    lows = [means[i] - stds[i] for i in keep] + ([baseline] if baseline is not None else [])
+    highs = [means[i] + stds[i] for i in keep] + ([baseline] if baseline is not None else [])
+    lo, hi = min(lows), max(highs)
+    pad = max(0.12 * (hi - lo), 0.5)
+    return lo - pad, hi + pad, off
+
+
 def bar_chart(labels: Sequence[str], means: Sequence[float], stds: Sequence[float], path: str | Path,
               ylabel: str = "test top-1 (%)", title: str = "", baseline: float | None = None) -> Path:
-    """A bar chart with error bars (and an optional dashed baseline), saved as PNG."""
+    """Means ± stds as points with error bars on an axis fitted to the data (:func:`chart_range`), with an
+    optional dashed baseline and, beside it, a second axis of the gain over the baseline; saved as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(labels) + 2), 4))
-    ax.bar(range(len(labels)), means, yerr=stds, capsize=3, color="#4C72B0")
+    lo, hi, off = chart_range(means, stds, baseline)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(labels) + 2), 4.2))
+    keep = [i for i in range(len(labels)) if i not in off]
+    # points, not bars: the axis does not start at 0, so a bar's length would mislead
+    ax.errorbar(keep, [means[i] for i in keep], yerr=[stds[i] for i in keep], fmt="o", capsize=3,
+                color="#4C72B0", label="mean ± std")
+    for i in off:  # far off the scale: a marker at the edge, with the value written
+        below = means[i] < lo
+        edge = lo + 0.03 * (hi - lo) if below else hi - 0.03 * (hi - lo)
+        ax.plot([i], [edge], marker="v" if below else "^", ls="none", color="#C44E52", ms=8,
+                label="off scale (value written)" if i == off[0] else None)
+        ax.annotate(f"{means[i]:.1f}\n± {stds[i]:.1f}", (i, edge), textcoords="offset points",
+                    xytext=(0, 8 if below else -22), ha="center", fontsize=7, color="#C44E52")
     if baseline is not None:
-        ax.axhline(baseline, ls="--", color="k", lw=1, label="baseline")
-        ax.legend()
+        ax.axhline(baseline, ls="--", color="k", lw=1, label=f"baseline ({baseline:.2f})")
+        gain = ax.secondary_yaxis("right", functions=(lambda y: y - baseline, lambda d: d + baseline))
+        gain.set_ylabel("Δ vs baseline (points)")
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-    lo = min(m - s for m, s in zip(means, stds, strict=True))
-    hi = max(m + s for m, s in zip(means, stds, strict=True))
-    ax.set_ylim(lo - 0.15 * (hi - lo + 1), hi + 0.15 * (hi - lo + 1))
-    ax.set(ylabel=ylabel, title=title)
+    ax.set_xlim(-0.6, len(labels) - 0.4)
+    ax.set_ylim(lo, hi)  # fitted to the data: the differences show, not the distance from 0
+    ax.set(ylabel=ylabel + " (axis not from 0)", title=title)
     ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")  # the chart's one legend
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
