@@ -113,3 +113,48 @@ def test_site_builds_strict_and_offline(tmp_path: Path) -> None:
     # the task-ordered navigation: install, first run, your data, compare, deploy
     pos = [index.find(t) for t in ("Install and first run", "Your data and your model", "Compare runs", "Deploy")]
     assert -1 not in pos and pos == sorted(pos), pos
+
+
+#: what a user's text must not hold: the team's internal specs and issues, section signs into them, to-dos
+INTERNAL = re.compile(r"shared/|\bspecs?/|§|\bTODO\b|/work/|\bspec(?:'s|s')|\bthe spec\b(?! that)|\bspec defaults\b"
+                      r"|\(spec\b|\bissue \d+|\bthe issue\b|\bissue's\b")
+#: a path into the repository: meaningless in a terminal outside a checkout
+REPO_PATH = re.compile(r"\b(?:src/kdforge|tests|docs|shared)/[\w./-]+")
+
+
+def _terminal_texts() -> dict[str, str]:
+    """What ``kdforge list`` and ``kdforge recipes`` show, with the whole docstring and comment block."""
+    import kdforge  # noqa: F401 - registers everything
+    from kdforge.bench import load_benches
+    from kdforge.recipe_files import all_recipes
+    from kdforge.registry import DATASETS, LOSSES, METHODS, MODELS
+
+    out = {}
+    for kind, reg in (("model", MODELS), ("dataset", DATASETS), ("method", METHODS), ("loss", LOSSES),
+                      ("bench", load_benches())):
+        for name in reg.names():
+            out[f"{kind} {name}"] = getattr(reg.get(name), "__doc__", None) or ""
+    for r in all_recipes():
+        out[f"recipe {r.name}"] = "\n".join(line for line in r.path.read_text().splitlines()
+                                            if line.lstrip().startswith("#"))
+    return out
+
+
+def test_user_facing_descriptions_hold_no_internal_references() -> None:
+    texts = _terminal_texts()
+    assert len(texts) > 150 and "shared/specs" not in texts["loss kd"]
+    for page in [*sorted((DOCS / "methods").glob("*.md")), *sorted((DOCS / "benchmarks").glob("*.md")),
+                 DOCS / "recipe-keys.md"]:
+        texts[str(page.relative_to(ROOT))] = page.read_text()
+    bad = [f"{k}: {m.group(0)!r}" for k, t in texts.items() for m in INTERNAL.finditer(t)]
+    bad += [f"{k}: {m.group(0)!r}" for k, t in _terminal_texts().items() for m in REPO_PATH.finditer(t)]
+    assert bad == [], "internal references in what users read:\n" + "\n".join(bad)
+
+
+def test_the_internal_reference_check_catches_the_old_leaks() -> None:
+    # the recipe summary that leaked before, and the section references of the method pages
+    old = "MixSKD on CIFAR-100 with the spec's defaults (shared/specs/mixskd.md §5, SKL's main_mixskd_cifar.py):"
+    assert [m.group(0) for m in INTERNAL.finditer(old)] == ["the spec", "shared/", "specs/", "§"]
+    assert REPO_PATH.search(old).group(0) == "shared/specs/mixskd.md"
+    assert INTERNAL.search("No AGW baselines (spec §9)") and not INTERNAL.search("the spec that rebuilds it")
+    assert not INTERNAL.search("a model spec; the specification of a ResNet")

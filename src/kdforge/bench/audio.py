@@ -47,7 +47,7 @@ LABELS = {"m1": "M1: CE, step decay [1, 0.1]", "m2": "M2: M1 + LS 0.06, 5-step d
 TAIL = (5, 6, 7, 8, 9)  # the five rarest training classes
 QUICK_DATA = {"most": 40, "least": 4, "val_per_class": 3, "test_most": 20, "test_least": 4, "pretrain_per_class": 10}
 
-# EPIC-SOUNDS at paper scale: the numbers the spec holds (docs/methods/audio.md says where each comes from).
+# EPIC-SOUNDS at paper scale: the published numbers (docs/methods/audio.md says where each comes from).
 PUBLISHED: list[dict[str, str]] = [
     {"model": "ASF baseline (= recipe M1), official", "split": "val", "top-1": "≈53–54 (unverified)",
      "top-5": "≈84.5 (unverified)", "mCA": "≈20 (unverified)", "mAP": "unknown", "mAUC": "unknown"},
@@ -216,7 +216,7 @@ def _markdown(runs: dict[int, Any], models: list[dict[str, Any]], fused: list[di
         f"{sizes['cpu'] / 60:.1f} min (they differ when another job shares the core): data synthesis and "
         f"log-mels {t_data:.0f} s (once; cached in runs/cache), then per seed (wall) {time_line}.",
         "",
-        "## Synthetic kitchen sounds (the spec's §10 set-up)",
+        "## Synthetic kitchen sounds (a CPU-sized stand-in for EPIC-SOUNDS)",
         "",
         "Data: 10 synthetic target classes, 16 kHz, lengths like EPIC-SOUNDS (median 1 s, 70 % under 2 s, up to "
         "8 s), random gain and pink background noise at 0–20 dB SNR. Training counts are long-tailed "
@@ -257,8 +257,8 @@ def _markdown(runs: dict[int, Any], models: list[dict[str, Any]], fused: list[di
         "official `.pyth` checkpoints (names converted on load), and a GPU: it was not run here, so the kdforge "
         "column is empty. Its numbers would be reported on a labelled hold-out of half the validation videos "
         "(the fusion weights are searched on the other half) and `submission.zip` written for the recognition "
-        "test CSV. Published numbers as the spec holds them (`unknown`: not recoverable; `unverified`: the spec "
-        "author's recollection of the EPIC-SOUNDS paper).",
+        "test CSV. Published numbers as far as they could be recovered (`unknown`: not recoverable; `unverified`: "
+        "recalled from the EPIC-SOUNDS paper, not checked against it).",
         "",
         markdown_table([{**p, "kdforge": ""} for p in PUBLISHED], pub_cols),
     ]

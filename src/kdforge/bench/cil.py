@@ -205,7 +205,7 @@ Runs: {"one after another" if quick else f"{WORKERS} at a time in separate proce
   `kdforge.Trainer` fit (Adam with coupled L2: lr 1e-3, weight decay 2e-4; batch 64; constant lr; CPU), no
   input augmentation; epochs per task: {", ".join(f"{d} {b['epochs']} (base {b['base_epochs']})"
   for d, b in budgets.items())}. eTag's generator stage trains the per-task epochs in every task (fewer
-  than its solver on the base task), lr 1e-3 (set in the bench; the library default is the spec's 1e-4).
+  than its solver on the base task), lr 1e-3 (set in the bench; the library default is the paper's 1e-4).
 - Learners at their defaults: LwF τ = 2, λ = 1 (shared head); FeTrIL with a softmax linear head instead of an SVM;
   IR with 4 rotations, `sq_mean` L_sm, λ_sm = 1, BN statistics frozen after the base task, L2 1-NN over
   prototypes; eTag with 3 auxiliary heads (+1 on the embedding), τ = 3, CVAE hidden 64 / latent 16,
@@ -220,7 +220,7 @@ Runs: {"one after another" if quick else f"{WORKERS} at a time in separate proce
 ## CIFAR-100 (half base): published Ā, kdforge not yet run
 
 Recipes: `recipes/continual/{{ir,etag}}-cifar100-*.yaml` (the zoo's `resnet32x4`, 256-d: the papers'
-ResNet-18 is not in the zoo; 100 epochs per task, spec defaults).
+ResNet-18 is not in the zoo; 100 epochs per task, the papers' defaults).
 The kdforge column is left empty until these are run on a GPU.
 
 {pub}

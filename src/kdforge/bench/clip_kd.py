@@ -28,7 +28,7 @@ STUDENT: dict[str, Any] = {"embed_dim": 32, "image": {"model": "vit", "kwargs": 
 TEACHER_EPOCHS, STUDENT_EPOCHS, STUDENT_PAIRS = 8, 20, 2000
 SEEDS = (0, 1, 2)
 WORKERS = 2
-# The spec's weights, with FD/MFD rescaled by d_T/512 (spec pitfall 5): the paper's 2000 on 512-d
+# The paper's weights, with FD/MFD rescaled by d_T/512: the paper's 2000 on 512-d
 # embeddings is ≈3.9× the per-sample squared distance, and 250 keeps that strength at d_T = 64 (2000
 # here measured 75.0 vs 77.0 task-only, seed 0: FD swamped the task loss; 250 gave 79.0). GD uses the corrected
 # logits, so its weight is retuned.
@@ -179,7 +179,7 @@ def _write(dest: Path, results: dict[tuple[str, int], dict[str, float]], teacher
                                        "runs": {f"{k[0]}|{k[1]}": v for k, v in results.items()}})
     best = mean_std([results[(BEST, s)]["top1"] for s in seeds])
     gap = best[0] - base
-    verdict = (f"The spec's best combination ({BEST}) {'beats' if gap > 0 else 'does NOT beat'} the task-only "
+    verdict = (f"The paper's best combination ({BEST}) {'beats' if gap > 0 else 'does NOT beat'} the task-only "
                f"student on the mean zero-shot top-1 by {gap:+.2f} points (std {best[1]:.2f}).")
     md = dest / "clip-kd.md"
     md.write_text(_report(rows, verdict, seeds, t_ep, s_ep, pairs, wall, quick, png.name))
@@ -209,8 +209,8 @@ Method page: [docs/methods/clip-kd.md](../methods/clip-kd.md).
   32, 1 layer), d = 32 (projected to 64 for FD/MFD/GD/ICL/AFD), trained from scratch on {pairs} pairs
   for {s_ep} epochs, batch 128, AdamW lr 1e-3, β2 0.98, wd 0.1, cosine with 1 warm-up epoch;
   seeds {", ".join(map(str, seeds))}; mean ± sample std.
-- Weights (spec §3): CRD 1, ICL 1, AFD 1; FD and MFD 250 = 2000 × 64/512, the paper's 2000 rescaled
-  to d_T = 64 so that it weighs the per-sample distance as on 512-d embeddings (spec pitfall 5); MFD
+- Weights (the paper's): CRD 1, ICL 1, AFD 1; FD and MFD 250 = 2000 × 64/512, the paper's 2000 rescaled
+  to d_T = 64 so that it weighs the per-sample distance as on 512-d embeddings; MFD
   masks 0.75 of the patches for real; GD 1e3 with the corrected logits (the code's 1e8 goes with its
   κ-as-temperature bug); CLIP-KD = CRD 1 + FD 250 + ICL 1. Learnable scales are exp-parametrised and clamped at 100.
 - T–S cos: mean cosine between the student's projected image embedding and the teacher's.

@@ -32,7 +32,7 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("independent", {"lambda_dec": 0.0, "lambda_feat": 0.0}),
     ("OPD-mean", {"aggregation": "mean", "lambda_dec": 1.0, "lambda_feat": 0.0}),
     ("OPD-DA", {"aggregation": "attention", "lambda_dec": 1.0, "lambda_feat": 0.1}),
-    # the spec's remedy for attention collapsing onto the identity (its §5): attend to the peers only
+    # the remedy for attention collapsing onto the identity: attend to the peers only
     ("OPD-DA, peers only", {"aggregation": "attention", "lambda_dec": 1.0, "lambda_feat": 0.1, "include_self": False}),
 ]
 OPTIM = {"name": "adam", "lr": 2.5e-4, "eps": 1e-5, "weight_decay": 0.0}

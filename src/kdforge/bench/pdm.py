@@ -267,7 +267,7 @@ Method page: [docs/methods/pdm.md](../methods/pdm.md).
   map 6×3), P = 4 prototypes. Rows: baseline = separate stems + shared stages, ID + batch-hard triplet,
   no MFA/SNA/phase perturbation; +MFGM adds the generator with CPM and L_ort; +PLM adds the prototypes
   with the part ID loss, L_ch and DCS (the control row sets L_ch's weight to 0); full PDM = everything
-  (MFA blocks, SNA, phase perturbation 0.8, MFGM, PLM) with the spec's weights.
+  (MFA blocks, SNA, phase perturbation 0.8, MFGM, PLM) with the paper's weights.
 - Training: {epochs} epochs × 80 steps, batch P = 4 identities × K = 4 (visible, infrared) pairs, SGD
   Nesterov, lr 0.02 for every parameter (`backbone_lr: 1.0`: the small CNN starts from scratch; lr 0.05
   collapsed CPM runs to all-zero features in a trial, and the paper's 0.1× backbone lr trained the baseline
@@ -292,8 +292,8 @@ Recipes: [`sysu_mm01_resnet50.yaml`](../../src/kdforge/recipes/reid/sysu_mm01_re
 local file, 384×192, P = 8 × K = 4, P = 10 prototypes, 200 epochs, the official lr schedule), and
 [`regdb_resnet50.yaml`](../../src/kdforge/recipes/reid/regdb_resnet50.yaml) (the RegDB variant, 288×144; `kdforge regdb`
 trains it on each of the 10 splits and averages both directions, with RegDB's raw-ranking CMC). Not run here
-(no data, no GPU). PDM's own numbers were not reachable when the spec was written (its table is marked
-[?]); DEEN's are the spec's recollection, not verified.
+(no data, no GPU). PDM's own numbers could not be retrieved (marked
+[?]); DEEN's are recalled, not verified.
 
 {pub}
 

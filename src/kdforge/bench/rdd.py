@@ -1,6 +1,6 @@
 """``kdforge bench rdd``: the teacher's DDIM vs PD, CFD and RDD students at 8 → 4 → 2 → 1 steps on digits 8×8.
 
-The spec's tiny set-up: grid G = 64, a small x-prediction UNet trained with the DDPM "both" loss and an
+The tiny set-up: grid G = 64, a small x-prediction UNet trained with the DDPM "both" loss and an
 EMA teacher, a shared PD chain 64 → 32 → 16 → 8 (cached), then the compared rounds 8 → 4 → 2 → 1 with
 each method and several seeds. Scores are the Fréchet distance, classifier-IS and class coverage in the
 features of a held-out classifier (never the distillation classifier), on 1,000 samples per row.
@@ -36,7 +36,7 @@ METHODS = ("pd", "cfd", "rdd")
 GRID = 64
 BATCH = 64
 UNET: dict[str, Any] = {"ch": 16, "mult": [1, 2], "blocks": 1, "grid": GRID, "prediction": "x"}
-RDD_TINY: dict[str, Any] = {"queue": 2048, "contrast": 512, "per_step": 32}  # the spec's scaled-down queue
+RDD_TINY: dict[str, Any] = {"queue": 2048, "contrast": 512, "per_step": 32}  # a scaled-down queue
 #: epochs (of 23 batches of 64) per stage; quick: a smoke run
 FULL = {"classifier": 30, "base": 100, "chain": 30, "round": 15, "samples": 1000, "lr_base": 1e-3, "lr_pd": 2e-4}
 QUICK = {"classifier": 2, "base": 2, "chain": 1, "round": 1, "samples": 100, "lr_base": 1e-3, "lr_pd": 2e-4}
@@ -292,7 +292,7 @@ def _report(rows: list[dict[str, Any]], raw: dict[str, Any], losses: dict[str, A
 Command: `{cmd}` ({wall / 60:.1f} min in total). Machine: 2-core x86-64 VM, CPU, {machine_note()}; run through
 `OMP_NUM_THREADS=1 taskset -c N` (pinned to one core, one thread).
 
-- Data: scikit-learn digits 8×8 in [−1, 1], 1,437 train / 359 test (the spec's tiny set-up), batch {BATCH}
+- Data: scikit-learn digits 8×8 in [−1, 1], 1,437 train / 359 test (the tiny set-up), batch {BATCH}
   ({steps_per_epoch} steps per epoch), no augmentation.
 - Denoiser: `diffusion_unet` ch 16, levels (1, 2), 1 residual block per level (160k parameters), x-prediction,
   cosine grid G = {GRID}.

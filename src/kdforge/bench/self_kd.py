@@ -203,7 +203,7 @@ Runs: {"one after another" if quick else f"{WORKERS} at a time in separate proce
   with {r["sched"]["warmup_epochs"]} warm-up epoch, {epochs} epochs; seeds {", ".join(map(str, seeds))}.
 - Accuracy: test top-1 of the deployable model (the plain backbone) at the last epoch, and at the
   epoch with the best validation accuracy ("best"); mean ± sample std over the seeds.
-- Every method uses its spec defaults: label smoothing ε = 0.1; mixup α = 0.4; Tf-KD_reg paper
+- Every method uses its paper's defaults: label smoothing ε = 0.1; mixup α = 0.4; Tf-KD_reg paper
   form (a = 0.9, T = 20, α = 0.1); CS-KD T = 4, λ = 1, partners drawn within the batch; PS-KD
   α_T = 0.8 with per-sample past predictions (keyed by sample index); BYOT α = 0.3, λ = 0.03, T = 3;
   MixSKD α = 0.4, T = 3, all weights 1, `adv_mode: minimax` (trained discriminators).

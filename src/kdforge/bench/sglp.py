@@ -222,7 +222,7 @@ def _write_cnn_md(path: Path, res: dict[str, Any], base: dict[str, float], rows:
             f"Random removal over {s['random_seeds']} seeds (mean ± sample std). Total wall time "
             f"{res['timing']['total_s'] / 60:.1f} min (teacher {res['timing']['teacher_s'] / 60:.1f} min, cached "
             "after the first run).", "",
-            "Reading: GradNorm on hybrid candidates is a trainability proxy, not a retention proxy (spec §7.3); "
+            "Reading: GradNorm on hybrid candidates is a trainability proxy, not a retention proxy; "
             "the oracle is the upper bound for fine-tuning-free selection.", ""]
     path.write_text("\n".join(text))
 

@@ -1,6 +1,6 @@
 """Classifiers on [−1, 1] images: the frozen feature network of CFD/RDD and the held-out metric network.
 
-``diffusion_featnet`` is the spec's tiny stand-in for DenseNet-201: conv(→32, 3×3) → conv(32→64, 3×3,
+``diffusion_featnet`` is a tiny stand-in for DenseNet-201: conv(→32, 3×3) → conv(32→64, 3×3,
 stride 2) → BN, giving a 64×4×4 map on 8×8 inputs (more stride-2 convs for 16×16 and 32×32, so the map
 is always 4×4, HW = 16 as in the paper). ``diffusion_evalnet`` is a different network whose
 penultimate features give the Fréchet distance; it is never the distillation network.

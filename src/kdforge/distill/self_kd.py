@@ -358,7 +358,7 @@ class MixSKD(Method):
                     for d, ai, am in zip(self.discriminators, v.ai, v.am, strict=True)), v.hi.new_zeros(()))
 
     def loss_terms(self, v: Views, y: Tensor, lam: float, perm: Tensor) -> dict[str, Tensor]:
-        """The unweighted terms L_ce, L_mix, L_kl, L_fea, L_adv of the spec."""
+        """The unweighted terms L_ce, L_mix, L_kl, L_fea, L_adv of the paper."""
         ce = sum(F.cross_entropy(z, y) for z in v.zo)
         mix = sum(mixup_ce(z, y, lam, perm) for z in [*v.zm, v.hi, v.hm])
         kl = sum(kl_t(zi, zm, self.T) + kl_t(zm, zi, self.T) for zi, zm in zip(v.zi[:-1], v.zm[:-1], strict=True))

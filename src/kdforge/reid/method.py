@@ -1,6 +1,6 @@
 """``pdm``: visible–infrared ReID with PDM's network and losses (or the two-stream baseline) through the engine.
 
-Loss (spec §5): L = L_id + L_tri + 0.5·L_cpm + L_ort + 0.5·L_ch + L_dcs, with
+Loss (the paper's): L = L_id + L_tri + 0.5·L_cpm + L_ort + 0.5·L_ch + L_dcs, with
 L_cpm = 0.8·Σ CPM over (x_pool, feats) × (G1, G2) stacks and L_ort = 0.01·Σ⟨g1, g2⟩/(6B).
 Terms whose module is off (MFGM: CPM, ort; PLM: L_ch, DCS, the part ID loss) drop out.
 """

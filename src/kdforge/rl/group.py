@@ -23,7 +23,7 @@ AGGREGATIONS = ("attention", "mean", "leader", "dml")
 
 
 class DistillConfig(Strict):
-    """How the K policies teach each other (every value visible; defaults: OPD-DA as reconstructed in the spec).
+    """How the K policies teach each other (every value visible; defaults: OPD-DA as kdforge reads the paper).
 
     ``aggregation``: ``attention`` (decision-attention, OPD-DA), ``mean`` (uniform weights: OPD-mean, or the
     "uniform attention" ablation when the feature loss is on), ``leader`` (every policy follows the one with
