@@ -108,8 +108,18 @@ def test_site_builds_strict_and_offline(tmp_path: Path) -> None:
     # search from file://: the index inlined as a script, the worker shim shipped with the site (not a CDN's)
     assert (site / "search" / "search_index.js").read_text().startswith("var __index = ")
     assert '<script src="javascripts/iframe-worker-shim.js">' in index
-    # math renders as MathML, with no script
+    # math renders as MathML, with no script: on every method page, with no formula left as dollars, no LaTeX
+    # command the converter did not know (it would show as text), and the lists around display math intact
     assert '<math xmlns="http://www.w3.org/1998/Math/MathML" display="block"' in (site / "compare.html").read_text()
+    methods = sorted((site / "methods").glob("*.html"))
+    assert len(methods) == len(list((DOCS / "methods").glob("*.md"))) >= 9
+    for page in methods:
+        html = page.read_text()
+        maths = re.findall(r"<math .*?</math>", html, re.S)
+        prose = re.sub(r"<code>.*?</code>|<pre.*?</pre>|<script.*?</script>|<math .*?</math>", "", html, flags=re.S)
+        assert len(maths) >= 10 and "$" not in prose and "KDFORGEMATH" not in html, page.name
+        assert not [m for m in maths if "\\" in re.sub(r"<[^>]+>", "", m)], page.name
+    assert re.search(r"<li>Carried between tasks: <math", (site / "methods" / "continual.html").read_text())
     # the task-ordered navigation: install, first run, your data, compare, deploy
     pos = [index.find(t) for t in ("Install and first run", "Your data and your model", "Compare runs", "Deploy")]
     assert -1 not in pos and pos == sorted(pos), pos
@@ -158,3 +168,22 @@ def test_the_internal_reference_check_catches_the_old_leaks() -> None:
     assert REPO_PATH.search(old).group(0) == "shared/specs/mixskd.md"
     assert INTERNAL.search("No AGW baselines (spec §9)") and not INTERNAL.search("the spec that rebuilds it")
     assert not INTERNAL.search("a model spec; the specification of a ResNet")
+
+
+def test_math_becomes_mathml_without_breaking_the_list_around_it() -> None:
+    pytest.importorskip("latex2mathml", reason="latex2mathml is in the docs extra")
+    markdown = pytest.importorskip("markdown", reason="markdown comes with mkdocs (docs extra)")
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(ROOT / "src" / "kdforge" / "report"))
+    try:
+        from mkdocs_hooks import on_page_content, render_math
+    finally:
+        sys.path.pop(0)
+    store: list[str] = []
+    md = "- a $x^2$ and `$not math$`\n  $$\\frac{1}{2}$$\n  after\n- b\n"
+    text = render_math(md, store)
+    assert text == "- a KDFORGEMATH0END and `$not math$`\n  KDFORGEMATH1END\n  after\n- b\n"
+    html = on_page_content(markdown.markdown(text), SimpleNamespace(kdforge_math=store), None, None)
+    assert html.count("<li>") == 2 and "<msup><mi>x</mi><mn>2</mn></msup>" in html
+    assert '<math xmlns="http://www.w3.org/1998/Math/MathML" display="block"><mrow><mfrac>' in html

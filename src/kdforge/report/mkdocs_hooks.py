@@ -54,31 +54,50 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
         new = os.path.relpath(docs / _uri(path, repo), docs / Path(page.file.src_uri).parent)
         return f"{m.group(1)}{Path(new).as_posix()}{m.group(3) or ''}{m.group(4) or ''}{m.group(5)}"
 
-    return render_math(_plain_brackets(_LINK.sub(sub, markdown)))
+    page.kdforge_math = []  # the MathML of the page's formulas, put in place by on_page_content
+    # math first (A[t][j] inside $…$ stays math), as placeholders: Markdown would take a line that starts
+    # with <math> for an HTML block and end the list or paragraph around it
+    return _plain_brackets(render_math(_LINK.sub(sub, markdown), page.kdforge_math))
+
+
+def on_page_content(html: str, page: Any, config: Any, files: Any) -> str:
+    """Put each formula's MathML where its placeholder ended up in the page's HTML."""
+    store = getattr(page, "kdforge_math", None) or []
+    return _TOKEN.sub(lambda m: store[int(m.group(1))], html) if store else html
 
 
 _DISPLAY = re.compile(r"\$\$(.+?)\$\$", re.S)
 _INLINE = re.compile(r"(?<![\\$\w])\$(?=\S)([^$\n]+?)(?<=\S)\$(?![\w$])")
+_TOKEN = re.compile(r"KDFORGEMATH(\d+)END")
 
 
-def render_math(markdown: str) -> str:
+def render_math(markdown: str, store: list[str] | None = None) -> str:
     """``$…$`` and ``$$…$$`` outside code become MathML, which browsers render with no script or network
-    (GitHub renders the same dollars itself). Without the ``latex2mathml`` package the text stays as it is."""
+    (GitHub renders the same dollars itself). With ``store``, each formula is appended to it and its place
+    holds a ``KDFORGEMATH<i>END`` token instead. Without the ``latex2mathml`` package the text stays as it is."""
     try:
         from latex2mathml.converter import convert
     except ImportError:
         return markdown
 
+    def put(mathml: str) -> str:
+        if store is None:
+            return mathml
+        store.append(mathml)
+        return f"KDFORGEMATH{len(store) - 1}END"
+
     def display(m: re.Match[str]) -> str:
-        return "\n\n" + convert(m.group(1).strip(), display="block") + "\n\n"
+        return put(convert(" ".join(m.group(1).split()), display="block"))
+
+    def inline(m: re.Match[str]) -> str:
+        return put(convert(m.group(1)))
 
     def prose(text: str) -> str:
         parts, last = [], 0
         for m in _CODE.finditer(text):
-            parts += [_INLINE.sub(lambda k: convert(k.group(1)), _DISPLAY.sub(display, text[last:m.start()])),
-                      m.group(0)]
+            parts += [_INLINE.sub(inline, _DISPLAY.sub(display, text[last:m.start()])), m.group(0)]
             last = m.end()
-        return "".join([*parts, _INLINE.sub(lambda k: convert(k.group(1)), _DISPLAY.sub(display, text[last:]))])
+        return "".join([*parts, _INLINE.sub(inline, _DISPLAY.sub(display, text[last:]))])
 
     out, last = [], 0
     for m in _FENCE.finditer(markdown):
