@@ -86,10 +86,11 @@ def _setup(kind: str, tmp: Path) -> tuple[list[str], callable, callable, callabl
     r.write_text(yaml.safe_dump({
         "name": "p", "model": {"model": "resnet8"}, "data": {"name": "digits", "batch_size": 64, "limit_train": 256},
         "calibration": {"n_samples": 128, "batch_size": 64, "score_batch_size": 32, "score_batches": 1},
-        "analysis": {"k_max": 2}, "heal": {"mode": "kd"}, "train": {"epochs": 2, "progress": "silent", "threads": 1},
+        "analysis": {"k_max": 2}, "heal": {"mode": "kd"},
+        "train": {"epochs": 2, "progress": "silent", "threads": 1, "save_every_steps": 2},
         "eval": {"latency_batch_sizes": [1], "latency_repeats": 1}}))
-    # a prune run does not resume: the rerun with --overwrite starts over and must end identical
-    return (lambda d: _kd("prune", str(r), "-o", str(d)), lambda d: _kd("prune", str(r), "-o", str(d), "--overwrite"),
+    # --resume reuses the stored analysis (analysis.json) and resumes the heal from its last checkpoint
+    return (lambda d: _kd("prune", str(r), "-o", str(d)), lambda d: _kd("prune", str(r), "-o", str(d), "--resume"),
             lambda d: [d / "pruned" / "model.safetensors"])  # type: ignore[return-value]
 
 
@@ -104,6 +105,7 @@ def test_kill_loop_command_resumes_to_the_unkilled_tensors(tmp_path: Path, kind:
     want = _tensors(files(tmp_path / "full"))
     assert want
     rng = random.Random(0)
+    restarted = 0
     for i in range(KILLS):
         d = tmp_path / f"k{i}"
         proc = subprocess.Popen(start(d), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -113,12 +115,13 @@ def test_kill_loop_command_resumes_to_the_unkilled_tensors(tmp_path: Path, kind:
         done = subprocess.run(resume(d), env=env, capture_output=True, text=True)
         if done.returncode == 2 and ("start it again" in done.stderr or "does not exist" in done.stderr):
             done = subprocess.run(start(d), env=env, capture_output=True, text=True)  # killed before it began
+            restarted += 1
         assert done.returncode == 0, f"{kind} run {i}: {done.stderr.strip()[-500:]}"
         got = _tensors(files(d))
         assert got.keys() == want.keys() and all(torch.equal(want[k], got[k]) for k in want), \
             f"{kind} run {i} did not end with the unkilled run's tensors"
-    print(f"kill loop {kind}: {KILLS} kills at random moments within {took:.0f} s, all ended equal "
-          f"({len(want)} tensors compared)")
+    print(f"kill loop {kind}: {KILLS} kills at random moments within {took:.0f} s ({KILLS - restarted} resumed, "
+          f"{restarted} before the folder held a run), all ended equal ({len(want)} tensors compared)")
 
 
 @pytest.mark.slow

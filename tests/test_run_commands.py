@@ -148,6 +148,44 @@ def test_ctrl_c_prints_one_resume_line(tmp_path: Path, command: str, monkeypatch
     assert code == 130 and "Traceback" not in err, err
     last = err.strip().splitlines()[-1]  # after the command's banner, if it has one
     assert last.startswith("interrupted") and f"; resume with: kdforge {command}" in last, err
+    if command == "prune":  # stopped before anything durable: the folder is gone, the suggestion is the plain rerun
+        assert not out.exists() and last.endswith(f"-o {out}")
+
+
+def test_prune_interrupted_in_its_heal_resumes_to_the_uninterrupted_model(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from safetensors.torch import load_file
+
+    from kdforge.engine.callbacks import Callback
+
+    recipe = _prune_recipe(tmp_path, heal={"mode": "kd"}, save=True,
+                           train={"epochs": 2, "progress": "silent", "save_every_steps": 2})
+    assert main(["prune", str(recipe), "-o", str(tmp_path / "full")]) == 0  # 2 steps an epoch, 4 in all
+
+    class CtrlC(Callback):
+        def on_step_end(self, trainer: object, out: object) -> None:
+            if trainer.global_step == 3:  # type: ignore[attr-defined]  # after the checkpoint at step 2
+                raise KeyboardInterrupt
+
+    import kdforge.run
+
+    real = kdforge.run.with_report
+    monkeypatch.setattr(kdforge.run, "with_report", lambda cbs=(): real([*cbs, CtrlC()]))
+    out = tmp_path / "cut"
+    capsys.readouterr()
+    assert main(["prune", str(recipe), "-o", str(out)]) == 130
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("interrupted at epoch 2, step 3") and last.endswith(f"-o {out} --resume"), last
+    monkeypatch.setattr(kdforge.run, "with_report", real)
+    assert not (out / "results.json").exists() and (out / "analysis.json").is_file()
+    cmd = last.split("resume with: kdforge ", 1)[1].split()
+    assert main(cmd) == 0  # the line's own command
+    want, got = (load_file(str(d / "pruned" / "model.safetensors")) for d in (tmp_path / "full", out))
+    assert want.keys() == got.keys() and all(want[k].equal(got[k]) for k in want)
+    capsys.readouterr()
+    _err(capsys, main(["prune", str(recipe), "-o", str(out), "--resume", "--set", "train.epochs=3"]),
+         "another recipe", "train.epochs")
+    _err(capsys, main(["prune", str(recipe), "-o", str(out)]), "already exists", "--resume")
 
 
 def _cache_recipe(tmp_path: Path, **cache: object) -> Path:

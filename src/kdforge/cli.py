@@ -372,11 +372,13 @@ def prune(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="run folder (default runs/prune/<name>)")] = None,
     set_: SetOpt = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing run folder")] = False,
+    resume: Annotated[bool, typer.Option(help="continue a prune run of the same recipe at -o (its stored analysis, "
+                                               "its heal from the last checkpoint)")] = False,
 ) -> None:
     """Prune layers by a recipe (SGLP or a baseline), optionally heal by KD, report before/after."""
     from kdforge.prune.cli import prune_command
 
-    prune_command(_recipe_path(recipe), out, set_, overwrite)
+    prune_command(_recipe_path(recipe), out, set_, overwrite, resume)
 
 
 @app.command()

@@ -31,6 +31,8 @@ RUN_FILES = frozenset({MARKER, LOCK, "config.yaml", "metrics.csv", "tb", "checkp
 _TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}$")
 _ASIDE = re.compile(r"^\.(?P<name>.+)\.old-(?P<pid>\d+)$")
 _HELD: dict[str, RunDirLease] = {}
+#: kinds whose command continues a folder with ``--resume`` (cil, audio and cache resume by a plain rerun)
+RESUMED_BY_FLAG = frozenset({"train", "prune"})
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,8 @@ KINDS: dict[str, RunKind] = {
     "train": RunKind("a 'kdforge train' run", "evaluate it with 'kdforge eval {dir}', continue it with "
                      "'kdforge train {dir} --resume'"),
     "prune": RunKind("a 'kdforge prune' run",
-                     "evaluate its pruned model with 'kdforge eval {dir}/pruned/model.safetensors'"),
+                     "evaluate its pruned model with 'kdforge eval {dir}/pruned/model.safetensors', continue it "
+                     "with 'kdforge prune RECIPE -o {dir} --resume'"),
     "cil": RunKind("a 'kdforge cil' run", "rerun 'kdforge cil RECIPE -r {dir}' to resume it"),
     "audio": RunKind("a 'kdforge audio' run", "classify a file with 'kdforge audio-predict {dir} FILE'"),
     "cache": RunKind("a teacher cache ('kdforge cache build')", "'kdforge train' reads it through method.cache; "
@@ -226,7 +229,7 @@ def check_run_folder(path: str | Path, kind: str, *, overwrite: bool = False, re
         if not overwrite:
             if have is None:
                 hint = "it was not made by kdforge, so --overwrite will not replace it either; choose another folder"
-            elif have == kind == "train":
+            elif have == kind and kind in RESUMED_BY_FLAG:
                 hint = "pass --resume to continue it or --overwrite to replace it"
             else:
                 hint = f"it holds {KINDS[have].noun if have in KINDS else repr(have)}; pass --overwrite to replace it"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def prune_command(recipe: Path, out: Path | None = None, set_: list[str] | None = None,
-                  overwrite: bool = False) -> None:
+                  overwrite: bool = False, resume: bool = False) -> None:
     """Prune a model by a prune recipe; writes the pruned model, report.md, plots and results.json."""
     import typer
 
@@ -15,8 +15,7 @@ def prune_command(recipe: Path, out: Path | None = None, set_: list[str] | None 
 
     r = load_recipe(recipe, set_)
     run_dir = out or Path("runs") / "prune" / r.name
-    res = run_prune(r, run_dir, overwrite=overwrite,
-                    resume_cmd=f"kdforge prune {recipe} -o {run_dir} --overwrite (a prune run starts over)")
+    res = run_prune(r, run_dir, overwrite=overwrite, resume=resume, command=f"kdforge prune {recipe} -o {run_dir}")
     names = [u.name for u in res.analysis.units]
     typer.echo(f"{res.selection.method}: kept {len(res.selection.kept)}/{len(names)} units; removed "
                + (", ".join(names[i] for i in res.selection.removed) or "nothing"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import time
@@ -476,32 +477,46 @@ class PruneResult:
 
 
 def run_prune(recipe: PruneRecipe, out: Path | None = None, overwrite: bool = False, verbose: bool = True,
-              resume_cmd: str | None = None) -> PruneResult:
+              command: str | None = None, resume: bool = False) -> PruneResult:
     """Run a prune recipe end to end; writes the pruned model, report and plots into ``out`` if given.
 
     ``out`` is a run folder of kind ``prune`` (:func:`kdforge.engine.run_dir.open_run`): refused if it exists
-    unless ``overwrite`` (a kdforge folder only, kept aside until the results are written).
+    unless ``overwrite`` (a kdforge folder only, kept aside until the heal's first checkpoint or the results) or
+    ``resume`` (the same recipe: the stored analysis is reused and the heal resumes from its checkpoint).
+    ``command``: how the user started it (``kdforge prune R -o DIR``), for the Ctrl-C line.
     """
-    import contextlib
-
     from kdforge.engine.checkpoint import atomic_write_text
-    from kdforge.engine.run_dir import open_run
+    from kdforge.engine.run_dir import RunInterrupted, interrupted, open_run
 
     if recipe.heal.mode != "none":
         check_distributed(recipe.train)
-    held = open_run(out, "prune", overwrite=overwrite, resume_cmd=resume_cmd) if out is not None else \
-        contextlib.nullcontext()
-    with held:
-        if out is not None:
-            atomic_write_text(out / "config.yaml", recipe.to_yaml())
+    if out is None:
+        if resume:
+            raise KdforgeError("--resume needs the run folder to continue (-o DIR)")
         torch.manual_seed(recipe.seed)
-        res = _run_llm(recipe, out, verbose) if recipe.is_llm else _run_cnn(recipe, out, verbose)
-        if out is not None:
+        return _run_llm(recipe, None, verbose) if recipe.is_llm else _run_cnn(recipe, None, verbose)
+    lease = None
+    try:
+        with open_run(out, "prune", overwrite=overwrite, resume=resume) as lease:
+            if resume:
+                from kdforge.prune.resume import check_same_recipe
+
+                check_same_recipe(out, recipe)
+            atomic_write_text(out / "config.yaml", recipe.to_yaml())
+            torch.manual_seed(recipe.seed)
+            res = _run_llm(recipe, out, verbose) if recipe.is_llm else _run_cnn(recipe, out, verbose)
             from kdforge.prune.report import write_prune_report
 
             atomic_write_text(out / "results.json", json.dumps(res.to_json(), indent=2))
             write_prune_report(res, out)
-        return res
+            return res
+    except RunInterrupted as e:
+        if command is None:
+            raise
+        # kept: a resumed folder, or one whose heal saved a checkpoint; else it was removed (or the old one restored)
+        kept = lease is not None and (lease.committed or (out / "heal" / "checkpoints" / "state").is_dir())
+        raise interrupted(e, f"{command} --resume" if kept else command + (" --overwrite" if overwrite else "")
+                          ) from None
 
 
 def _log(verbose: bool, msg: str) -> None:
@@ -529,24 +544,34 @@ def _run_cnn(r: PruneRecipe, out: Path | None, verbose: bool) -> PruneResult:
     shape = (bundle.in_chans, bundle.image_size, bundle.image_size)
     units = find_units(model, r.units, torch.zeros(2, *shape) if r.units else None)
     pinned = pinned_indices(units, r.budget.pinned)
-    cka_b, score_b = cnn_calibration(bundle, r.calibration)
-    task = classification_task()
-    _log(verbose, f"prune: {len(units)} units ({len(pinned)} pinned), CKA on {sum(len(b[0]) for b in cka_b)} "
-                  f"calibration images from the {r.calibration.source} split")
     model = model.to(dev)
-    analysis = analyze(model, units, cka_b, task, r.analysis_config())
-    _log(verbose, f"prune: {analysis.segmentation.k} segments {analysis.segmentation.sizes()} "
-                  f"(CKA {analysis.cka_seconds:.1f}s)")
-    sel = choose(model, analysis, r.budget, r.selection, score_b, task, pinned, r.candidate_mode("hybrid"))
-    per_seg = [sum(1 for u in s if u in set(sel.kept)) for s in analysis.segmentation.segments]
-    pruned = prune_model(model, units, sel.kept)
-    _log(verbose, f"prune: {r.selection.method} kept {len(sel.kept)}/{len(units)} units in {sel.seconds:.1f}s "
-                  f"({sel.n_evals} evaluations)")
-    before = cnn_metrics(model, bundle, shape, r.eval, dev)
-    after = cnn_metrics(pruned, bundle, shape, r.eval, dev)
+    stored = _stored_stage(out, r, units)
+    if stored is not None:
+        analysis, sel, per_seg, before, after = stored
+        pruned = prune_model(model, units, sel.kept)
+        _log(verbose, f"prune: resumed with the stored analysis ({r.selection.method} kept {len(sel.kept)}/"
+                      f"{len(units)} units)")
+    else:
+        cka_b, score_b = cnn_calibration(bundle, r.calibration)
+        task = classification_task()
+        _log(verbose, f"prune: {len(units)} units ({len(pinned)} pinned), CKA on {sum(len(b[0]) for b in cka_b)} "
+                      f"calibration images from the {r.calibration.source} split")
+        analysis = analyze(model, units, cka_b, task, r.analysis_config())
+        _log(verbose, f"prune: {analysis.segmentation.k} segments {analysis.segmentation.sizes()} "
+                      f"(CKA {analysis.cka_seconds:.1f}s)")
+        sel = choose(model, analysis, r.budget, r.selection, score_b, task, pinned, r.candidate_mode("hybrid"))
+        per_seg = [sum(1 for u in s if u in set(sel.kept)) for s in analysis.segmentation.segments]
+        pruned = prune_model(model, units, sel.kept)
+        _log(verbose, f"prune: {r.selection.method} kept {len(sel.kept)}/{len(units)} units in {sel.seconds:.1f}s "
+                      f"({sel.n_evals} evaluations)")
+        before = cnn_metrics(model, bundle, shape, r.eval, dev)
+        after = cnn_metrics(pruned, bundle, shape, r.eval, dev)
+        _store_stage(out, r, analysis, sel, pinned, per_seg, before, after)
     healed_m, heal_info, healed = pruned, {}, None
     if r.heal.mode != "none":
-        healed_m, heal_info = heal_cnn(pruned, model, bundle, r, out / "heal" if out is not None else None)
+        heal_dir = out / "heal" if out is not None else None
+        healed_m, heal_info = heal_cnn(pruned, model, bundle, r, heal_dir, resume=heal_dir is not None and
+                                       heal_dir.is_dir())
         healed = cnn_metrics(healed_m, bundle, shape, r.eval, dev)
     res = PruneResult(r, analysis, sel, sorted(pinned), per_seg, before, after, healed, heal_info, out, healed_m)
     if out is not None and r.save:
@@ -554,6 +579,23 @@ def _run_cnn(r: PruneRecipe, out: Path | None, verbose: bool) -> PruneResult:
                 "image_size": bundle.image_size, "kwargs": r.model.kwargs}
         save_pruned(healed_m.cpu(), out / "pruned", pruned_record(units, sel.kept, base))
     return res
+
+
+def _stored_stage(out: Path | None, r: PruneRecipe, units: list[UnitSpec]) -> Any:
+    """The analysis a killed run of this recipe stored in ``out`` (see :mod:`kdforge.prune.resume`), or None."""
+    if out is None:
+        return None
+    from kdforge.prune.resume import load_stage
+
+    return load_stage(out, r, units)
+
+
+def _store_stage(out: Path | None, r: PruneRecipe, analysis: Analysis, sel: Selection, pinned: set[int],
+                 per_seg: list[int], before: dict[str, float], after: dict[str, float]) -> None:
+    if out is not None:
+        from kdforge.prune.resume import save_stage
+
+        save_stage(out, r, analysis, sel, pinned, per_seg, before, after)
 
 
 def llm_data(r: PruneRecipe, tokenizer: Any) -> tuple[Tensor, Tensor]:
@@ -613,25 +655,40 @@ def _run_llm(r: PruneRecipe, out: Path | None, verbose: bool) -> PruneResult:
     cka_b, score_b = llm_calibration(calib, r.calibration)
     units = find_units(model, r.units)
     pinned = pinned_indices(units, r.budget.pinned)
-    task = causal_lm_task()
-    _log(verbose, f"prune: {len(units)} decoder layers, CKA on {sum(len(b) for b in cka_b)} sequences of "
-                  f"{r.text.seq_len} tokens")
-    analysis = analyze(model, units, cka_b, task, r.analysis_config())
-    if r.selection.llm_loss == "kl":
-        task = causal_lm_kl_task()
-        score_b = with_reference(model, score_b)
-    sel = choose(model, analysis, r.budget, r.selection, score_b, task, pinned, r.candidate_mode("subnet"))
-    per_seg = [sum(1 for u in s if u in set(sel.kept)) for s in analysis.segmentation.segments]
-    pruned = prune_model(model, units, sel.kept)
-    before = llm_metrics(model, ev, r.eval, tok)
-    after = llm_metrics(pruned, ev, r.eval, tok)
+    stored = _stored_stage(out, r, units)
+    if stored is not None:
+        analysis, sel, per_seg, before, after = stored
+        pruned = prune_model(model, units, sel.kept)
+        _log(verbose, f"prune: resumed with the stored analysis (kept {len(sel.kept)}/{len(units)} layers)")
+    else:
+        task = causal_lm_task()
+        _log(verbose, f"prune: {len(units)} decoder layers, CKA on {sum(len(b) for b in cka_b)} sequences of "
+                      f"{r.text.seq_len} tokens")
+        analysis = analyze(model, units, cka_b, task, r.analysis_config())
+        if r.selection.llm_loss == "kl":
+            task = causal_lm_kl_task()
+            score_b = with_reference(model, score_b)
+        sel = choose(model, analysis, r.budget, r.selection, score_b, task, pinned, r.candidate_mode("subnet"))
+        per_seg = [sum(1 for u in s if u in set(sel.kept)) for s in analysis.segmentation.segments]
+        pruned = prune_model(model, units, sel.kept)
+        before = llm_metrics(model, ev, r.eval, tok)
+        after = llm_metrics(pruned, ev, r.eval, tok)
+        _store_stage(out, r, analysis, sel, pinned, per_seg, before, after)
     healed, info = None, {}
     if r.heal.mode == "kd":
         t0 = time.perf_counter()
+        heal_dir = out / "heal" if out is not None else None
+        resumed = heal_dir is not None and heal_dir.is_dir()
         losses = heal_kd(pruned, model, calib, T=r.heal.T, ce_weight=r.heal.ce_weight,
-                         recipe=r.heal_recipe("llm-kd", 2), run_dir=out / "heal" if out is not None else None)
-        info = {"steps": r.train.max_steps or r.train.epochs, "first_loss": losses[0], "last_loss": losses[-1],
-                "train_time_s": time.perf_counter() - t0}
+                         recipe=r.heal_recipe("llm-kd", 2), run_dir=heal_dir, resume=resumed)
+        # a resumed heal saw only the steps after its checkpoint: the first loss is not this process's to report
+        info = {"steps": r.train.max_steps or r.train.epochs, "first_loss": None if resumed else losses[0],
+                "last_loss": losses[-1] if losses else None, "train_time_s": time.perf_counter() - t0,
+                **({"resumed": True} if resumed else {})}
+        if resumed and out is not None and (out / "results.json").is_file():  # a finished run resumed: keep its losses
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                prev = json.loads((out / "results.json").read_text()).get("heal") or {}
+                info.update({k: prev[k] for k in ("first_loss", "last_loss") if info[k] is None and k in prev})
         healed = llm_metrics(pruned, ev, r.eval, tok)
     elif r.heal.mode == "ce":
         raise KdforgeError("heal.mode ce is for CNNs; LLMs heal by logit KD (heal.mode kd)")
