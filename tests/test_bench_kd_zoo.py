@@ -124,3 +124,23 @@ def test_chart_range_keeps_every_row_without_a_clear_outlier() -> None:
     lo, hi, off = chart_range([82.9, 83.3, 82.6, 82.5], [0.9, 0.1, 0.7, 1.2], baseline=82.9)
     assert off == [] and 80.5 < lo < 81.3 and 84.0 < hi < 84.8  # min−std 81.3, max+std 83.8, 0.5-point margins
     assert chart_range([10.0, 90.0], [1.0, 1.0])[2] == []  # two far-apart rows: neither is "the outlier"
+
+
+def test_a_quick_bench_says_it_is_a_smoke_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    import kdforge.bench
+    from kdforge.bench.common import run_bench
+
+    def fake(out: Path, quick: bool) -> Path:
+        print("fake: top-1 10.00 ± 0.00")  # a chance-level number, as a 1-step run prints
+        (out / "fake.md").write_text("# Fake bench\n\n| row | top-1 |\n")
+        return out / "fake.md"
+
+    monkeypatch.setattr(kdforge.bench, "load_benches", lambda: {"fake": fake})
+    run_bench("fake", tmp_path / "b", quick=True)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("smoke run (--quick)") and out[1] == "fake: top-1 10.00 ± 0.00"
+    assert out[2].startswith("smoke run (--quick)") and "say nothing" in out[2]
+    assert (tmp_path / "b" / "fake.md").read_text().startswith("# Fake bench (smoke run)")
+    run_bench("fake", tmp_path / "c")
+    assert "smoke run" not in capsys.readouterr().out

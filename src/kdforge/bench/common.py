@@ -198,6 +198,11 @@ def prepare_bench_dir(dest: Path) -> Path:
     return dest
 
 
+#: what a ``--quick`` bench says in the terminal, before and after its numbers
+SMOKE_NOTE = ("smoke run (--quick): a tiny budget, so its numbers (often at chance level) say nothing about the "
+              "methods; the page and charts are marked as such. Drop --quick for the real benchmark.")
+
+
 def run_bench(name: str, out: str | Path | None = None, quick: bool = False, publish: bool = False,
               overwrite: bool = False) -> Path:
     """The one rule for every bench: write to ``runs/bench/NAME`` (or ``out``); ``publish`` updates the docs.
@@ -221,9 +226,12 @@ def run_bench(name: str, out: str | Path | None = None, quick: bool = False, pub
     with open_run(dest, "bench", resume="auto", overwrite=overwrite, legacy=lambda p: bool(bench_files(name, p)),
                   resume_cmd=f"kdforge bench {name}{flags}" + (f" -o {out}" if out is not None else "")):
         prepare_bench_dir(dest)
+        if quick:
+            print(SMOKE_NOTE, flush=True)
         fn(out=dest, quick=quick)
         if quick:
             label_smoke_run(dest, name)
+            print(SMOKE_NOTE, flush=True)  # again below the numbers it qualifies
         if publish:
             publish_bench(name, dest)
     return dest
