@@ -7,6 +7,7 @@ import csv
 import glob
 import json
 import math
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -229,11 +230,15 @@ def test_cil_says_what_it_does_and_labels_its_matrix(tmp_path: Path, capsys: pyt
         "name": "cil-t", "data": {"name": "digits", "batch_size": 64, "val_fraction": 0.0},
         "optim": {"name": "adam", "lr": 1e-3}, "train": {"epochs": 1, "threads": 1},
         "cil": {"learner": "finetune", "base": 4, "increment": 3, "tasks": 2, "model": "mlp"}}))
-    assert main(["cil", str(recipe)]) == 0
+    assert main(["cil", str(recipe), "-r", str(tmp_path / "run")]) == 0
     out = capsys.readouterr()
     assert "learner finetune" in out.err and "3 tasks: 4 base classes, then 2 x 3 new classes" in out.err
-    assert out.err.count("task 2/3 (folder stages/task1-") == 1
+    assert "1 epoch on the base task" in out.err and "x 1 epoch," in out.err  # not "1 epochs"
+    # the folder each task trains in is named as it is on disk
+    (folder,) = re.findall(r"task 2/3 \(folder (stages/[^,]+), numbered from 0 in stage names\)", out.err)
+    assert "task1" in folder and (tmp_path / "run" / folder / "metrics.csv").is_file()
     assert "average incremental accuracy" in out.out and "last accuracy" in out.out and " %" in out.out
+    assert "average incremental accuracy (tasks weighted equally)" in out.out and "_" not in out.out.splitlines()[-2]
     lines = out.out.splitlines()
     assert lines[0].startswith("accuracy (%) on each task's test classes (columns) after learning task t (rows)")
     assert lines[1].split() == ["task", "1", "task", "2", "task", "3"]

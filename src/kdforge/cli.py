@@ -276,7 +276,8 @@ def cil(
     c = r.cil
     typer.echo(f"kdforge cil {r.name}: learner {c.learner}, backbone {c.model}, data {r.data.name}; "
                f"{c.tasks + 1} tasks: {c.base} base classes, then {c.tasks} x {c.increment} new classes; "
-               f"{c.base_epochs or r.train.epochs} epochs on the base task, {r.train.epochs} on each later one"
+               f"{plural(c.base_epochs or r.train.epochs, 'epoch')} on the base task, "
+               f"{r.train.epochs} on each later one"
                + (f"; run folder {run_dir} (a rerun resumes)" if run_dir else ""), err=True)
     res = run(r, run_dir, callbacks=[_cil_status(c.tasks + 1)], overwrite=overwrite,
               resume_cmd=f"kdforge cil {recipe} -r {run_dir}")
@@ -361,7 +362,9 @@ def _cil_status(tasks: int) -> object:
             stage = name.rsplit("-task", 1)[-1]
             if trainer.main and trainer.recipe.train.progress != "silent":  # type: ignore[attr-defined]
                 task = int(stage.split("-", 1)[0]) + 1 if stage[:1].isdigit() else "?"
-                print(f"task {task}/{tasks} (folder stages/task{stage}, numbered from 0)", file=sys.stderr, flush=True)
+                run_dir = trainer.run_dir  # type: ignore[attr-defined]
+                where = f"folder stages/{run_dir.name}, " if run_dir is not None else ""
+                print(f"task {task}/{tasks} ({where}numbered from 0 in stage names)", file=sys.stderr, flush=True)
 
     return CilStatus()
 

@@ -422,7 +422,8 @@ def banner(trainer: Trainer) -> list[str]:
         d = i["data"]
         size = f"{d['train'] or 0:,} train samples" if "train" in d else f"step source {d['name']}"
         return [f"  {r.name}: {i['model']} ({fmt_count(i['params'])} params), {size}, {i['steps_per_epoch']:,} "
-                f"steps per epoch x {i['epochs']} epochs, {i['device']} {i['precision']}"
+                f"steps per epoch x {i['epochs']} epoch{'' if i['epochs'] == 1 else 's'}, "
+                f"{i['device']} {i['precision']}"
                 + (f"; {trainer._resume_note}" if getattr(trainer, "_resume_note", None) else "")]
     where = f" -> {trainer.run_dir}" if trainer.run_dir is not None else ""
     lines = [f"kdforge {r.name}: method {i['method']}{where}"]

@@ -5,13 +5,14 @@ from __future__ import annotations
 import re
 
 #: metrics in percent (accuracy-like, higher is better unless listed in LOWER_IS_BETTER)
-PERCENT = re.compile(r"^(top\d+|acc\w*|\w*_acc|rank\d+|map|minp|mca|accuracy|forgetting|bwt|fwt|ece"
+PERCENT = re.compile(r"^(top\d+|acc\w*|\w*_acc|\w*_acc_\w+|rank\d+|map|minp|mca|accuracy|forgetting|bwt|fwt|ece"
                      r"|indoor_\w+|\w*top1\w*|\w*top5\w*)$", re.I)
 #: metrics where lower is better
 LOWER_IS_BETTER = re.compile(r"^(loss|\w*_loss|ppl|perplexity|\w*ppl|forgetting|ece|fid|\w*_ms|\w*_s|latency\w*"
                              r"|bytes|params|flops)$", re.I)
 #: metric name -> words a person reads
 READABLE = {"avg_inc_acc": "average incremental accuracy", "last_acc": "last accuracy", "bwt": "backward transfer",
+            "avg_inc_acc_task_mean": "average incremental accuracy (tasks weighted equally)",
             "fwt": "forward transfer", "ppl": "perplexity", "mca": "mean class accuracy", "ece": "calibration error",
             "mAP": "mAP", "mINP": "mINP"}
 
