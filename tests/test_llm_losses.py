@@ -165,3 +165,120 @@ def test_topk_bins_match_numpy(name: str, kw: dict) -> None:
     term = build_loss(name, T=T, **kw)
     got = term.token_values(s, (ids, torch.from_numpy(np.log(p_bins)).float())).mean()
     assert float(got) == pytest.approx(float(want), rel=1e-4)
+
+
+def _direct(terms: list, logits: torch.Tensor, teacher: object, mask: torch.Tensor, targets: torch.Tensor
+            ) -> torch.Tensor:
+    """Σ_k w_k · mean over masked positions of term_k on the full (N, V) logits: one plain autograd graph."""
+    m = mask.reshape(-1)
+    s = logits.reshape(-1, logits.shape[-1])[m]
+    total = 0.0
+    for term, w in terms:
+        if term.uses_targets:
+            v = torch.nn.functional.cross_entropy(s, targets.reshape(-1)[m])
+        elif isinstance(teacher, tuple):
+            v = term.token_values(s, (teacher[0][m], teacher[1][m])).mean()
+        else:
+            v = term.token_values(s, teacher.reshape(-1, s.shape[-1])[m]).mean()
+        total = total + w * v
+    return total
+
+
+FUSED_MIXES = [
+    [("lm_fkl", {"T": 1.0}, 1.0)], [("lm_fkl", {"T": 2.0}, 0.5)], [("lm_ce", {}, 1.0)],
+    [("lm_ce", {}, 0.3), ("lm_fkl", {"T": 1.0}, 0.7)],  # one log-softmax shared by CE and the KD term
+    [("lm_ce", {}, 0.5), ("lm_fkl", {"T": 1.0}, 1.0), ("lm_fkl", {"T": 3.0}, 0.25)],
+    [("lm_rkl", {"T": 1.5}, 1.0), ("lm_ce", {}, 0.2)],  # autograd fallback mixed with a closed form
+    [("lm_jsd", {"beta": 0.3}, 1.0)], [("lm_tvd", {}, 1.0)]]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("mix", FUSED_MIXES)
+def test_fused_head_loss_equals_direct_autograd(mix: list, bias: bool) -> None:
+    """The fused path (gradient taken in forward, per chunk) against one autograd graph over the full logits."""
+    torch.manual_seed(7)
+    B, L, H, Vp = 2, 9, 6, V + 3  # a head with 3 padded rows beyond the vocabulary, cropped
+    hidden = torch.randn(B, L, H, dtype=torch.float64, requires_grad=True)
+    head = torch.nn.Linear(H, Vp, bias=bias).double()
+    t_logits = torch.randn(B, L, V, dtype=torch.float64) * 2
+    targets = torch.randint(0, V, (B, L))
+    mask = torch.rand(B, L) > 0.3
+    terms = [(build_loss(name, **kw), w) for name, kw, w in mix]
+    params = (hidden, head.weight, *([head.bias] if bias else []))
+    out = chunked_token_loss(terms, head_logits(hidden, head, V), lambda i: t_logits.reshape(-1, V)[i],
+                             mask, targets, chunk=4)
+    got = torch.autograd.grad(out[0] * 1.7, params)
+    ref = _direct(terms, head(hidden)[..., :V], t_logits, mask, targets)
+    want = torch.autograd.grad(ref * 1.7, params)
+    assert float(out[0]) == pytest.approx(float(ref), rel=1e-10)
+    for a, b in zip(got, want, strict=True):
+        assert torch.allclose(a, b, atol=1e-10, rtol=1e-8)
+    assert torch.all(got[0][~mask] == 0)
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0])
+@pytest.mark.parametrize("k", [3, V])  # k = V: an empty bucket
+def test_fused_topk_forward_kl_equals_direct_autograd(T: float, k: int) -> None:
+    """Forward KL over the k + 1 bins of a cached teacher: the closed-form gradient against autograd."""
+    torch.manual_seed(8)
+    B, L, H = 2, 7, 5
+    hidden = torch.randn(B, L, H, dtype=torch.float64, requires_grad=True)
+    head = torch.nn.Linear(H, V, bias=False).double()
+    t = torch.randn(B * L, V, dtype=torch.float64) * 3
+    ids = t.topk(k, -1).indices
+    top = t.gather(-1, ids) / T
+    rest = t.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True) / T
+    log_p = torch.cat([top, rest], -1).log_softmax(-1)
+    mask = torch.rand(B, L) > 0.2
+    targets = torch.randint(0, V, (B, L))
+    terms = [(build_loss("lm_fkl", T=T), 1.0), (build_loss("lm_ce"), 0.5)]
+    out = chunked_token_loss(terms, head_logits(hidden, head), lambda i: (ids[i], log_p[i]), mask, targets, chunk=3)
+    got = torch.autograd.grad(out[0], (hidden, head.weight))
+    ref = _direct(terms, head(hidden), (ids, log_p), mask, targets)
+    want = torch.autograd.grad(ref, (hidden, head.weight))
+    assert float(out[0]) == pytest.approx(float(ref), rel=1e-10)
+    assert float(out[1]) == pytest.approx(float(_direct(terms[:1], head(hidden), (ids, log_p), mask, targets)),
+                                          rel=1e-10)
+    for a, b in zip(got, want, strict=True):
+        assert torch.allclose(a, b, atol=1e-10, rtol=1e-8)
+
+
+def test_fused_fp32_within_1e6_of_direct() -> None:
+    """In float32 (the training dtype), fused values and gradients stay within 1e-6 of the plain graph."""
+    torch.manual_seed(9)
+    hidden = torch.randn(2, 64, 16, requires_grad=True)
+    head = torch.nn.Linear(16, 300, bias=False)
+    t = torch.randn(2, 64, 300)
+    targets = torch.randint(0, 300, (2, 64))
+    mask = torch.ones(2, 64, dtype=torch.bool)
+    terms = [(build_loss("lm_fkl"), 1.0), (build_loss("lm_ce"), 0.5)]
+    out = chunked_token_loss(terms, head_logits(hidden, head), lambda i: t.reshape(-1, 300)[i], mask, targets,
+                             chunk=5)[0]
+    ga = torch.autograd.grad(out, (hidden, head.weight))
+    ref = _direct(terms, head(hidden), t, mask, targets)
+    gb = torch.autograd.grad(ref, (hidden, head.weight))
+    assert abs(float(out) - float(ref)) < 1e-6
+    assert all(float((a - b).abs().max()) < 1e-6 for a, b in zip(ga, gb, strict=True))
+
+
+def test_fused_topk_forward_kl_when_the_students_rest_underflows() -> None:
+    """A student so sure of the teacher's top-k that its rest mass underflows in float32: still the plain values."""
+    torch.manual_seed(10)
+    H, k = 4, 3
+    hidden = torch.randn(1, 6, H, requires_grad=True)
+    head = torch.nn.Linear(H, V, bias=True)
+    with torch.no_grad():
+        head.weight.mul_(0.01)
+        head.bias.fill_(-200.0)
+        head.bias[:k] = 0.0  # tokens 0..k-1 near 0, the rest at -200: exp(-200) is 0 in float32
+    ids = torch.arange(k).expand(6, k).contiguous()
+    log_p = torch.tensor([0.5, 0.3, 0.1, 0.1]).log().expand(6, k + 1).contiguous()
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    term = build_loss("lm_fkl")
+    out = chunked_token_loss([(term, 1.0)], head_logits(hidden, head), lambda i: (ids[i], log_p[i]), mask, chunk=4)
+    got = torch.autograd.grad(out[0], (hidden, head.weight, head.bias))
+    ref = _direct([(term, 1.0)], head(hidden), (ids, log_p), mask, torch.zeros(1, 6, dtype=torch.long))
+    want = torch.autograd.grad(ref, (hidden, head.weight, head.bias))
+    assert torch.isfinite(out[0]) and float(out[0]) == pytest.approx(float(ref), rel=1e-6)
+    for a, b in zip(got, want, strict=True):
+        assert torch.isfinite(a).all() and torch.allclose(a, b, atol=1e-6, rtol=1e-5)

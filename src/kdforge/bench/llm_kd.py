@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import copy
-import itertools
 import json
 import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from kdforge.bench import BENCHES
 from kdforge.bench.common import bench_dir, fmt_mean_std, machine_note, markdown_table, write_json
@@ -32,12 +30,10 @@ def _settings(quick: bool) -> dict[str, Any]:
     if quick:
         return {"model": "tiny", "calib_len": 64, "seq_len": 32, "prompt_len": 16, "pool_rows": 16, "seeds": [0, 1],
                 "steps": 3, "batch": 2, "lr": 3e-3, "remove": 2, "kl_rows": 2, "n_eval": 4, "agree_prompts": 3,
-                "agree_tokens": 4, "k": 8, "perf": {"layers": 4, "vocab": 512, "hidden": 64, "batch": 2, "len": 16,
-                                                     "rounds": 2, "steps": 3}}
+                "agree_tokens": 4, "k": 8}
     return {"model": "smollm2", "calib_len": 128, "seq_len": 64, "prompt_len": 32, "pool_rows": 48, "seeds": [0, 1, 2],
             "steps": 8, "batch": 4, "lr": 3e-4, "remove": 8, "kl_rows": 2, "n_eval": 12, "agree_prompts": 6,
-            "agree_tokens": 16, "k": 32, "perf": {"layers": 30, "vocab": 49_152, "hidden": 576, "batch": 2,
-                                                  "len": 128, "rounds": 3, "steps": 3}}
+            "agree_tokens": 16, "k": 32}
 
 
 def _terms(kind: str) -> list[tuple[Any, float]]:
@@ -213,125 +209,12 @@ def run(out: Path | None = None, quick: bool = False) -> dict[str, Any]:
                  "agree": greedy_agreement(student, teacher, prompts, s["agree_tokens"])}
             runs.append(r)
             _log(f"{name} seed {seed}: ppl {r['ppl']:.2f}, agreement {r['agree']:.3f}, {train_s:.0f}s")
-    perf = _perf(s["perf"], quick)
     res = {"settings": s, "model": label, "held_out": held_name, "pool": len(pool), "student_removed": removed,
-           "criterion": RECOMMENDED, "select_s": select_s, "base": base, "runs": runs, "perf": perf,
+           "criterion": RECOMMENDED, "select_s": select_s, "base": base, "runs": runs,
            "total_s": time.perf_counter() - t_all, "machine": machine_note()}
     write_json(out / "llm-kd.json", res)
     _write_md(out / "llm-kd.md", res, quick)
     return res
-
-
-# -- step cost -------------------------------------------------------------------------------
-def _shaped_pair(p: dict[str, Any]) -> tuple[nn.Module, nn.Module]:
-    """Randomly initialised teacher with SmolLM2-135M's shape and its 22-layer student (cost does not need weights)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from kdforge.llm.surgery import prune_decoder_layers
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=p["vocab"], hidden_size=p["hidden"], intermediate_size=p["hidden"] * 8 // 3,
-                      num_hidden_layers=p["layers"], num_attention_heads=9 if p["hidden"] == 576 else 4,
-                      num_key_value_heads=3 if p["hidden"] == 576 else 2, max_position_embeddings=2048,
-                      tie_word_embeddings=True)
-    teacher = LlamaForCausalLM(cfg).eval()
-    keep = [i for i in range(p["layers"]) if i % 4 != 1][: p["layers"] - max(1, p["layers"] * 8 // 30)]
-    return teacher, prune_decoder_layers(teacher, keep)
-
-
-def _method(mode: str, student: nn.Module, teacher: nn.Module, cache: Any) -> Any:
-    from kdforge.llm.distill import LMDistill
-    from kdforge.llm.metrics import lm_loss
-    from kdforge.losses import build_loss
-    from kdforge.method import Method
-
-    if mode == "sft_hf":
-        class HFSFT(Method):
-            def __init__(self, m: nn.Module) -> None:
-                super().__init__()
-                self.student = m
-
-            def training_step(self, batch: Any, step: int) -> dict[str, Tensor]:
-                return {"loss": lm_loss(self.student, batch["ids"])}
-
-            def deployable(self) -> nn.Module:
-                return self.student
-
-        return HFSFT(student)
-    chunk = 10**9 if mode == "kd_live_plain" else 64
-    if mode == "sft_chunked":
-        return LMDistill(student, None, [(build_loss("lm_ce", chunk=chunk), 1.0)])
-    return LMDistill(student, None if mode == "kd_cached" else teacher, [(build_loss("lm_fkl", chunk=chunk), 1.0)],
-                     cache=cache if mode == "kd_cached" else None)
-
-
-def _fit(mode: str, student: nn.Module, teacher: nn.Module, cache: Any, ids: Tensor, steps: int) -> _Timer:
-    from kdforge.llm.distill import distill_lm, distill_recipe
-
-    class Same:
-        steps_per_epoch = 1
-
-        def batch(self, step: int) -> dict[str, Tensor]:
-            return {"ids": ids, "rows": torch.arange(len(ids))}
-
-    timer = _Timer()
-    distill_lm(_method(mode, student, teacher, cache), Same(), distill_recipe(steps, 1e-5, len(ids)),
-               callbacks=[timer])
-    return timer
-
-
-def memory_probe(mode: str, p: dict[str, Any]) -> None:
-    """Run in a fresh process: peak resident memory (MB) of the second step of ``mode``, printed as JSON."""
-    import tempfile
-
-    from kdforge.llm.cache import LMTopKCache
-
-    teacher, student = _shaped_pair(p)
-    ids = torch.randint(0, p["vocab"], (p["batch"], p["len"]), generator=torch.Generator().manual_seed(1))
-    with tempfile.TemporaryDirectory() as d:
-        cache = LMTopKCache.build(teacher, ids, d, k=32) if mode == "kd_cached" else None
-        timer = _fit(mode, student, teacher, cache, ids, 2)
-    print(json.dumps({"mode": mode, "peak_mb": timer.peak_mb[1]}))
-
-
-MEMORY_MODES = ("sft_hf", "sft_chunked", "kd_live_plain", "kd_live", "kd_cached")
-
-
-def _perf(p: dict[str, Any], quick: bool) -> dict[str, Any]:
-    """Step time of SFT, cached-top-k KD and live KD interleaved in one process; peak memory per step per mode."""
-    import tempfile
-
-    from kdforge.llm.cache import LMTopKCache
-    from kdforge.llm.metrics import lm_logits
-
-    teacher, student = _shaped_pair(p)
-    ids = torch.randint(0, p["vocab"], (p["batch"], p["len"]), generator=torch.Generator().manual_seed(1))
-    times: dict[str, list[float]] = {"sft_hf": [], "kd_cached": [], "kd_live": []}
-    with tempfile.TemporaryDirectory() as d:
-        cache = LMTopKCache.build(teacher, ids, d, k=32)
-        for _ in range(p["rounds"]):
-            for mode in times:
-                t = _fit(mode, student, teacher, cache, ids, p["steps"]).t
-                times[mode] += [b - a for a, b in itertools.pairwise(t)]
-    t_fwd = []
-    with torch.no_grad():
-        for _ in range(p["rounds"] + 1):
-            t0 = time.perf_counter()
-            lm_logits(teacher, ids)
-            t_fwd.append(time.perf_counter() - t0)
-    med = {m: statistics.median(v) for m, v in times.items()}
-    mem = {}
-    for mode in MEMORY_MODES:
-        code = f"from kdforge.bench.llm_kd import memory_probe; memory_probe({mode!r}, {p!r})"
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
-        try:
-            mem[mode] = json.loads(r.stdout.strip().splitlines()[-1])["peak_mb"]
-        except (IndexError, ValueError, KeyError):
-            _log(f"memory probe {mode} failed: {r.stderr.strip().splitlines()[-1:]}")
-            mem[mode] = float("nan")
-        _log(f"peak memory of a {mode} step: {mem[mode]:.0f} MB")
-    return {"settings": p, "step_s": times, "median_s": med, "teacher_forward_s": statistics.median(t_fwd[1:]),
-            "peak_mb": mem}
 
 
 # -- page ------------------------------------------------------------------------------------
@@ -355,27 +238,6 @@ def _write_md(path: Path, res: dict[str, Any], quick: bool) -> None:
                       _paired([sft[i]["agree"] for i in seeds], [r["agree"] for r in rs]),
                       "train tok/s": f"{statistics.fmean(r['train_tok_s'] for r in rs):.0f}",
                       "peak step MB": f"{statistics.fmean(r['peak_mb'] for r in rs):.0f}"})
-    p = res["perf"]
-    med, sft_t = p["median_s"], p["median_s"]["sft_hf"]
-    bound = 1 + p["teacher_forward_s"] / sft_t
-    ranges = {m: (min(v) / sft_t, max(v) / sft_t) for m, v in p["step_s"].items()}
-    pm = p["peak_mb"]
-    perf_table = [
-        {"step": "SFT (Hugging Face loss, full logits)", "median s": f"{med['sft_hf']:.3f}", "× SFT": "1.00",
-         "target": "", "peak MB": f"{pm['sft_hf']:.0f}", "peak × SFT": "1.00"},
-        {"step": "SFT (chunked CE)", "median s": "", "× SFT": "", "target": "",
-         "peak MB": f"{pm['sft_chunked']:.0f}", "peak × SFT": f"{pm['sft_chunked'] / pm['sft_hf']:.2f}"},
-        {"step": "KD from the top-32 cache (chunked)", "median s": f"{med['kd_cached']:.3f}",
-         "× SFT": f"{med['kd_cached'] / sft_t:.2f} ({ranges['kd_cached'][0]:.2f}–{ranges['kd_cached'][1]:.2f})",
-         "target": "≤ 1.05", "peak MB": f"{pm['kd_cached']:.0f}",
-         "peak × SFT": f"{pm['kd_cached'] / pm['sft_hf']:.2f}"},
-        {"step": "KD, live teacher (chunked)", "median s": f"{med['kd_live']:.3f}",
-         "× SFT": f"{med['kd_live'] / sft_t:.2f} ({ranges['kd_live'][0]:.2f}–{ranges['kd_live'][1]:.2f})",
-         "target": f"≤ {bound:.2f}", "peak MB": f"{pm['kd_live']:.0f}",
-         "peak × SFT": f"{pm['kd_live'] / pm['sft_hf']:.2f}"},
-        {"step": "KD, live teacher, unchunked", "median s": "", "× SFT": "", "target": "",
-         "peak MB": f"{pm['kd_live_plain']:.0f}", "peak × SFT": f"{pm['kd_live_plain'] / pm['sft_hf']:.2f}"}]
-    pp = p["settings"]
     n_seeds = len(s["seeds"])
     text = [f"# Benchmark: llm-kd{' (quick smoke run)' if quick else ''}", "",
             f"Teacher: **{res['model']}**. Student: the teacher with layers "
@@ -403,14 +265,7 @@ def _write_md(path: Path, res: dict[str, Any], quick: bool) -> None:
             "- SFT: next-token CE on the data. KD rows: the divergence alone, teacher temperature 1, every token of "
             "the answer. The cached row reads the teacher's top-32 logits per token plus the rest's mass (a "
             "bucket), built once before training.", "",
-            "## Step cost", "",
-            f"A teacher with SmolLM2-135M's shape (random weights: the cost does not depend on them; vocabulary "
-            f"{pp['vocab']:,}, {pp['layers']} layers) and its 22-layer student, one batch of {pp['batch']} × "
-            f"{pp['len']} tokens, AdamW through the engine. Step times: SFT, cached KD and live KD interleaved in "
-            f"one process, {pp['rounds']} rounds of {pp['steps']} steps (the first of each left out); median and "
-            f"min–max ratio. Teacher forward {p['teacher_forward_s']:.3f} s, so the live target is "
-            "1 + teacher forward / SFT step. Peak memory: each mode's second step in a fresh process.", "",
-            markdown_table(perf_table), "",
+            "Step cost and peak memory of a KD step against an SFT step: [llm-kd-step](llm-kd-step.md).", "",
             f"Command: `kdforge bench llm-kd{' --quick' if quick else ''}`. Machine: {res['machine']}. Total wall "
             f"time {res['total_s'] / 60:.1f} min. Sized for about 25 core-minutes on one CPU core: short sequences, "
             f"{s['steps']} steps, {n_seeds} seeds: a comparison of objectives at a small budget, not a trained model.",

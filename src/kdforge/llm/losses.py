@@ -6,9 +6,13 @@ loss mask, times ``T²`` (Hinton's scale; 1 at ``T = 1``). The terms work on ful
 ``k + 1`` bins of a cached top-k teacher (its top-k tokens and one bucket for the rest) where a term only
 needs the teacher's distribution on those bins (forward KL and skew forward KL).
 
-:func:`chunked_token_loss` evaluates terms a chunk of positions at a time from the final hidden states
-and the output head, recomputing each chunk in the backward pass, so that the (tokens × vocabulary)
-float32 tensors of student and teacher exist for one chunk only.
+:func:`chunked_token_loss` evaluates terms a chunk of positions at a time, so that the (tokens ×
+vocabulary) float32 tensors of student and teacher exist for one chunk only. From the final hidden states
+and the output head (:class:`HeadLogits`) it is fused: each chunk's logits are made once, and the
+gradient of the loss with respect to them is taken at once and multiplied into the hidden states' and
+the head's gradients (as Liger's fused linear losses do), so nothing is recomputed in the backward pass.
+Forward KL and CE take their gradients in closed form from one shared log-softmax per temperature; the
+other terms by autograd on the chunk's logits.
 """
 
 from __future__ import annotations
@@ -106,6 +110,17 @@ class TokenLoss(DistillLoss, ABC):
                      targets: Tensor | None = None) -> Tensor:
         """Values (n,) of (n, V) student logits against the teacher's signal or the next-token targets."""
 
+    def values_and_grad(self, chunk: _ChunkLogits, teacher: Any, targets: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Values (n,) and their gradient with respect to the chunk's logits (n, V), a buffer the caller owns.
+
+        By autograd through :meth:`token_values`; terms with a closed-form gradient override this.
+        """
+        with torch.enable_grad():
+            z = chunk.z.detach().requires_grad_()
+            v = self.token_values(z, teacher, targets)
+            (g,) = torch.autograd.grad(v.sum(), z)
+        return v.detach(), g
+
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None) -> Tensor:
         """Mean over the masked positions of (..., V) logits, computed ``chunk`` positions at a time."""
         v = student_logits.shape[-1]
@@ -150,6 +165,40 @@ class ForwardKL(Divergence):
 
     def per_token(self, log_q: Tensor, log_p: Tensor) -> Tensor:
         return forward_kl(log_q, log_p)
+
+    def values_and_grad(self, chunk: _ChunkLogits, teacher: Any, targets: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Closed form: ∂/∂s_j = T·(q_j − p_j); over top-k bins, T·q_j·(1 − p_rest/Q_rest) for a token in the rest.
+
+        (Q_b the student's mass on bin b; both follow from Σ_b p_b = 1.)
+        """
+        T2 = self.T * self.T
+        log_q = chunk.log_q(self.T, own=True)
+        if isinstance(teacher, tuple):
+            ids, log_p = teacher
+            top = log_q.gather(-1, ids)
+            q = log_q.scatter_(-1, ids, NEG_INF).exp_()  # the student's probabilities outside the top-k, 0 in it
+            q_rest = q.sum(-1, keepdim=True)
+            rest = q_rest.log()
+            lp_rest = log_p[:, -1:]
+            lost = (q_rest == 0).flatten().nonzero().flatten()
+            if len(lost):  # every rest probability underflowed: the rest's log-mass and shares from the logits
+                lq_lost = (_up(chunk.z[lost]) / self.T).log_softmax(-1).scatter(-1, ids[lost], NEG_INF)
+                rest[lost] = lq_lost.logsumexp(-1, keepdim=True)
+                g_lost = lq_lost.exp() - (lq_lost - rest[lost] + lp_rest[lost]).exp()
+            values = _kl(log_p, torch.cat([top, rest], -1)) * T2
+            ratio = torch.where((lp_rest > NEG_INF) & (q_rest > 0), (lp_rest - rest).exp(), 0.0)
+            g = q.mul_(1.0 - ratio)
+            if len(lost):
+                g[lost] = g_lost
+            g.scatter_(-1, ids, top.exp() - log_p[:, :-1].exp())
+            return values, g if self.T == 1.0 else g.mul_(self.T)
+        log_p = (_up(teacher) / self.T).log_softmax(-1)
+        p = log_p.exp()
+        values = (log_p - log_q).mul_(p).sum(-1)
+        if not bool(torch.isfinite(values).all()):  # a teacher probability of exactly 0 (a -inf logit)
+            values = torch.where(log_p > NEG_INF, p * (log_p - log_q), 0.0).sum(-1)
+        g = log_q.exp_().sub_(p)
+        return values * T2, g if self.T == 1.0 else g.mul_(self.T)
 
 
 @LOSSES.register("lm_rkl")
@@ -229,6 +278,16 @@ class TokenCE(TokenLoss):
         assert targets is not None
         return F.cross_entropy(_up(s_logits), targets.clamp_min(0), reduction="none")
 
+    def values_and_grad(self, chunk: _ChunkLogits, teacher: Any, targets: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Closed form: −log q(y), and ∂/∂s = q − onehot(y)."""
+        assert targets is not None
+        y = targets.clamp_min(0).unsqueeze(-1)
+        log_q = chunk.log_q(1.0, own=True)
+        values = -log_q.gather(-1, y).squeeze(-1)
+        g = log_q.exp_()
+        g.scatter_add_(-1, y, torch.full_like(y, -1.0, dtype=g.dtype))
+        return values, g
+
 
 TeacherChunk = Callable[[Tensor], "Tensor | tuple[Tensor, Tensor] | None"]
 
@@ -276,6 +335,11 @@ def chunked_token_loss(terms: Sequence[tuple[TokenLoss, float]], student: Callab
             t = teacher(idx) if teacher is not None else None
         return _chunk_values(terms, student(idx), t, None if flat_targets is None else flat_targets[idx])
 
+    if isinstance(student, HeadLogits) and torch.is_grad_enabled() and student.requires_grad:
+        out = _FusedHeadLoss.apply(student.h, student.weight, student.bias, pos, list(terms), teacher,
+                                   flat_targets, chunk)
+        assert isinstance(out, Tensor)
+        return out
     total = None
     for i in range(0, n, chunk):
         idx = pos[i: i + chunk]
@@ -286,12 +350,100 @@ def chunked_token_loss(terms: Sequence[tuple[TokenLoss, float]], student: Callab
     return total / n
 
 
-def head_logits(hidden: Tensor, head: nn.Module, vocab: int | None = None) -> Callable[[Tensor], Tensor]:
+class HeadLogits:
+    """``idx -> logits`` of flat positions from final hidden states and an output head; the fused loss reads
+    its parts directly, so the logits are made once per chunk and never recomputed."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None = None) -> None:
+        self.h, self.weight, self.bias = hidden.reshape(-1, hidden.shape[-1]), weight, bias
+
+    @property
+    def requires_grad(self) -> bool:
+        """Whether any input of the logits takes a gradient."""
+        return any(t is not None and t.requires_grad for t in (self.h, self.weight, self.bias))
+
+    def __call__(self, idx: Tensor) -> Tensor:
+        return F.linear(self.h[idx], self.weight, self.bias)
+
+
+def head_logits(hidden: Tensor, head: nn.Module, vocab: int | None = None) -> HeadLogits:
     """``idx -> logits`` of flat positions from final hidden states (B, L, H) and an output head, rows cropped to
     ``vocab`` (padded embedding rows beyond the tokenizer dropped)."""
-    h = hidden.reshape(-1, hidden.shape[-1])
     weight = head.weight if vocab is None else head.weight[:vocab]
     bias = getattr(head, "bias", None)
     if bias is not None and vocab is not None:
         bias = bias[:vocab]
-    return lambda idx: F.linear(h[idx], weight, bias)
+    return HeadLogits(hidden, weight, bias)
+
+
+class _ChunkLogits:
+    """One chunk's student logits and their log-softmax per temperature, shared by the terms that read them."""
+
+    def __init__(self, z: Tensor, terms: Sequence[TokenLoss]) -> None:
+        self.z = z
+        self._users: dict[float, int] = {}
+        for t in terms:
+            if type(t).values_and_grad is not TokenLoss.values_and_grad:  # a closed form reads log_q
+                temp = 1.0 if t.uses_targets else t.T
+                self._users[temp] = self._users.get(temp, 0) + 1
+        self._log_q: dict[float, Tensor] = {}
+
+    def log_q(self, T: float, own: bool = False) -> Tensor:
+        """log softmax(z / T) (n, V); with ``own``, a buffer the caller may overwrite (the last user gets the shared
+        one, earlier users a copy)."""
+        if T not in self._log_q:
+            self._log_q[T] = (_up(self.z) / T if T != 1.0 else _up(self.z)).log_softmax(-1)
+        self._users[T] = self._users.get(T, 1) - 1
+        if not own:
+            return self._log_q[T]
+        return self._log_q.pop(T) if self._users[T] <= 0 else self._log_q[T].clone()
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """(total, term_1, …, term_K) from hidden states and head weights, the gradient taken chunk by chunk in forward."""
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor, weight: Tensor, bias: Tensor | None, pos: Tensor,
+                terms: list[tuple[TokenLoss, float]], teacher: TeacherChunk | None, targets: Tensor | None,
+                chunk: int) -> Tensor:
+        n = len(pos)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        grad_h = torch.zeros_like(h) if need_h else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_b = torch.zeros_like(bias) if need_b and bias is not None else None
+        out_dtype = _up(torch.empty((), dtype=h.dtype)).dtype
+        sums = torch.zeros(1 + len(terms), dtype=out_dtype, device=h.device)
+        for i in range(0, n, chunk):
+            idx = pos[i: i + chunk]
+            hc = h[idx]
+            z = F.linear(hc, weight, bias)
+            t = teacher(idx) if teacher is not None else None
+            tg = None if targets is None else targets[idx]
+            shared = _ChunkLogits(z, [term for term, _ in terms])
+            g_total: Tensor | None = None
+            for k, (term, w) in enumerate(terms):
+                v, g = term.values_and_grad(shared, None if term.uses_targets else t, tg)
+                v = v.sum()
+                sums[0] += w * v
+                sums[1 + k] += v
+                if g_total is None:
+                    g_total = g.mul_(w / n)
+                else:
+                    g_total.add_(g, alpha=w / n)
+            assert g_total is not None
+            g_total = g_total.to(weight.dtype)
+            if grad_h is not None:
+                grad_h.index_copy_(0, idx, g_total @ weight)
+            if grad_w is not None:
+                grad_w.addmm_(g_total.T, hc)
+            if grad_b is not None:
+                grad_b += g_total.sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        return sums / n
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        scale = grad_out[0]
+        grads = [None if g is None else g * scale.to(g.dtype) for g in ctx.saved_tensors]
+        return (*grads, None, None, None, None, None)
