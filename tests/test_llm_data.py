@@ -180,3 +180,43 @@ def test_load_tiny_and_hf_folder(tmp_path) -> None:
     assert back.config.num_hidden_layers == 2
     with pytest.raises(KdforgeError, match="does not exist"):
         load_causal_lm(str(tmp_path / "nope.gguf"))
+
+
+def _fake_tool(bindir, name: str, body: str) -> None:
+    f = bindir / name
+    f.write_text("#!/bin/sh\n" + body + "\n")
+    f.chmod(0o755)
+
+
+def test_austen_corpus_is_fetched_with_apt_and_dpkg_when_absent(tmp_path, monkeypatch) -> None:
+    """No unpacked corpus: `apt-get download` in a scratch folder, `dpkg-deb -x` into place (fake tools, no network)."""
+    from kdforge.llm.text import fetch_austen
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    _fake_tool(bindir, "apt-get", '[ "$1 $2" = "download r-cran-janeaustenr" ] || exit 9\n'
+                                  'echo deb > r-cran-janeaustenr_1.0.0-1_all.deb')
+    _fake_tool(bindir, "dpkg-deb", '[ "$1" = -x ] || exit 9\nd="$3/usr/lib/R/site-library/janeaustenr/data"\n'
+                                   '/bin/mkdir -p "$d" && /bin/cp "$2" "$d/Rdata.rdb" && /bin/touch "$d/Rdata.rdx"')
+    monkeypatch.setenv("PATH", str(bindir))
+    base = tmp_path / "cache" / "janeaustenr"
+    assert fetch_austen(base) == base
+    db = base / "usr/lib/R/site-library/janeaustenr/data/Rdata.rdb"
+    assert db.read_text() == "deb\n"
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["janeaustenr"]  # the scratch folder is gone
+
+
+def test_austen_corpus_fetch_failures_are_one_line(tmp_path, monkeypatch) -> None:
+    from kdforge.llm.text import austen_text
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    monkeypatch.setenv("PATH", str(bindir))
+    with pytest.raises(KdforgeError, match=r"apt-get, dpkg-deb is not available.*apt-get download r-cran-janeaustenr"):
+        austen_text(root=tmp_path / "austen")
+    _fake_tool(bindir, "apt-get", "echo 'E: Unable to locate package r-cran-janeaustenr' >&2; exit 100")
+    _fake_tool(bindir, "dpkg-deb", "exit 0")
+    with pytest.raises(KdforgeError, match=r"'apt-get download r-cran-janeaustenr' failed \(E: Unable to locate "
+                                           r"package r-cran-janeaustenr; run 'apt-get update' first\?\)") as e:
+        austen_text(root=tmp_path / "austen")
+    assert "\n" not in str(e.value) and not (tmp_path / "austen").exists()

@@ -23,26 +23,74 @@ def pydoc_text() -> str:
 
 AUSTEN_HELP = ("cd ~/.cache/kdforge && apt-get download r-cran-janeaustenr && dpkg-deb -x r-cran-janeaustenr_*.deb "
                "janeaustenr && pip install rdata")
+AUSTEN_DEB = "r-cran-janeaustenr"
+_AUSTEN_DB = "usr/lib/R/site-library/janeaustenr/data/Rdata"
+
+
+def austen_dir(root: str | Path | None = None) -> Path:
+    """Where Debian's ``r-cran-janeaustenr`` is unpacked: ``root``, ``$KDFORGE_AUSTEN`` or
+    ``~/.cache/kdforge/janeaustenr``."""
+    import os
+
+    return Path(root or os.environ.get("KDFORGE_AUSTEN") or Path.home() / ".cache/kdforge/janeaustenr")
+
+
+def fetch_austen(base: Path) -> Path:
+    """Download Debian's ``r-cran-janeaustenr`` (``apt-get download``) and unpack it into ``base`` (``dpkg-deb -x``).
+
+    Needs apt (any user: nothing is installed) and the package lists (``apt-get update``); refused in one
+    line naming what failed and the manual steps otherwise. The unpacked tree appears in ``base`` only
+    when complete.
+    """
+    import shutil
+    import subprocess
+    import tempfile
+
+    missing = [t for t in ("apt-get", "dpkg-deb") if shutil.which(t) is None]
+    if missing:
+        raise KdforgeError(f"Jane Austen's novels are not unpacked in {str(base)!r} and {', '.join(missing)} "
+                           f"is not available to fetch them; get them by hand: {AUSTEN_HELP}")
+    base.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=base.parent, prefix=".janeaustenr-") as tmp:
+        r = subprocess.run(["apt-get", "download", AUSTEN_DEB], cwd=tmp, capture_output=True, text=True, check=False)
+        debs = sorted(Path(tmp).glob(f"{AUSTEN_DEB}_*.deb"))
+        if r.returncode != 0 or not debs:
+            why = (r.stderr.strip().splitlines() or ["no .deb written"])[-1]
+            raise KdforgeError(f"Jane Austen's novels are not unpacked in {str(base)!r} and 'apt-get download "
+                               f"{AUSTEN_DEB}' failed ({why}; run 'apt-get update' first?); get them by hand: "
+                               f"{AUSTEN_HELP}")
+        unpacked = Path(tmp) / "tree"
+        r = subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(unpacked)], capture_output=True, text=True,
+                           check=False)
+        if r.returncode != 0 or not (unpacked / _AUSTEN_DB).with_suffix(".rdb").is_file():
+            why = (r.stderr.strip().splitlines() or ["no Rdata.rdb in the package"])[-1]
+            raise KdforgeError(f"unpacking {debs[-1].name} with dpkg-deb failed ({why}); get the novels by hand: "
+                               f"{AUSTEN_HELP}")
+        if base.exists():
+            shutil.rmtree(base)
+        unpacked.rename(base)
+    return base
 
 
 def austen_text(books: Sequence[str] = ("persuasion",), root: str | Path | None = None) -> str:
-    """Jane Austen's novels (public domain) from Debian's ``r-cran-janeaustenr`` package, unpacked without R.
+    """Jane Austen's novels (public domain) from Debian's ``r-cran-janeaustenr`` package, read without R.
 
-    ``root``: where the .deb was unpacked (default ``$KDFORGE_AUSTEN`` or ``~/.cache/kdforge/janeaustenr``).
+    ``root``: where the .deb is unpacked (:func:`austen_dir`); when absent there, it is downloaded and unpacked
+    by :func:`fetch_austen`. Reading needs ``rdata`` (``pip install 'kdforge[bench]'``).
     Books: emma, mansfieldpark, northangerabbey, persuasion, prideprejudice, sensesensibility.
     """
-    import os
     import warnings
     import zlib
 
-    base = Path(root or os.environ.get("KDFORGE_AUSTEN") or Path.home() / ".cache/kdforge/janeaustenr")
-    db = base / "usr/lib/R/site-library/janeaustenr/data/Rdata"
+    base = austen_dir(root)
+    db = base / _AUSTEN_DB
     if not db.with_suffix(".rdb").is_file():
-        raise KdforgeError(f"Jane Austen's novels are not unpacked in {str(base)!r}; get them with: {AUSTEN_HELP}")
+        fetch_austen(base)
     try:
         import rdata
     except ImportError:
-        raise KdforgeError("reading the Austen corpus needs rdata: pip install rdata") from None
+        raise KdforgeError("reading the Austen corpus needs rdata: pip install rdata (or pip install "
+                           "'kdforge[bench]')") from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         index = rdata.conversion.convert(rdata.parser.parse_file(db.with_suffix(".rdx")))
