@@ -103,7 +103,8 @@ def test_topk_cache_forward_kl_and_refusals(tmp_path: Path) -> None:
 
     t_ids, t_lp = cache.bucket_log_probs(batch["rows"], 2.0)
     want = float(bucket_kd(s_logits, t_ids[:, :-1], t_lp[:, :-1], 2.0))
-    assert got == pytest.approx(want, rel=1e-5)
+    # a KL of ~7e-4 summed from O(1) float32 terms: both sides round at ~1e-7 (each within 3e-7 of float64)
+    assert got == pytest.approx(want, abs=1e-6, rel=1e-3)
     assert ids.shape[1] == 23 and ref is not None
     # packed rows can be cached too
     packed = pack(_examples(6), 40)

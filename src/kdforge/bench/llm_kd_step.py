@@ -27,10 +27,10 @@ TIMED_MODES = ("sft_hf", "kd_cached", "kd_live")
 
 def _settings(quick: bool) -> dict[str, Any]:
     if quick:
-        return {"layers": 4, "vocab": 512, "hidden": 64, "batch": 2, "len": 16, "rounds": 2, "steps": 3, "chunk": 8,
+        return {"layers": 4, "vocab": 512, "hidden": 64, "batch": 2, "len": 16, "rounds": 2, "steps": 3, "chunk": None,
                 "k": 8}
     return {"layers": 30, "vocab": 49_152, "hidden": 576, "batch": 4, "len": 512, "rounds": 2, "steps": 3,
-            "chunk": 64, "k": 32}
+            "chunk": None, "k": 32}
 
 
 def _shaped_pair(p: dict[str, Any]) -> tuple[nn.Module, nn.Module]:
@@ -49,7 +49,7 @@ def _shaped_pair(p: dict[str, Any]) -> tuple[nn.Module, nn.Module]:
     return teacher, prune_decoder_layers(teacher, keep)
 
 
-def _method(mode: str, student: nn.Module, teacher: nn.Module, cache: Any, chunk: int) -> Any:
+def _method(mode: str, student: nn.Module, teacher: nn.Module, cache: Any, chunk: int | None) -> Any:
     from kdforge.llm.distill import LMDistill
     from kdforge.llm.metrics import lm_loss
     from kdforge.losses import build_loss
@@ -95,7 +95,7 @@ def _method(mode: str, student: nn.Module, teacher: nn.Module, cache: Any, chunk
                      cache=cache if mode == "kd_cached" else None)
 
 
-def _fit(mode: str, student: nn.Module, teacher: nn.Module, cache: Any, ids: Tensor, steps: int, chunk: int
+def _fit(mode: str, student: nn.Module, teacher: nn.Module, cache: Any, ids: Tensor, steps: int, chunk: int | None
          ) -> _Timer:
     from kdforge.llm.distill import distill_lm, distill_recipe
 
@@ -172,7 +172,11 @@ def run(out: Path | None = None, quick: bool = False) -> dict[str, Any]:
 
 
 def _write_md(path: Path, res: dict[str, Any], quick: bool) -> None:
+    from kdforge.llm.losses import auto_chunk
+
     p, med, pm = res["settings"], res["median_s"], res["peak_mb"]
+    chunk = p["chunk"] or auto_chunk(p["vocab"])
+    how = "the default" if p["chunk"] is None else "given"
     sft_t = med["sft_hf"]
     bound = 1 + res["teacher_forward_s"] / sft_t
     ranges = {m: (min(v) / sft_t, max(v) / sft_t) for m, v in res["step_s"].items()}
@@ -184,11 +188,11 @@ def _write_md(path: Path, res: dict[str, Any], quick: bool) -> None:
     table = [
         {"step": "SFT (Hugging Face loss, full logits)", "median s": f"{sft_t:.3f}", "× SFT": "1.00", "target": "",
          "peak MB": f"{pm['sft_hf']:.0f}", "peak × SFT": "1.00", "target peak": ""},
-        {"step": f"KD from the top-{p['k']} cache (fused, chunks of {p['chunk']})",
+        {"step": f"KD from the top-{p['k']} cache (fused, chunks of {chunk})",
          "median s": f"{med['kd_cached']:.3f}", "× SFT": ratio("kd_cached"), "target": "≤ 1.05",
          "peak MB": f"{pm['kd_cached']:.0f}",
          "peak × SFT": f"{pm['kd_cached'] / pm['sft_hf']:.2f}", "target peak": "≤ 1.15"},
-        {"step": f"KD, live teacher (fused, chunks of {p['chunk']})", "median s": f"{med['kd_live']:.3f}",
+        {"step": f"KD, live teacher (fused, chunks of {chunk})", "median s": f"{med['kd_live']:.3f}",
          "× SFT": ratio("kd_live"), "target": f"≤ {bound:.2f}", "peak MB": f"{pm['kd_live']:.0f}",
          "peak × SFT": f"{pm['kd_live'] / pm['sft_hf']:.2f}", "target peak": "≤ 1.15"},
         {"step": "KD, live teacher, plain (full logits of both)", "median s": "", "× SFT": "", "target": "",
@@ -214,6 +218,8 @@ def _write_md(path: Path, res: dict[str, Any], quick: bool) -> None:
             "hidden states and the head in the forward pass (closed form for forward KL; nothing recomputed). The "
             "live teacher's logits are made chunk by chunk from its hidden states; the cached teacher's are its "
             f"top-{p['k']} log-probabilities and one bucket for the rest.",
+            f"- **chunks**: {chunk} token positions ({how}: {chunk * p['vocab'] * 4 / 2**20:.0f} MB of float32 logits "
+            "per chunk).",
             "- **plain**: both models' full logits and the loss on them in one piece (what chunking avoids).", "",
             f"Command: `kdforge bench llm-kd-step{' --quick' if quick else ' --publish'}`. Machine: {res['machine']}. "
             f"Total wall time {res['total_s'] / 60:.1f} min.", ""]

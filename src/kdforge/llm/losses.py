@@ -89,7 +89,10 @@ def total_variation(log_q: Tensor, log_p: Tensor) -> Tensor:
 
 
 class TokenLoss(DistillLoss, ABC):
-    """A per-token term over (n, V) student logits: a divergence from the teacher, or CE on targets."""
+    """A per-token term over (n, V) student logits: a divergence from the teacher, or CE on targets.
+
+    ``chunk``: token positions per chunk (default :func:`auto_chunk` of the vocabulary).
+    """
 
     inputs = "logits"
     #: the term needs the teacher's whole distribution (refuses a top-k teacher cache)
@@ -97,13 +100,13 @@ class TokenLoss(DistillLoss, ABC):
     #: the term reads the next-token targets, not the teacher
     uses_targets: ClassVar[bool] = False
 
-    def __init__(self, T: float = 1.0, chunk: int = 1024) -> None:
+    def __init__(self, T: float = 1.0, chunk: int | None = None) -> None:
         super().__init__()
         if T <= 0:
             raise ValueError(f"temperature T must be > 0, got {T}")
-        if chunk < 1:
+        if chunk is not None and chunk < 1:
             raise ValueError(f"chunk must be >= 1 token, got {chunk}")
-        self.T, self.chunk = float(T), int(chunk)
+        self.T, self.chunk = float(T), None if chunk is None else int(chunk)
 
     @abstractmethod
     def token_values(self, s_logits: Tensor, teacher: Tensor | tuple[Tensor, Tensor] | None,
@@ -217,7 +220,7 @@ class GeneralizedJSD(Divergence):
     JSD(β)/β and JSD(β)/(1 − β)).
     """
 
-    def __init__(self, beta: float = 0.5, T: float = 1.0, chunk: int = 1024) -> None:
+    def __init__(self, beta: float = 0.5, T: float = 1.0, chunk: int | None = None) -> None:
         super().__init__(T, chunk)
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"beta must be in [0, 1], got {beta}")
@@ -234,7 +237,7 @@ class GeneralizedJSD(Divergence):
 class _Skewed(Divergence):
     """A DistiLLM skew divergence with its mixing weight α in [0, 1)."""
 
-    def __init__(self, alpha: float = 0.1, T: float = 1.0, chunk: int = 1024) -> None:
+    def __init__(self, alpha: float = 0.1, T: float = 1.0, chunk: int | None = None) -> None:
         super().__init__(T, chunk)
         if not 0.0 <= alpha < 1.0:
             raise ValueError(f"alpha must be in [0, 1), got {alpha}")
@@ -304,9 +307,22 @@ def _chunk_values(terms: Sequence[tuple[TokenLoss, float]], s_logits: Tensor, te
     return torch.stack([total, *[s.to(total.dtype) for s in sums]]) if sums else total.unsqueeze(0)
 
 
+#: a chunk's float32 logits take at most this many bytes when no chunk size is given
+CHUNK_BYTES = 64 * 2**20
+
+
+def auto_chunk(vocab: int) -> int:
+    """Tokens per chunk when none is given: the largest power of two (16 to 1,024) whose float32 logits of
+    ``vocab`` columns fit :data:`CHUNK_BYTES` (256 for a 49,152-token vocabulary)."""
+    n = max(1, CHUNK_BYTES // (4 * max(vocab, 1)))
+    return max(16, min(1024, 1 << (n.bit_length() - 1)))
+
+
 def chunked_logit_loss(terms: Sequence[tuple[TokenLoss, float]], s_logits: Tensor, teacher: Tensor | None,
                        mask: Tensor, targets: Tensor | None = None, chunk: int | None = None) -> Tensor:
     """Σ_k w_k · mean over masked positions of term_k, for (N, V) student logits, a chunk of positions at a time."""
+    if chunk is None and all(t.chunk is None for t, _ in terms):
+        chunk = auto_chunk(s_logits.shape[-1])
     out = chunked_token_loss(terms, lambda idx: s_logits[idx], None if teacher is None else (lambda idx: teacher[idx]),
                              mask, targets, chunk)
     return out[0]
@@ -323,7 +339,10 @@ def chunked_token_loss(terms: Sequence[tuple[TokenLoss, float]], student: Callab
     """
     if not terms:
         raise KdforgeError("no loss terms to compute")
-    chunk = chunk or min(t.chunk for t, _ in terms)
+    given = [t.chunk for t, _ in terms if t.chunk is not None]
+    if chunk is None:
+        vocab = student.weight.shape[0] if isinstance(student, HeadLogits) else None
+        chunk = min(given) if given else auto_chunk(vocab) if vocab is not None else 1024
     pos = mask.reshape(-1).nonzero().flatten()
     n = len(pos)
     if n == 0:
