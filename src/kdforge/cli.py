@@ -397,6 +397,46 @@ def compress(
     compress_command(_recipe_path(recipe), out, set_, overwrite)
 
 
+@app.command("llm-distill")
+def llm_distill(
+    teacher: Annotated[str, typer.Argument(help="teacher: smollm2, a HF folder or hub id, a .gguf file, tiny:N")],
+    data: Annotated[Path, typer.Argument(help="JSONL: prompt/response, prompt/completion, messages or text rows")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder: run/ (the engine's), student/, summary.json")],
+    student: Annotated[str | None, typer.Option(help="student to train (same sources as the teacher)")] = None,
+    drop_layers: Annotated[str | None, typer.Option(help="or: the teacher without these decoder layers, e.g. 3,7,11")
+                           ] = None,
+    loss: Annotated[list[str] | None, typer.Option(help="NAME[:key=value,...], repeatable: lm_jsd:beta=0.5 "
+                                                        "lm_ce:weight=0.1 (default lm_fkl)")] = None,
+    steps: Annotated[int, typer.Option(min=1)] = 50,
+    lr: Annotated[float, typer.Option(min=0.0)] = 1e-4,
+    batch_size: Annotated[int, typer.Option(min=1)] = 4,
+    seq_len: Annotated[int, typer.Option(min=2)] = 256,
+    template: Annotated[str, typer.Option(help="auto (the tokenizer's chat template if any) or plain")] = "auto",
+    eval_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, help="whole examples held out for perplexity")
+                             ] = 0.1,
+    on_policy: Annotated[float, typer.Option(help="GKD's λ: share of steps on the student's own samples")] = 0.0,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="on-policy sample length")] = 64,
+    chunk: Annotated[int | None, typer.Option(min=1, help="tokens per loss chunk (default: 64 MB of logits)")] = None,
+    seed: int = 0,
+    resume: Annotated[bool, typer.Option(help="continue the run in OUT/run")] = False,
+) -> None:
+    """Distil a causal LM on a JSONL file (the guide docs/llm-distill.md as one command)."""
+    from kdforge.errors import KdforgeError
+    from kdforge.llm.cli import DistillArgs, distill_command
+
+    try:
+        drop = [int(x) for x in drop_layers.split(",") if x.strip()] if drop_layers else []
+    except ValueError:
+        raise KdforgeError(f"--drop-layers {drop_layers!r}: give layer indices separated by commas, e.g. 3,7,11"
+                           ) from None
+    res = distill_command(DistillArgs(teacher, data, out, student, drop, loss or ["lm_fkl"], steps, lr, batch_size,
+                                      seq_len, template, eval_fraction, on_policy, max_new_tokens, chunk, seed, resume))
+    ppl = (f"; val perplexity {res['val_ppl_student']:.2f} (teacher {res['val_ppl_teacher']:.2f})"
+           if "val_ppl_student" in res else "")
+    typer.echo(f"llm-distill: {res['steps']} steps, loss {res['first_loss']:.4f} → {res['last_loss']:.4f}{ppl}; "
+               f"student saved to {out / 'student'}")
+
+
 @app.command()
 def sample(
     run: Annotated[Path, typer.Argument(help="diffusion run folder or .safetensors checkpoint")],
