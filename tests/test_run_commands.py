@@ -338,3 +338,50 @@ def test_identical_runs_write_identical_checkpoint_bytes(tmp_path: Path) -> None
         assert main(["train", str(p), "-o", str(tmp_path / name)]) == 0
         sums.append(hashlib.sha256((tmp_path / name / "checkpoints" / "last.safetensors").read_bytes()).hexdigest())
     assert sums[0] == sums[1]  # before: the metadata map came out in another order each save
+
+
+# -- sample -o ----------------------------------------------------------------------------------------------
+def test_sample_onto_an_existing_grid_or_file_is_refused_and_overwrite_replaces_only_that_grid(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import numpy as np
+    import torch
+
+    from kdforge.diffusion import ddim_sample
+    from kdforge.evaluate import load_deployable
+
+    unet = {"model": "diffusion_unet", "kwargs": {"ch": 8, "mult": [1, 2], "grid": 16}}
+    r = {"name": "d", "seed": 0, "data": {"name": "digits_pm1", "batch_size": 32, "limit_train": 64,
+                                         "val_fraction": 0.0, "augment": False},
+         "method": {"name": "diffusion", "model": unet, "rounds": [{"kind": "pd", "epochs": 1}]},
+         "optim": {"name": "adam", "lr": 1e-3, "weight_decay": 0.0},
+         "train": {"epochs": 1, "progress": "silent", "device": "cpu"}}
+    (tmp_path / "d.yaml").write_text(yaml.safe_dump(r))
+    run, out = tmp_path / "run", tmp_path / "grids"
+    assert main(["train", str(tmp_path / "d.yaml"), "-o", str(run)]) == 0  # a real (tiny) distilled denoiser
+    assert main(["sample", str(run), "-n", "4", "--seed", "1", "-o", str(out)]) == 0
+    assert main(["sample", str(run), "-n", "4", "--seed", "2", "-o", str(out)]) == 0
+    png, npz = (out / f"samples-8steps-seed1-n4.{x}" for x in ("png", "npz"))
+    other = _snapshot(out)
+    capsys.readouterr()
+    for extra in ([], ["--steps", "8"]):  # the same grid name again, however it is spelled
+        _err(capsys, main(["sample", str(run), "-n", "4", "--seed", "1", "-o", str(out), *extra]), "already exists",
+             str(png), "--overwrite")
+    assert _snapshot(out) == other  # nothing written
+    # an earlier grid of another model under the same name: --overwrite replaces it, and only it
+    np.savez_compressed(npz, x=np.zeros((4, 1, 8, 8), np.float32))
+    png.write_bytes(b"an older grid")
+    assert main(["sample", str(run), "-n", "4", "--seed", "1", "-o", str(out), "--overwrite"]) == 0
+    model, _ = load_deployable(run)
+    want = ddim_sample(model, 4, (1, 8, 8), None, 1)
+    got = np.load(npz)
+    assert torch.equal(torch.from_numpy(got["x"]), want) and int(got["steps"]) == 8
+    assert png.read_bytes().startswith(b"\x89PNG") and png.read_bytes() == other[png.name]
+    assert {k: v for k, v in _snapshot(out).items() if "seed2" in k} == {k: v for k, v in other.items() if "seed2" in k}
+    assert run_kind(out) == "sample" and not [p for p in out.iterdir() if p.name.startswith(".samples")]
+    # -o naming a file (a user's): refused with and without --overwrite, the file untouched
+    mine = tmp_path / "notes.png"
+    mine.write_bytes(b"mine")
+    capsys.readouterr()
+    for extra in ([], ["--overwrite"]):
+        _err(capsys, main(["sample", str(run), "-n", "4", "-o", str(mine), *extra]), "is a file, not a folder")
+    assert mine.read_bytes() == b"mine"

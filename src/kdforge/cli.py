@@ -445,7 +445,8 @@ def sample(
     steps: Annotated[int | None, typer.Option(help="DDIM steps (default: the model's own; a distilled model "
                                                     "samples only with its own)")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="folder (default RUN/samples)")] = None,
-    overwrite: Annotated[bool, typer.Option(help="replace an existing kdforge folder of another kind at -o")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace a grid of the same name (steps, seed, n) in the sample "
+                                                  "folder, or a kdforge folder of another kind at -o")] = False,
 ) -> None:
     """Sample a diffusion model with DDIM: a PNG grid and the samples as .npz."""
     from kdforge.diffusion.sample import sample_run

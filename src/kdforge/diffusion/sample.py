@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -52,7 +54,7 @@ def to_uint8(x: Tensor) -> np.ndarray:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def save_grid(x: Tensor, path: str | Path, cols: int | None = None, scale: int = 4) -> Path:
+def save_grid(x: Tensor, path: str | Path | BinaryIO, cols: int | None = None, scale: int = 4) -> Path | BinaryIO:
     """A PNG grid of [−1, 1] images, each pixel repeated ``scale`` times (small images stay visible)."""
     from PIL import Image
 
@@ -65,9 +67,10 @@ def save_grid(x: Tensor, path: str | Path, cols: int | None = None, scale: int =
         r, q = divmod(k, cols)
         canvas[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + q * (w + 1): 1 + q * (w + 1) + w] = imgs[k]
     canvas = canvas.repeat(scale, 0).repeat(scale, 1)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas[..., 0] if c == 1 else canvas).save(path)
+    if isinstance(path, str | Path):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(canvas[..., 0] if c == 1 else canvas).save(path, format="PNG")
     return path
 
 
@@ -76,9 +79,11 @@ def sample_run(source: str | Path, n: int, seed: int, steps: int | None = None, 
     """``kdforge sample``: n samples of a run folder's (or checkpoint's) denoiser → PNG grid and .npz.
 
     The output folder (default ``RUN/samples``) is a run folder of kind ``sample``: a sample folder is added
-    to; any other existing folder is refused unless ``overwrite`` (a kdforge folder only).
+    to (its other grids stay); a grid of the same name (steps, seed, n) is refused unless ``overwrite``, which
+    replaces only those two files. Any other existing folder is refused unless ``overwrite`` (a kdforge
+    folder only, replaced as a whole).
     """
-    from kdforge.engine.run_dir import open_run
+    from kdforge.engine.run_dir import check_writable_dir, open_run, run_kind
     from kdforge.evaluate import load_deployable
 
     if n < 1:
@@ -93,14 +98,39 @@ def sample_run(source: str | Path, n: int, seed: int, steps: int | None = None, 
     step_indices(model, steps)  # refuse a wrong count before any work
     src = Path(source)
     dest = Path(out) if out is not None else (src if src.is_dir() else src.parent) / "samples"
+    check_writable_dir(dest, "sample folder")
     stem = f"samples-{used}steps-seed{seed}-n{n}"
-    with open_run(dest, "sample", resume="auto", overwrite=overwrite, legacy=_legacy_samples,
-                  resume_cmd=f"kdforge sample {source} -n {n} --seed {seed} -o {dest}"):
+    png, npz = dest / f"{stem}.png", dest / f"{stem}.npz"
+    # a sample folder is added to, with or without --overwrite (which then replaces only this grid's files)
+    adding = dest.is_dir() and (run_kind(dest) == "sample" or (run_kind(dest) is None and any(dest.iterdir())
+                                                                 and _legacy_samples(dest)))
+    there = [p for p in (png, npz) if p.exists()] if adding else []
+    if there and not overwrite:
+        raise KdforgeError(f"{str(there[0])!r} already exists (an earlier 'kdforge sample' with {used} steps, seed "
+                           f"{seed}, n {n}); pass --overwrite to replace it, or choose another -o folder or --seed")
+    with open_run(dest, "sample", resume="auto", overwrite=overwrite and not adding, legacy=_legacy_samples,
+                  resume_cmd=f"kdforge sample {source} -n {n} --seed {seed} -o {dest}"
+                             + (" --overwrite" if there else "")):
         x = ddim_sample(model, n, (spec_shape[0], spec_shape[1], spec_shape[1]), steps, seed)
-        png = save_grid(x[:min(n, 256)], dest / f"{stem}.png")
-        npz = dest / f"{stem}.npz"
-        np.savez_compressed(npz, x=x.numpy().astype(np.float32), images=to_uint8(x), steps=used, seed=seed)
+        _atomic(png, lambda f: save_grid(x[:min(n, 256)], f))
+        _atomic(npz, lambda f: np.savez_compressed(f, x=x.numpy().astype(np.float32), images=to_uint8(x),
+                                                   steps=used, seed=seed))
     return png, npz
+
+
+def _atomic(path: Path, write: Callable[[Any], object]) -> None:
+    """Write ``path`` through a temp file in its folder and a rename: a kill never leaves half a grid."""
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix="")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _legacy_samples(path: Path) -> bool:
