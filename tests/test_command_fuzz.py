@@ -104,7 +104,7 @@ def mutation(draw: st.DrawFn, keys: list[str]) -> tuple[str, Any]:
     return key, draw(values)
 
 
-def _check(kind: str, base: dict[str, Any], in_file: list[tuple[str, Any]], as_set: list[tuple[str, Any]]) -> None:
+def _check(kind: str, base: dict[str, Any], in_file: list[tuple[str, Any]], as_set: list[tuple[str, Any]]) -> str:
     data = yaml.safe_load(yaml.safe_dump(base))
     for k, v in in_file:
         _set(data, k, v)
@@ -113,9 +113,11 @@ def _check(kind: str, base: dict[str, Any], in_file: list[tuple[str, Any]], as_s
         try:
             _loader(kind)(data, [_as_set(k, v) for k, v in as_set])
             event("loads")
+            return "loads"
         except KdforgeError as e:
             event("refused")
             assert "\n" not in str(e).strip() and str(e).strip(), (kind, data, as_set, str(e))
+            return "refused"
 
 
 COMMON = dict(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
@@ -128,9 +130,13 @@ def test_fuzz_command_recipes_load_or_one_line(kind: str) -> None:
     keys = _leaves(base)
     _loader(kind)(yaml.safe_load(yaml.safe_dump(base)), [])  # the unmutated recipe loads: the fuzz starts valid
 
+    seen = {"loads": 0, "refused": 0}
+
     @settings(max_examples=EXAMPLES, **COMMON)
     @given(in_file=st.lists(mutation(keys), max_size=2), as_set=st.lists(mutation(keys), max_size=2))
     def run(in_file: list, as_set: list) -> None:
-        _check(kind, base, in_file, as_set)
+        seen[_check(kind, base, in_file, as_set)] += 1
 
     run()
+    print(f"fuzz {kind}: {sum(seen.values())} cases, {seen['loads']} loaded, {seen['refused']} refused in one line")
+    assert sum(seen.values()) >= EXAMPLES  # the cases really ran (none skipped as invalid)
