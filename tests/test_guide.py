@@ -7,6 +7,7 @@ import re
 import runpy
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,15 +52,21 @@ def test_the_guide_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     commands = [s for kind, s in steps if kind == "run"]
     assert commands[0].startswith("python -m kdforge.data.sample_images") and "kdforge train kd.yaml" in commands
     said: dict[str, str] = {}
+    took: dict[str, float] = {}  # seconds per command, printed for the docs (never asserted: no timed tests)
     for kind, body in steps:
         if kind == "file":
             name, _, text = body.partition("\n")
             (tmp_path / name).write_text(text)
             continue
+        t0 = time.perf_counter()
         _run(body, monkeypatch)
+        took[body] = time.perf_counter() - t0
         out = capsys.readouterr()
         said[body] = out.out + out.err
     sys.modules.pop("my_nets", None)
+    with capsys.disabled():  # one line in the test output: the time a reader waits
+        print(f"\nguide: {len(took)} commands, {sum(took.values()):.0f} s in all; "
+              + "; ".join(f"{c[:60]} {t:.1f} s" for c, t in took.items()))
     # the KD banner names the .pt teacher and its validation accuracy, which is the teacher run's own best
     banner = said["kdforge train kd.yaml"]
     line = next(x for x in banner.splitlines() if x.strip().startswith("weights"))

@@ -126,7 +126,9 @@ def test_page_holds_every_run_and_section(site: Path, sources: Path) -> None:
     kd_row = next(r for r in rows if ">runs/kd<" in r)
     results = json.loads((sources / "runs" / "kd" / "results.json").read_text())
     assert "distill" in kd_row and f">{results['test_last']['top1']:,.2f}<" in kd_row
-    assert "<th>test top1 last (%)</th>" in body and "<th>avg_inc_acc (%)</th>" in body  # one column per metric
+    # one column per metric, named as a person reads it, with its unit
+    assert "<th>test top1 last (%)</th>" in body and "<th>average incremental accuracy (%)</th>" in body
+    assert "10 runs, 1 benchmark page from" in page and "(1 folder not readable" in page  # not "1 pages"
     assert f'data-v="{results["info"]["params"]!r}"' in kd_row
     for heading in ("Who beat whom", "Runs", "Learning curves", "Pruning", "Continual learning", "Audio", "Samples",
                     "Benchmarks", "Not shown"):

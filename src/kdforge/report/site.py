@@ -308,12 +308,19 @@ def metric_columns(rows: list[dict[str, Any]]) -> list[str]:
     return cols
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
 def _header(col: str) -> str:
-    from kdforge.report.units import unit
+    """A metric column's heading: its name as a person reads it, with its unit (``average incremental
+    accuracy (%)``, ``test top1 last (%)``)."""
+    from kdforge.report.units import readable, unit
 
     metric = col.removeprefix("test ").rsplit(" ", 1)[0] if col.startswith("test ") else col
     u = unit(metric)
-    return f"{col} ({u})" if u else col
+    name = col.replace(metric, readable(metric), 1) if metric in col else col
+    return f"{name} ({u})" if u else name
 
 
 _COLUMNS = [("run", "run"), ("kind", "kind"), ("method", "method"), ("model", "model"), ("seed", "seed"),
@@ -825,11 +832,13 @@ def build_site(roots: list[Path], out: Path, title: str = "kdforge report") -> P
     from kdforge import __version__
 
     srcs = ", ".join(f"<code>{_e(r)}</code>" for r in roots)
+    counts = f"{_plural(len(runs), 'run')}, {_plural(len(benches), 'benchmark page')} from {srcs}"
+    unread = f" ({_plural(len(skipped), 'folder')} not readable: see <a href=\"#not-shown\">Not shown</a>)"
     page = (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
-            f"<h1>{_e(title)}</h1><p class=\"muted\">{len(runs)} runs, {len(benches)} benchmark pages from {srcs}"
-            + (f" ({len(skipped)} folders not readable: see <a href=\"#not-shown\">Not shown</a>)" if skipped else "")
+            f"<h1>{_e(title)}</h1><p class=\"muted\">{counts}"
+            + (unread if skipped else "")
             + "; "
             f"kdforge {_e(__version__)}, {stamp}</p><nav>{nav}</nav>"
             + "".join(f'<h2 id="{k}">{_e(t)}</h2>{b}' for k, t, b in sections)
