@@ -75,22 +75,82 @@ def tiny_llama(layers: int, seed: int) -> torch.nn.Module:
     return LlamaForCausalLM(cfg).float()
 
 
+LM_ROWS = (4, 4, 16)  # steps x global rows (2 a rank) x tokens
+
+
+def _lm_train(reference: bool) -> dict[str, Any]:
+    """The engine settings of the language-model cases: 4 steps, FSDP with the teacher sharded unless a reference."""
+    train: dict[str, Any] = {"max_steps": 4, "grad_clip": 1.0, "threads": 1, "save_checkpoints": True}
+    if not reference:
+        train.update(distributed="fsdp", fsdp={"shard_teacher": True})
+    return train
+
+
+def _damped(recipe: Any) -> Any:
+    """AdamW with eps 1e-6: a gradient entry near 0 (≈ eps) turns its float-order noise into an lr-sized step."""
+    return recipe.model_copy(update={"optim": recipe.optim.model_copy(update={"eps": 1e-6})})
+
+
 def run_llama(out: Path, reference: bool) -> None:
-    """KD of a 2-layer student from a 3-layer teacher through the LM distillation method (teacher sharded)."""
+    """KD of a 2-layer student from a 3-layer teacher through the KD heal's method on a Trainer (teacher sharded)."""
     from kdforge.config import Recipe
     from kdforge.engine.trainer import Trainer
     from kdforge.llm.heal import LogitDistill
     teacher, student = tiny_llama(3, 1), tiny_llama(2, 2)
     for p in teacher.parameters():
         p.requires_grad_(False)
-    rows = torch.randint(0, 64, (4, 4, 16), generator=torch.Generator().manual_seed(3))
-    train: dict[str, Any] = {"max_steps": 4, "grad_clip": 1.0, "progress": "never", "threads": 1}
-    if not reference:
-        train.update(distributed="fsdp", fsdp={"shard_teacher": True})
+    rows = torch.randint(0, 64, LM_ROWS, generator=torch.Generator().manual_seed(3))
     r = Recipe.from_dict({"name": "llama", "seed": 0, "data": {"batch_size": 2},
                           "method": {"name": "llm-kd"}, "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.0},
-                          "sched": {"name": "constant"}, "train": train})
+                          "sched": {"name": "constant"}, "train": {**_lm_train(reference), "progress": "never"}})
     Trainer(LogitDistill(student, teacher, T=2.0), None, r, run_dir=out, source=Slices(rows)).fit()
+
+
+def run_lm_distill(case: str, out: Path, reference: bool) -> None:
+    """``distill_lm`` with chunked token losses (chunks of 8 of 30 positions a rank, recomputed in backward).
+
+    ``lm_fkl``: forward KL at T=2 plus the data's cross-entropy; ``lm_jsd``: generalized JSD (beta 0.5).
+    """
+    from kdforge.llm.distill import LMDistill, distill_lm, distill_recipe
+    from kdforge.losses import build_loss
+
+    teacher, student = tiny_llama(3, 1), tiny_llama(2, 2)
+    terms = [(build_loss("lm_fkl", T=2.0), 1.0), (build_loss("lm_ce"), 0.5)] if case == "lm_fkl" else \
+        [(build_loss("lm_jsd", beta=0.5), 1.0)]
+    rows = torch.randint(0, 64, LM_ROWS, generator=torch.Generator().manual_seed(4))
+    distill_lm(LMDistill(student, teacher, terms, chunk=8), Slices(rows),
+               _damped(distill_recipe(steps=4, lr=1e-3, batch_size=2, **_lm_train(reference))), run_dir=out)
+
+
+def run_heal(out: Path, reference: bool) -> None:
+    """``heal_kd`` (embeddings frozen, its own rank-seeded calibration rows, teacher sharded).
+
+    The reference trains one process on the rows both ranks draw at every step.
+    """
+    from unittest import mock
+
+    from kdforge.llm import heal
+
+    teacher, student = tiny_llama(3, 1), tiny_llama(2, 2)
+    blocks = torch.randint(0, 64, (16, 16), generator=torch.Generator().manual_seed(5))
+    recipe = _damped(heal.heal_recipe(steps=4, lr=1e-3, batch_size=2, **_lm_train(reference)))
+    if not reference:
+        heal.heal_kd(student, teacher, blocks, T=2.0, ce_weight=0.5, recipe=recipe, run_dir=out)
+        return
+
+    class EveryRank(heal.CalibrationBlocks):
+        """The rows of every rank of the launch, in rank order."""
+
+        def batch(self, step: int) -> torch.Tensor:
+            picked = []
+            for rank in range(WORLD):
+                with mock.patch("torch.distributed.is_initialized", return_value=True), \
+                        mock.patch("torch.distributed.get_rank", return_value=rank):
+                    picked.append(self.blocks[self.rows(step)])
+            return torch.cat(picked)
+
+    with mock.patch.object(heal, "CalibrationBlocks", EveryRank):
+        heal.heal_kd(student, teacher, blocks, T=2.0, ce_weight=0.5, recipe=recipe, run_dir=out)
 
 
 def main(argv: list[str]) -> None:
@@ -101,6 +161,10 @@ def main(argv: list[str]) -> None:
     for case in [a for a in argv[1:] if not a.startswith("--")]:
         if case == "llama":
             run_llama(out / case, reference)
+        elif case in ("lm_fkl", "lm_jsd"):
+            run_lm_distill(case, out / case, reference)
+        elif case == "heal":
+            run_heal(out / case, reference)
         else:
             train(Recipe.from_dict(recipe(case, reference)), out / case)
 
@@ -110,3 +174,4 @@ if __name__ == "__main__":
 
     launch.join()
     main(sys.argv[1:])
+    launch.leave()  # wait for every rank before tearing the group down (a rank exiting early aborts its peer)

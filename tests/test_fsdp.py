@@ -26,6 +26,7 @@ import fsdp_cases
 CASES = Path(__file__).parent / "fsdp_cases.py"
 # 2 x 32 rows reduce-scattered against 64 rows in one process: float sums in another order (≈1e-7 a step)
 ATOL = 1e-5
+LM_CASES = ["llama", "lm_fkl", "lm_jsd", "heal"]
 
 
 def _free_port() -> int:
@@ -74,7 +75,7 @@ def _max_diff(a: dict, b: dict) -> float:
 def equal_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every case in one 2-process launch (sharded) and in one process (the reference)."""
     out = tmp_path_factory.mktemp("fsdp")
-    names = ["kd", "kd_sharded", "adv", "llama"]
+    names = ["kd", "kd_sharded", "adv", *LM_CASES]
     procs = spawn([[str(CASES), str(out / "fsdp"), *names]] * 2)
     ref = subprocess.run([sys.executable, str(CASES), str(out / "one"), "--reference", *names],
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
@@ -84,16 +85,22 @@ def equal_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("case", ["kd", "kd_sharded", "adv", "llama"])
+@pytest.mark.parametrize("case", ["kd", "kd_sharded", "adv", *LM_CASES])
 def test_two_sharded_processes_equal_one_process(equal_runs: Path, case: str) -> None:
-    """KD with the teacher whole and sharded, the adversarial method's side optimizer, a tiny Llama's KD."""
+    """KD with the teacher whole and sharded, the adversarial method's side optimizer; a tiny Llama (teacher
+    sharded) through the KD heal's method, LM distillation with chunked forward KL + CE and with JSD, heal_kd."""
     a, b = _weights(equal_runs / "fsdp" / case), _weights(equal_runs / "one" / case)
     diff = _max_diff(a, b)
     assert diff <= ATOL, f"{case}: max weight difference {diff:.2e}"
     # the runs did train: the weights moved from their (shared) initialisation by far more than the tolerance
-    start = fsdp_cases.tiny_llama(2, 2).state_dict() if case == "llama" else None
+    start = fsdp_cases.tiny_llama(2, 2).state_dict() if case in LM_CASES else None
     if start is not None:
-        assert max((a[k] - start[k]).abs().max().item() for k in a) > 100 * ATOL
+        moved = {k: (a[k] - start[k]).abs().max().item() for k in a}
+        assert max(moved.values()) > 100 * ATOL
+        if case == "heal":  # heal_kd freezes the embeddings and the head unless asked: sharded, they stay put
+            assert moved["model.embed_tokens.weight"] == moved["lm_head.weight"] == 0.0
+        else:
+            assert moved["lm_head.weight"] > 100 * ATOL, "the head, used outside the forward, trained"
 
 
 def test_the_sharded_state_holds_every_rank_shard_and_the_side_optimizer(equal_runs: Path) -> None:

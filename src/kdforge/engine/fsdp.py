@@ -79,7 +79,7 @@ def blocks(model: nn.Module, cfg: FsdpConfig) -> list[nn.Module]:
     if cfg.auto_wrap == "none":
         return []
     if cfg.auto_wrap == "size":
-        return _by_size(model, cfg.min_params)
+        return _by_size(model, cfg.min_params, _embeddings(model))
     found: list[nn.Module] = []
     names = set(getattr(model, "_no_split_modules", None) or ())
     if names:
@@ -100,15 +100,32 @@ def blocks(model: nn.Module, cfg: FsdpConfig) -> list[nn.Module]:
     return sorted(unique, key=lambda m: -order[id(m)])  # descendants before their ancestors
 
 
-def _by_size(model: nn.Module, min_params: int) -> list[nn.Module]:
+def _embeddings(model: nn.Module) -> set[int]:
+    """A language model's input and output embeddings: used outside its forward by chunked losses, often tied."""
+    found = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            m = getattr(model, getter)() if hasattr(model, getter) else None
+        except NotImplementedError:
+            m = None
+        if m is not None:
+            found.add(id(m))
+    return found
+
+
+def _by_size(model: nn.Module, min_params: int, keep: set[int]) -> list[nn.Module]:
+    """Modules holding ``min_params`` parameters not yet in a unit; the modules in ``keep`` (and the modules
+    holding them) stay in the root's unit."""
     out: list[nn.Module] = []
 
-    def visit(m: nn.Module) -> int:
-        n = sum(p.numel() for p in m.parameters(recurse=False)) + sum(visit(c) for c in m.children())
-        if n >= min_params and m is not model:
+    def visit(m: nn.Module) -> tuple[int, bool]:
+        below = [visit(c) for c in m.children()]
+        n = sum(p.numel() for p in m.parameters(recurse=False)) + sum(k for k, _ in below)
+        kept = id(m) in keep or any(k for _, k in below)
+        if n >= min_params and m is not model and not kept:
             out.append(m)
-            return 0
-        return n
+            return 0, False
+        return n, kept
 
     visit(model)
     return out
@@ -142,16 +159,20 @@ class Sharding:
         prefixes = tuple(p.rstrip(".") for p in getattr(method, "frozen_prefixes", ()))
         self.whole: list[nn.Module] = []  # frozen teachers kept whole on every rank
         self.units: list[nn.Module] = []  # every module fully_shard was applied to
+        self.teachers: list[nn.Module] = []  # sharded teachers' top units, released after every step
         for name, child in method.named_children():
             if not _has_params(child):
                 continue
             if name in prefixes and not self.cfg.shard_teacher:
                 self.whole.append(child)
                 continue
+            top = len(self.units)
             self._shard_tree(child, reshard=True if name in prefixes else self.cfg.sharding != "shard_grad_op")
+            if name in prefixes:
+                self.teachers += self.units[top:]
         if any(True for _ in method.parameters(recurse=False)):
             ignored = {p for m in self.whole for p in m.parameters()}
-            self._shard(method, reshard=self.cfg.sharding != "shard_grad_op", ignored=ignored)
+            self._shard(method, reshard=False, ignored=ignored)
 
     def _shard(self, module: nn.Module, reshard: bool, ignored: set[nn.Parameter] | None = None) -> None:
         from torch.distributed.fsdp import fully_shard
@@ -161,7 +182,12 @@ class Sharding:
         self.units.append(module)
 
     def _shard_tree(self, model: nn.Module, reshard: bool) -> None:
-        """Each block, then the model; a container's items one by one (its own forward never runs)."""
+        """Each block, then the model; a container's items one by one (its own forward never runs).
+
+        The model's own unit (embeddings, final norm, output head of a language model) stays gathered from
+        its forward to the end of the backward, FSDP's rule for a root: a language-model loss applies the head
+        to the hidden states in chunks after the forward, and backward needs these weights first anyway.
+        """
         if isinstance(model, CONTAINERS):
             for child in model.children():
                 if _has_params(child):
@@ -169,7 +195,12 @@ class Sharding:
             return
         for b in blocks(model, self.cfg):
             self._shard(b, reshard)
-        self._shard(model, reshard)
+        self._shard(model, reshard=False)
+
+    def release_teachers(self) -> None:
+        """Free the gathered top units of sharded teachers (kept whole through the step for chunked losses)."""
+        for m in self.teachers:
+            m.reshard()
 
     def close(self) -> None:
         """Drop the one-process group this run made (a launch's group belongs to the launch)."""

@@ -597,6 +597,8 @@ class Trainer:
                 raise KdforgeError(f"{type(self.method).__name__}.training_step must return a dict with 'loss'")
             if auto:
                 acc.backward(out["loss"])
+        if self.sharding is not None:
+            self.sharding.release_teachers()
         bad = self._nonfinite(out)
         if last_micro:
             if bad:

@@ -13,6 +13,7 @@ student's current weights, so a resumed run repeats the uninterrupted one bit fo
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,8 +25,8 @@ from torch import Tensor, nn
 from kdforge.config import Recipe
 from kdforge.errors import KdforgeError
 from kdforge.llm.losses import TokenLoss, chunked_token_loss, head_logits
-from kdforge.llm.metrics import lm_logits, next_token_targets
-from kdforge.llm.text import IGNORE, Example, Packed, block_causal_mask, pack
+from kdforge.llm.metrics import lm_forward, lm_logits, next_token_targets
+from kdforge.llm.text import IGNORE, Example, Packed, pack
 from kdforge.method import Method
 
 
@@ -67,23 +68,43 @@ def _plain_head(model: nn.Module) -> bool:
 
 
 def lm_hidden(model: nn.Module, batch: Tensor | dict[str, Tensor]) -> Tensor:
-    """Final hidden states (B, L, H) after the last norm: the output head's input."""
-    dec = model.get_decoder()
+    """Final hidden states (B, L, H) after the last norm: the output head's input.
+
+    They come from the model's own forward (the decoder's output, caught by a hook), never from calling the
+    decoder alone: FSDP gathers a sharded model's embeddings, norm and head in the hooks of that forward.
+    The forward's head runs on the last position only when the model allows it (``logits_to_keep``).
+    """
     if isinstance(batch, dict) and "doc" not in batch:
         batch = batch["ids"]
-    if isinstance(batch, Tensor):
-        return dec(input_ids=batch, use_cache=False).last_hidden_state
-    impl = getattr(model.config, "_attn_implementation", "sdpa")
-    mask = block_causal_mask(batch["doc"], next(model.parameters()).dtype, boolean=impl == "sdpa")
-    return dec(input_ids=batch["ids"], position_ids=batch["positions"], attention_mask=mask,
-               use_cache=False).last_hidden_state
+    caught: list[Tensor] = []
+    hook = model.get_decoder().register_forward_hook(lambda _m, _args, out: caught.append(out[0]))
+    try:
+        lm_forward(model, batch, **_last_position_only(model))
+    finally:
+        hook.remove()
+    return caught[-1]
+
+
+def _last_position_only(model: nn.Module) -> dict[str, int]:
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
+def _gathered_head(model: nn.Module) -> nn.Module:
+    """The output head, whose weight must be whole after the forward (a sharded root keeps it gathered)."""
+    head = model.get_output_embeddings()
+    if type(head.weight).__name__ == "DTensor":
+        raise KdforgeError("the output head's weight is still sharded after the model's forward: under FSDP the "
+                           "head must belong to the model's root unit, which keeps it gathered until backward "
+                           "(kdforge's train.distributed: fsdp does this)")
+    return head
 
 
 def token_logits_fn(model: nn.Module, batch: Tensor | dict[str, Tensor], vocab: int | None) -> Any:
     """``idx -> logits`` at flat positions: from the hidden states and head (chunkable) or, for heads with a
     soft cap or scale, from the full logits."""
     if _plain_head(model):
-        return head_logits(lm_hidden(model, batch), model.get_output_embeddings(), vocab)
+        hidden = lm_hidden(model, batch)
+        return head_logits(hidden, _gathered_head(model), vocab)
     logits = lm_logits(model, batch)
     flat = logits.reshape(-1, logits.shape[-1])[:, :vocab]
     return lambda idx: flat[idx]

@@ -16,10 +16,15 @@ from kdforge.errors import KdforgeError
 
 def lm_logits(model: nn.Module, ids: Tensor | dict[str, Tensor]) -> Tensor:
     """Logits of a causal LM (no KV cache) for token-id rows, or a packed batch (dict with ``positions``, ``doc``)."""
+    return lm_forward(model, ids).logits
+
+
+def lm_forward(model: nn.Module, ids: Tensor | dict[str, Tensor], **extra: Any) -> Any:
+    """The model's output for token-id rows or a packed batch (no KV cache; ``extra``: more forward arguments)."""
     if isinstance(ids, dict) and "doc" not in ids:
         ids = ids["ids"]
     if isinstance(ids, Tensor):
-        return model(input_ids=ids, use_cache=False).logits
+        return model(input_ids=ids, use_cache=False, **extra)
     from kdforge.llm.text import block_causal_mask
 
     impl = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa")
@@ -27,7 +32,7 @@ def lm_logits(model: nn.Module, ids: Tensor | dict[str, Tensor]) -> Tensor:
         raise KdforgeError(f"packed batches need attention 'sdpa' or 'eager' (4-D masks), the model uses {impl!r}")
     dtype = next(model.parameters()).dtype
     mask = block_causal_mask(ids["doc"], dtype, boolean=impl == "sdpa")
-    return model(input_ids=ids["ids"], position_ids=ids["positions"], attention_mask=mask, use_cache=False).logits
+    return model(input_ids=ids["ids"], position_ids=ids["positions"], attention_mask=mask, use_cache=False, **extra)
 
 
 def next_token_targets(batch: Tensor | dict[str, Tensor]) -> Tensor:
