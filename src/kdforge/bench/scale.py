@@ -123,6 +123,7 @@ def _worker(out: Path, world: int, steps: int) -> None:
         rows[mode] = res
     if rank == 0:
         (out / f"w{world}.json").write_text(json.dumps(rows))
+    launch.leave()
 
 
 def _launch(out: Path, world: int, steps: int) -> None:
