@@ -38,8 +38,9 @@ def recipe(case: str, reference: bool) -> dict[str, Any]:
     r = copy.deepcopy(BASE)
     r["name"] = case
     r["method"] = copy.deepcopy(ADV if case == "adv" else KD)  # kd, kd_sharded, kd_hybrid: KD
-    if case == "kd_sharded":  # also the uninterrupted run of the kill-and-resume test
+    if case == "kd_sharded":  # also the uninterrupted run of the kill-and-resume test; deploys an EMA
         r["train"]["save_every_steps"] = 1
+        r["train"]["ema"] = {"decay": 0.9, "warmup": True}
     if reference:
         r["data"]["batch_size"] *= WORLD
     else:
@@ -122,6 +123,52 @@ def run_lm_distill(case: str, out: Path, reference: bool) -> None:
                _damped(distill_recipe(steps=4, lr=1e-3, batch_size=2, **_lm_train(reference))), run_dir=out)
 
 
+def _on_policy(student: Any) -> Any:
+    """The on-policy case's source: 12 examples of 5 prompt and 6 answer tokens, 2 a step, λ 0.5, seed 1."""
+    from kdforge.llm.distill import OnPolicy
+    from kdforge.llm.text import Example
+
+    ids = torch.randint(0, 64, (12, 11), generator=torch.Generator().manual_seed(6)).tolist()
+    examples = [Example(row, [False] * 5 + [True] * 6) for row in ids]
+    return OnPolicy(examples, student, batch_size=2, seq_len=16, lam=0.5, max_new_tokens=6, seed=1)
+
+
+def on_policy_steps() -> list[bool]:
+    """Which of the on-policy case's 4 steps train on the student's samples."""
+    return [_on_policy(None).plan(step)[1] for step in range(4)]
+
+
+def run_on_policy(out: Path, reference: bool) -> None:
+    """GKD's on-policy mixture (λ 0.5) with reverse KL: the sharded student samples its answers with ``generate``.
+
+    Prompts of 5 tokens, answers (the data's or 6 sampled ones) of 6: every rank trains as many positions.
+    The reference trains one process on every rank's batch, each built as that rank builds it.
+    """
+    from unittest import mock
+
+    from kdforge.llm.distill import LMDistill, distill_lm, distill_recipe
+    from kdforge.losses import build_loss
+
+    teacher, student = tiny_llama(3, 1), tiny_llama(2, 2)
+    source = _on_policy(student)
+    if reference:
+        one_rank = source.batch
+
+        def every_rank(step: int) -> dict[str, torch.Tensor]:
+            parts = []
+            for rank in range(WORLD):
+                with mock.patch("torch.distributed.is_initialized", return_value=True), \
+                        mock.patch("torch.distributed.get_rank", return_value=rank), \
+                        mock.patch("torch.distributed.get_world_size", return_value=1):
+                    parts.append(one_rank(step))
+            return {k: torch.cat([p[k] for p in parts]) if parts[0][k].ndim else parts[0][k] for k in parts[0]}
+
+        source.batch = every_rank  # type: ignore[method-assign]
+    method = LMDistill(student, teacher, [(build_loss("lm_rkl"), 1.0)], chunk=8)
+    distill_lm(method, source, _damped(distill_recipe(steps=4, lr=1e-3, batch_size=2, **_lm_train(reference))),
+               run_dir=out)
+
+
 def run_heal(out: Path, reference: bool) -> None:
     """``heal_kd`` (embeddings frozen, its own rank-seeded calibration rows, teacher sharded).
 
@@ -165,6 +212,8 @@ def main(argv: list[str]) -> None:
             run_lm_distill(case, out / case, reference)
         elif case == "heal":
             run_heal(out / case, reference)
+        elif case == "lm_on_policy":
+            run_on_policy(out / case, reference)
         else:
             train(Recipe.from_dict(recipe(case, reference)), out / case)
 

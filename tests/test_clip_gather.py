@@ -58,6 +58,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         part = torch.arange(3 + rank, dtype=torch.float32).unsqueeze(1) + 10 * rank
         ragged = gather_no_grad(part)
         torch.save({"loss": loss, "grads": grads, "ragged": ragged}, Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # neither rank tears gloo down while the other still talks
     finally:
         dist.destroy_process_group()
 

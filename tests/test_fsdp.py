@@ -26,7 +26,7 @@ import fsdp_cases
 CASES = Path(__file__).parent / "fsdp_cases.py"
 # 2 x 32 rows reduce-scattered against 64 rows in one process: float sums in another order (≈1e-7 a step)
 ATOL = 1e-5
-LM_CASES = ["llama", "lm_fkl", "lm_jsd", "heal"]
+LM_CASES = ["llama", "lm_fkl", "lm_jsd", "lm_on_policy", "heal"]
 
 
 def _free_port() -> int:
@@ -88,7 +88,8 @@ def equal_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("case", ["kd", "kd_sharded", "adv", *LM_CASES])
 def test_two_sharded_processes_equal_one_process(equal_runs: Path, case: str) -> None:
     """KD with the teacher whole and sharded, the adversarial method's side optimizer; a tiny Llama (teacher
-    sharded) through the KD heal's method, LM distillation with chunked forward KL + CE and with JSD, heal_kd."""
+    sharded) through the KD heal's method, LM distillation with chunked forward KL + CE, with JSD, on-policy
+    (the sharded student generating), and heal_kd."""
     a, b = _weights(equal_runs / "fsdp" / case), _weights(equal_runs / "one" / case)
     diff = _max_diff(a, b)
     assert diff <= ATOL, f"{case}: max weight difference {diff:.2e}"
@@ -97,6 +98,8 @@ def test_two_sharded_processes_equal_one_process(equal_runs: Path, case: str) ->
     if start is not None:
         moved = {k: (a[k] - start[k]).abs().max().item() for k in a}
         assert max(moved.values()) > 100 * ATOL
+        if case == "lm_on_policy":  # the run mixed the student's samples and the data's answers
+            assert sorted(set(fsdp_cases.on_policy_steps())) == [False, True]
         if case == "heal":  # heal_kd freezes the embeddings and the head unless asked: sharded, they stay put
             assert moved["model.embed_tokens.weight"] == moved["lm_head.weight"] == 0.0
         else:
@@ -111,6 +114,23 @@ def test_the_sharded_state_holds_every_rank_shard_and_the_side_optimizer(equal_r
     keys = set(dcp.FileSystemReader(str(state / "dcp")).read_metadata().state_dict_metadata)
     assert any(k.startswith("model.disc.") for k in keys) and any(k.startswith("optim.disc.") for k in keys)
     assert not any(k.startswith("model.teacher.") for k in keys), "the frozen teacher is not resumable state"
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_the_ema_is_kept_sharded_and_deployed(equal_runs: Path) -> None:
+    """kd_sharded's train.ema: the average is saved as every rank's shard, and last.safetensors is the average."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    run = equal_runs / "fsdp" / "kd_sharded"
+    reader = dcp.FileSystemReader(str(run / "checkpoints" / "state" / "dcp"))
+    keys = set(reader.read_metadata().state_dict_metadata)
+    deployed = _weights(run)
+    assert {k.removeprefix("ema.") for k in keys if k.startswith("ema.")} == set(deployed)
+    # the deployed weights are the average, not the last step's (which equal 1 process's: the test above)
+    trained = {k: torch.empty_like(v) for k, v in deployed.items()}
+    dcp.load({"model": {f"student.{k}": v for k, v in trained.items()}}, storage_reader=reader, no_dist=True)
+    assert _max_diff(trained, deployed) > 10 * ATOL
 
 
 def _recipe_file(tmp: Path, case: str = "kd_sharded", teacher: Path | None = None) -> Path:

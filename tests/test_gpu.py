@@ -1,7 +1,8 @@
 """The CUDA subset (``pytest -m gpu``, run by ``make gpu-check``): skipped where no GPU is visible.
 
 AMP in bf16 and fp16 (with its GradScaler), channels-last models, the engine's side optimizer under fp16,
-FSDP2 with one process, and the teacher cache built and read on the GPU.
+FSDP2 with one process (image KD, and LM distillation with the teacher sharded), and the teacher cache built
+and read on the GPU.
 """
 
 from __future__ import annotations
@@ -104,6 +105,27 @@ def test_fsdp_world_size_one_equals_the_unsharded_run(tmp_path: Path) -> None:
     b = load_file(str(tmp_path / "fsdp" / "checkpoints" / "last.safetensors"))
     diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
     assert diff <= 1e-4, diff
+
+
+def test_lm_distillation_under_fsdp_equals_the_unsharded_run_and_trains_in_bf16(tmp_path: Path) -> None:
+    """Chunked forward KL of a tiny Llama, teacher sharded, one process: fp32 equals unsharded; bf16 is finite."""
+    from safetensors.torch import load_file
+
+    from kdforge.llm.distill import LMDistill, distill_lm, distill_recipe
+    from kdforge.losses import build_loss
+    from tests.fsdp_cases import Slices, tiny_llama
+
+    rows = torch.randint(0, 64, (3, 2, 16), generator=torch.Generator().manual_seed(0))
+    logs = {}
+    for name, train in (("plain", {}), ("fsdp", {"distributed": "fsdp", "fsdp": {"shard_teacher": True}}),
+                        ("bf16", {"distributed": "fsdp", "fsdp": {"shard_teacher": True}, "precision": "bf16"})):
+        method = LMDistill(tiny_llama(2, 2), tiny_llama(3, 1), [(build_loss("lm_fkl", T=2.0), 1.0)], chunk=8)
+        recipe = distill_recipe(steps=3, lr=1e-3, batch_size=2, device=DEVICE, save_checkpoints=True, **train)
+        logs[name] = distill_lm(method, Slices(rows), recipe, run_dir=tmp_path / name)
+    a, b = (load_file(str(tmp_path / n / "checkpoints" / "last.safetensors")) for n in ("plain", "fsdp"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    assert all(math.isfinite(x["loss"]) for x in logs["bf16"])
+    assert logs["bf16"][0]["loss"] == pytest.approx(logs["plain"][0]["loss"], rel=0.05)
 
 
 def test_teacher_cache_built_and_read_on_the_gpu_trains_like_the_cpu_one(tmp_path: Path) -> None:

@@ -41,6 +41,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 method.training_step(batch, 0)
         torch.save({"past": method.past_probs, "seen": torch.tensor(list(iter(sampler)))},
                    Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # neither rank tears gloo down while the other still talks
     finally:
         dist.destroy_process_group()
 

@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kdforge.config import FsdpConfig, TrainConfig
+from kdforge.config import EmaConfig, FsdpConfig, TrainConfig
+from kdforge.engine.ema import Ema
 from kdforge.errors import KdforgeError
 
 if TYPE_CHECKING:
@@ -40,9 +41,6 @@ def check(t: TrainConfig, cpu: bool) -> None:
     if cfg.cpu_offload and cpu:
         raise KdforgeError("train.fsdp.cpu_offload moves GPU shards to the CPU; training on the CPU there is "
                            "nothing to offload (set it false)")
-    if t.ema is not None:
-        raise KdforgeError("train.ema is not available with train.distributed: fsdp (the average would need the "
-                           "whole model on every process); remove train.ema or use train.distributed: ddp")
 
 
 def ensure_process_group(device: torch.device) -> bool:
@@ -156,6 +154,7 @@ class Sharding:
         # the deployable model's plain twin: evaluated and saved after every gather (all ranks hold it)
         self.plain = copy.deepcopy(method.deployable())
         self._fresh_at: int | None = None
+        self.ema: ShardedEma | None = None  # train.ema: the average kept sharded like the model
         prefixes = tuple(p.rstrip(".") for p in getattr(method, "frozen_prefixes", ()))
         self.whole: list[nn.Module] = []  # frozen teachers kept whole on every rank
         self.units: list[nn.Module] = []  # every module fully_shard was applied to
@@ -231,8 +230,15 @@ class Sharding:
         if self.world > 1:
             for b in self.plain.buffers():
                 dist.broadcast(b.data, src=0)
+        if self.ema is not None:
+            self.ema.refresh()
         self._fresh_at = step
         return self.plain
+
+    def make_ema(self, cfg: EmaConfig) -> ShardedEma:
+        """The EMA of the deployable model, sharded as it is (``train.ema``)."""
+        self.ema = ShardedEma(self.method.deployable(), self.plain, cfg, self.world)
+        return self.ema
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save(self, directory: Path, trainer: Trainer) -> None:
@@ -251,7 +257,10 @@ class Sharding:
             tmp.mkdir()
         dist.barrier()
         model_sd, optim_sd, stated = self._state_dicts(trainer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
+        parts = {"model": model_sd, "optim": optim_sd}
+        if self.ema is not None:
+            parts["ema"] = self.ema.avg
+        dcp.save(parts, checkpoint_id=str(tmp / "dcp"))
         save_torch(tmp / f"rank{self.rank}.pt", {"rng": rng_state(), "sums": {
             k: v.detach().cpu() for k, v in trainer._sums.items()}, "counts": list(trainer._counts)})
         dist.barrier()
@@ -298,8 +307,11 @@ class Sharding:
             raise KdforgeError(f"resume state has optimizers {sorted(st['optimizers'])}, this method declares "
                                f"{sorted(trainer.optimizers)}")
         model_sd, optim_sd, stated = self._state_dicts(trainer, list(sharded["optimizers_with_state"]))
+        parts = {"model": model_sd, "optim": optim_sd}
+        if self.ema is not None and "ema" in st:  # read in place into the average's shards
+            parts["ema"] = self.ema.avg
         try:
-            dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory / "dcp"))
+            dcp.load(parts, checkpoint_id=str(directory / "dcp"))
         except Exception as e:  # DCP raises its own CheckpointException, carrying every rank's traceback
             raise KdforgeError(f"cannot read the sharded state in {str(directory / 'dcp')!r}: "
                                f"{str(e).strip().splitlines()[0][:160]}") from None
@@ -312,3 +324,56 @@ class Sharding:
             st["rng"], st["sums"], st["counts"] = mine["rng"], mine["sums"], mine["counts"]
         self._fresh_at = None
         return st
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a plain tensor is its own)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class ShardedEma:
+    """``train.ema`` under FSDP2: the average of each parameter kept as a DTensor sharded like the parameter.
+
+    Each rank averages its own shards (one foreach lerp per update, no communication); buffers (BatchNorm
+    statistics) are averaged per rank and rank 0's are deployed, as for the model itself. ``model`` is a
+    plain copy, gathered with the model's plain copy (:meth:`Sharding.refresh`), that evaluation and the
+    saved weights read. The shards are saved in the run's DCP checkpoint; ``state_dict`` holds the count.
+    """
+
+    decay = Ema.decay  # the unsharded EMA's decay rule (warmup included)
+
+    def __init__(self, sharded: nn.Module, plain: nn.Module, cfg: EmaConfig, world: int) -> None:
+        self.cfg, self.world, self.updates = cfg, world, 0
+        self.avg = {k: v.detach().clone() for k, v in sharded.state_dict().items()}
+        self.model = copy.deepcopy(plain).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Move the average towards ``model``'s current (sharded) weights."""
+        d, now = self.decay(self.updates), model.state_dict()
+        avg, new = [], []
+        for k, e in self.avg.items():
+            if e.dtype.is_floating_point:
+                avg.append(_local(e))
+                new.append(_local(now[k].detach()))
+            else:
+                _local(e).copy_(_local(now[k]))
+        if avg:
+            torch._foreach_lerp_(avg, new, 1 - d)
+        self.updates += 1
+
+    def refresh(self) -> None:
+        """Gather the average into the plain copy (a collective on every rank)."""
+        full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in self.avg.items()}
+        self.model.load_state_dict(full)
+        if self.world > 1:
+            for b in self.model.buffers():
+                dist.broadcast(b.data, src=0)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The update count (the averaged shards are in the run's DCP checkpoint)."""
+        return {"updates": self.updates, "sharded": True}
+
+    def load_state_dict(self, st: dict[str, Any]) -> None:
+        """Restore the update count (:meth:`Sharding.load` read the shards)."""
+        self.updates = int(st["updates"])

@@ -325,8 +325,10 @@ class Trainer:
                     p.requires_grad_(False)
         self.model = acc.prepare_model(method) if automatic and self.sharding is None else method
         method.attach_engine(self)
-        self.ema = None
-        if r.train.ema is not None:
+        self.ema: Any = None  # Ema, or ShardedEma under FSDP2
+        if r.train.ema is not None and self.sharding is not None:
+            self.ema = self.sharding.make_ema(r.train.ema)
+        elif r.train.ema is not None:
             from kdforge.engine.ema import Ema
 
             self.ema = Ema(method.deployable(), r.train.ema)

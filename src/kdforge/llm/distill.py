@@ -187,8 +187,21 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def _step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_009 + _rank()) * 31 + salt)
+def _world() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _sharded(model: nn.Module) -> bool:
+    """Whether ``model`` is sharded with FSDP2 (``fully_shard``)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _step_generator(seed: int, step: int, salt: int = 0, rank: int | None = None) -> torch.Generator:
+    rank = _rank() if rank is None else rank
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_009 + rank) * 31 + salt)
 
 
 class PackedRows:
@@ -229,10 +242,15 @@ class OnPolicy:
         self.steps_per_epoch = max(1, len(self.examples) // batch_size)
 
     def plan(self, step: int) -> tuple[list[int], bool]:
-        """(example indices, whether the step is on-policy) of engine step ``step``."""
-        g = _step_generator(self.seed, step)
-        idx = torch.randint(0, len(self.examples), (self.batch_size,), generator=g).tolist()
-        return idx, bool(torch.rand((), generator=g) < self.lam)
+        """(example indices, whether the step is on-policy) of engine step ``step``.
+
+        The indices differ between the processes of a launch; whether the step is on-policy does not
+        (rank 0's draw): under FSDP every process must run the student's generation together.
+        """
+        idx = torch.randint(0, len(self.examples), (self.batch_size,), generator=_step_generator(self.seed, step))
+        g = _step_generator(self.seed, step, rank=0)
+        torch.randint(0, len(self.examples), (self.batch_size,), generator=g)  # rank 0's indices come first
+        return idx.tolist(), bool(torch.rand((), generator=g) < self.lam)
 
     @torch.no_grad()
     def sample(self, prompt: list[int], step: int, row: int) -> list[int]:
@@ -245,9 +263,12 @@ class OnPolicy:
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             torch.manual_seed(int(torch.randint(0, 2**62, (), generator=_step_generator(self.seed, step, 1 + row))))
             ids = torch.tensor([prompt], device=dev)
+            # a student sharded over several processes: each runs forwards until all have finished (an FSDP
+            # forward gathers the weights with the others)
+            synced = _world() > 1 and _sharded(model)
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=room, do_sample=True,
                                  temperature=self.temperature, top_k=0, top_p=1.0, pad_token_id=self.pad_id,
-                                 eos_token_id=self.eos_id)
+                                 eos_token_id=self.eos_id, synced_gpus=synced)
         model.train(was)
         gen = out[0, len(prompt):].tolist()
         if self.eos_id is not None and self.eos_id in gen:
