@@ -195,17 +195,22 @@ def torch_runner(model: nn.Module) -> Any:
 
 
 def check_faster(original: Any, compressed: Any, shape: tuple[int, ...], batch_sizes: list[int], rounds: int = 7,
-                 iters: int = 5, runtime: str = "onnxruntime") -> Check:
-    """Check 4: the compressed model's median latency is below the original's at every batch size."""
+                 iters: int = 5, runtime: str = "onnxruntime", also: dict[str, Any] | None = None) -> Check:
+    """Check 4: the compressed model's median latency is below the original's at every batch size.
+
+    ``also``: more runners timed in the same interleaved rounds (an int8 model's float parent), reported only.
+    """
     xs = {b: np.random.default_rng(b).standard_normal((b, *shape)).astype(np.float32) for b in batch_sizes}
-    lat = interleaved_latency({"original": original, "compressed": compressed}, xs, rounds, iters)
+    lat = interleaved_latency({"original": original, "compressed": compressed, **(also or {})}, xs, rounds, iters)
     speed = {b: v["original"]["median_ms"] / v["compressed"]["median_ms"] for b, v in lat.items()}
+    over = {n: {str(b): v[n]["median_ms"] / v["compressed"]["median_ms"] for b, v in lat.items()} for n in also or {}}
     slow = [b for b, s in speed.items() if s <= 1.0]
     text = ", ".join(f"batch {b}: {lat[b]['compressed']['median_ms']:.2f} vs {lat[b]['original']['median_ms']:.2f} ms "
                      f"({speed[b]:.2f}x)" for b in batch_sizes)
     return Check("faster", not slow, f"{text}; {runtime}, median of {rounds} interleaved rounds",
                  {"runtime": runtime, "rounds": rounds, "iters": iters,
-                  "latency": {str(b): v for b, v in lat.items()}, "speedup": {str(b): s for b, s in speed.items()}})
+                  "latency": {str(b): v for b, v in lat.items()}, "speedup": {str(b): s for b, s in speed.items()},
+                  **({"speedup_over": over} if over else {})})
 
 
 def check_quality(original: float, compressed: float, max_drop: float, split: str = "test") -> Check:

@@ -183,11 +183,12 @@ def run_compress(r: CompressRecipe, out: str | Path, overwrite: bool = False, ve
         src = load_source(r)
         log(f"compress: {type(src.model).__name__} from {src.where}, {count_params(src.model):,} params; "
             f"budget {r.budget.metric} <= {r.budget.fraction:g}x, accuracy drop <= {r.budget.max_drop:g} points")
-        original_value, cands, skipped = search_candidates(src, r, log)  # bad budgets fail before any export
+        # the original is exported first: an op the exporter or runtime lacks fails in seconds, not after healing
         orig = Evaluated("original", "original", count_params(src.model),
                          count_flops(src.model, src.input_shape), accuracy(src.model, src))
         orig.files = export_all(src.model, src.input_shape, out / "original", r.export.formats, src.spec, {},
                                  r.data.model_dump(mode="json"))
+        original_value, cands, skipped = search_candidates(src, r, log)
         loads, _, facts = check_loads(orig.files, plain_batch(src.data.test, 2, 0)[0], r.gate.threads,
                                       max(r.gate.batch_sizes))
         if not loads.ok:
@@ -195,6 +196,9 @@ def run_compress(r: CompressRecipe, out: str | Path, overwrite: bool = False, ve
         orig.info["peak_rss_mb"] = facts.get("onnx", {}).get("peak_rss_mb")
         orig.info["budget_value"] = original_value
         rows = [_evaluate_candidate(c, src, r, orig, out, log) for c in cands]
+        if r.candidates.int8 != "none":
+            rows += [_log_row(int8_candidate(e, orig, src, r, out / "candidates" / f"{e.name}+int8"), orig, log)
+                     for e in list(rows) if "onnx" in e.files and e.checks and e.checks[0].ok]
         fast = next((ch for e in rows for ch in e.checks if ch.name == "faster"), None)
         if fast is not None:
             orig.info["latency_ms"] = {b: v["original"]["median_ms"] for b, v in fast.values["latency"].items()}
@@ -252,9 +256,52 @@ def _evaluate_candidate(c: Candidate, src: Source, r: CompressRecipe, orig: Eval
                              r.data.model_dump(mode="json"))
     e.checks, info = gate_candidate(healed, e.files, orig, src, r, top1)
     e.info.update(info)
+    return _log_row(e, orig, log)
+
+
+def _log_row(e: Evaluated, orig: Evaluated, log: Any) -> Evaluated:
+    """One line per gated candidate: its accuracy and the gate's verdict."""
     failed = verdict(e.checks)
-    log(f"compress: {c.name}: top-1 {top1:.2f} (original {orig.top1:.2f}), "
+    log(f"compress: {e.name}: top-1 {e.top1:.2f} (original {orig.top1:.2f}), "
         + ("gate passed" if failed is None else f"gate FAILED {failed.line()}"))
+    return e
+
+
+def int8_candidate(parent: Evaluated, orig: Evaluated, src: Source, r: CompressRecipe, folder: Path,
+                   original_runner: Any = None) -> Evaluated:
+    """An int8 copy of ``parent``'s ONNX export (onnxruntime's quantizer), gated against the original.
+
+    ``matches`` compares the fresh-process outputs with the in-process quantized session (the reference an int8
+    model has); ``faster`` also times the float parent in the same rounds, so the row shows what int8 itself gains.
+    """
+    from kdforge.compress.quant import INT8_FILE, onnx_accuracy, quantize_onnx
+
+    g, mode = r.gate, r.candidates.int8
+    calib = plain_batch(src.data.train, r.candidates.int8_calib_samples, r.candidates.seed)[0].numpy()
+    t0 = time.perf_counter()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = quantize_onnx(parent.files["onnx"], folder / INT8_FILE, mode, calib.astype("float32"))
+    top1 = onnx_accuracy(path, src.data.test, g.threads)
+    e = Evaluated(f"{parent.name}+int8", f"{parent.family}+int8", parent.params, parent.flops, top1,
+                  files={"onnx": path}, info={"int8": mode, "parent": parent.name, "budget_fraction":
+                                              parent.info.get("budget_fraction"),
+                                              "quantize_seconds": time.perf_counter() - t0})
+    x, _ = plain_batch(src.data.test, g.held_out, r.seed + 1)
+    loads, outs, facts = check_loads(e.files, x, g.threads, max(g.batch_sizes))
+    e.checks.append(loads)
+    e.info["peak_rss_mb"] = facts.get("onnx", {}).get("peak_rss_mb")
+    if not loads.ok:
+        return e
+    runner = onnx_runner(path, g.threads)
+    e.checks.append(check_matches(torch.from_numpy(runner(x.numpy())), outs, g.atol))
+    e.checks.append(check_smaller((orig.params, e.params), {"onnx": (orig.files["onnx"].stat().st_size,
+                                                                     path.stat().st_size)}))
+    e.info["bytes_vs_parent"] = path.stat().st_size / parent.files["onnx"].stat().st_size
+    e.checks.append(check_faster(original_runner or onnx_runner(orig.files["onnx"], g.threads), runner,
+                                 src.input_shape, g.batch_sizes, g.rounds, g.iters,
+                                 f"onnxruntime {g.threads} thread(s)",
+                                 also={"float": onnx_runner(parent.files["onnx"], g.threads)}))
+    e.checks.append(check_quality(orig.top1, top1, r.budget.max_drop))
     return e
 
 

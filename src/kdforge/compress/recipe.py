@@ -42,6 +42,10 @@ class CandidateSpec(Strict):
     score_batch_size: int = Field(64, ge=2)
     max_candidates: int = Field(32, ge=1)
     width_importance: Literal["l1", "l2"] = "l2"
+    #: int8 copies of every exported candidate by onnxruntime's quantizer (``static``: QDQ, calibrated on
+    #: ``int8_calib_samples`` training images; ``dynamic``: activations quantized at run time), gated as candidates
+    int8: Literal["none", "static", "dynamic"] = "none"
+    int8_calib_samples: int = Field(256, ge=8)
 
 
 class HealSpec(Strict):
@@ -129,6 +133,9 @@ class CompressRecipe(RecipeFile):
         if self.llm is not None and "width" in self.candidates.families:
             raise ValueError("candidates.families: width pruning is for vision models; language models take the "
                              "depth families (sglp, block_influence, uniform, random)")
+        if self.candidates.int8 != "none" and (self.llm is not None or "onnx" not in self.export.formats):
+            raise ValueError("candidates.int8 quantizes the ONNX export of a vision model: add onnx to "
+                             "export.formats (language models have no int8 candidate; docs/compress.md says why)")
         if self.model is not None and self.model.checkpoint is None:
             raise ValueError("model.checkpoint is required: compressing a model with random weights measures "
                              "nothing (give the trained weights, or 'run: RUN_FOLDER')")
