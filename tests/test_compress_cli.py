@@ -78,16 +78,26 @@ def test_gate_failure_is_one_line_exit_1_and_keeps_the_artifacts(tmp_path, capsy
     # the shipped demo CNN, width-pruned to half its parameters and NOT healed: it must lose accuracy
     r = _recipe(tmp_path, model={"model": "cnn_small", "kwargs": {"width": 16}, "checkpoint": str(DEMO)},
                 data={"name": "fashion_mnist_subset", "val_fraction": 0.1, "augment": False},
-                budget={"metric": "params", "fraction": 0.5, "max_drop": 0.5}, candidates={"families": ["width"]},
+                budget={"metric": "params", "fraction": 0.5, "max_drop": 0.5},
+                candidates={"families": ["width"], "int8": "static", "int8_calib_samples": 64},
                 heal={"mode": "none"}, export={"formats": ["onnx", "safetensors"]},
                 gate={"batch_sizes": [1, 64], "iters": 1})
     out = tmp_path / "out"
     code, line = _run(capsys, str(r), "-o", str(out))
     assert code == 1, line
     data = json.loads((out / "compress.json").read_text())
-    cand = data["candidates"][0]
-    failed = [k for k, v in cand["gate"].items() if not v["ok"]]
-    assert line.startswith(f"error: gate check '{failed[0]}' failed for every candidate")
+    cand, q = data["candidates"]
+    # the int8 copy of the candidate is a gated row of its own: it loads fresh, equals its session, is smaller
+    assert q["name"] == cand["name"] + "+int8" and q["int8"] == "static"
+    assert q["gate"]["loads"]["ok"] and q["gate"]["matches"]["values"]["max_abs_diff"]["onnx"] == 0.0
+    assert q["gate"]["smaller"]["ok"] and q["bytes"]["onnx"] < 0.5 * cand["bytes"]["onnx"]
+    assert abs(q["top1"] - cand["top1"]) < 5  # int8 of the same weights: close to the float model's accuracy
+    assert (out / "candidates" / q["name"] / "model.int8.onnx").is_file()
+    best = max(data["candidates"], key=lambda c: c["top1"])  # the line speaks of the most accurate candidate
+    failed = [k for k, v in best["gate"].items() if not v["ok"]]
+    assert line.startswith(f"error: gate check '{failed[0]}' failed for every candidate (best by accuracy: "
+                           f"{best['name']}:")
+    assert not cand["gate"]["quality"]["ok"]
     assert data["chosen"] is None and not (out / "model.onnx").exists()
     assert (out / "candidates" / cand["name"] / "model.onnx").is_file() and (out / "report.md").is_file()
     drop = data["original"]["top1"] - cand["top1"]
@@ -110,3 +120,47 @@ def test_kd_compress_is_the_python_twin(tmp_path):
     assert callable(kd.compress)
     with pytest.raises(KdforgeError, match=r"model\.checkpoint is required"):
         kd.compress({"name": "x", "model": {"model": "resnet8"}}, tmp_path / "o")
+
+
+@torch.library.custom_op("kdforge_test::opaque_relu", mutates_args=())
+def _opaque_relu(x: torch.Tensor) -> torch.Tensor:
+    """A custom op with a CPU kernel and no ONNX translation: torch runs it, the ONNX exporter cannot."""
+    return x.clamp_min(0)
+
+
+@_opaque_relu.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+class _OpaqueNet(torch.nn.Module):
+    def __init__(self, num_classes: int = 10, in_chans: int = 1) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(in_chans, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(_opaque_relu(self.conv(x)).mean((2, 3)))
+
+
+@pytest.fixture()
+def opaque_model(tmp_path: Path) -> Path:
+    from kdforge.registry import MODELS
+
+    MODELS.register("opaque_net_test")(_OpaqueNet)
+    p = tmp_path / "opaque.safetensors"
+    save_weights(_OpaqueNet(), p)
+    yield p
+    MODELS._items.pop("opaque_net_test")
+
+
+def test_an_op_the_exporter_lacks_is_one_line_exit_2(tmp_path, capsys, opaque_model):
+    r = _recipe(tmp_path, model={"model": "opaque_net_test", "checkpoint": str(opaque_model)},
+                budget={"metric": "params", "fraction": 0.9}, candidates={"families": ["width"]},
+                export={"formats": ["onnx", "safetensors"]})
+    out = tmp_path / "out"
+    code, line = _run(capsys, str(r), "-o", str(out))
+    assert code == 2, line
+    assert line.startswith("error: ONNX export of _OpaqueNet failed (an op the exporter or runtime lacks?)")
+    assert "opaque_relu" in line  # names the op
+    assert not out.exists()  # failed before any healing; nothing left behind

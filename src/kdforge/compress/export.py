@@ -35,8 +35,21 @@ def export_onnx(model: nn.Module, shape: tuple[int, ...], path: Path) -> Path:
                               external_data=False)
     except Exception as e:
         raise KdforgeError(f"ONNX export of {type(model).__name__} failed (an op the exporter or runtime lacks?): "
-                           f"{str(e).strip().splitlines()[0][:200]}") from None
+                           f"{_root_cause(e)}") from None
     return path
+
+
+def _root_cause(e: BaseException) -> str:
+    """The innermost cause's first line, naming the op when the exporter has no ONNX function for it."""
+    import re
+
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+    op = re.search(r"No ONNX function found for <OpOverload\(op='([^']+)'", text)
+    if op:
+        return f"no ONNX function for op '{op.group(1)}' (use ops the exporter knows, or register one)"
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
 
 
 def export_pt2(model: nn.Module, shape: tuple[int, ...], path: Path) -> Path:
