@@ -12,7 +12,7 @@ import yaml
 pytest.importorskip("transformers")
 
 from kdforge.cli import main
-from kdforge.compress.llm import check_loads_hf, export_hf
+from kdforge.compress.llm import check_loads_hf, dequantized, export_hf
 from kdforge.llm.loading import ByteTokenizer, tiny_llama
 from kdforge.llm.surgery import prune_decoder_layers
 
@@ -36,6 +36,32 @@ def test_pruned_tiny_llama_reloads_without_kdforge_with_identical_logits(tmp_pat
     with torch.no_grad():
         full = model(input_ids=ids, use_cache=False).logits
     assert not torch.allclose(full, ref)  # the reloaded folder is the pruned model, not the original
+
+
+def test_a_dequantized_gguf_model_saves_as_a_plain_float_folder(tmp_path):
+    from transformers.quantizers.quantizer_gguf import GgufHfQuantizer
+    from transformers.utils.quantization_config import GgufConfig
+
+    from kdforge.errors import KdforgeError
+
+    model = tiny_llama(2)
+    # what transformers leaves on a model it dequantized from a GGUF file: the quantizer and its config
+    model.hf_quantizer = GgufHfQuantizer(GgufConfig())
+    model.config.quantization_config = GgufConfig()
+    with pytest.raises(ValueError, match="not serializable"):  # the failure SmolLM2's export met
+        export_hf(model, ByteTokenizer(), tmp_path / "before")
+    folder = export_hf(dequantized(model, "tiny"), ByteTokenizer(), tmp_path / "hf")
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    check, y, _ = check_loads_hf(folder, ids)
+    assert check.ok, check.detail
+    with torch.no_grad():
+        assert torch.equal(torch.from_numpy(y), model(input_ids=ids, use_cache=False).logits)
+    packed = tiny_llama(2)
+    packed.hf_quantizer = GgufHfQuantizer(GgufConfig())
+    packed.hf_quantizer.packed_modules = {"model.layers.0.mlp.up_proj": object()}  # weights still in GGUF blocks
+    with pytest.raises(KdforgeError, match="quantized GGUF blocks"):
+        dequantized(packed, "tiny")
 
 
 @pytest.mark.slow

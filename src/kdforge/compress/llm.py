@@ -47,6 +47,7 @@ def load_lm_source(r: CompressRecipe) -> LMSource:
 
     assert r.llm is not None
     model, tok = load_causal_lm(r.llm.source, r.llm.gguf_file, torch.float32)
+    model = dequantized(model, r.llm.source)
     t = r.text
     calib = token_blocks(tok, read_text(t.calib), t.seq_len, t.max_tokens)
     if t.eval == t.calib:
@@ -54,6 +55,26 @@ def load_lm_source(r: CompressRecipe) -> LMSource:
     else:
         ev = token_blocks(tok, read_text(t.eval), t.seq_len, t.max_tokens)
     return LMSource(model.eval(), tok, calib[: t.calib_sequences], ev[: t.eval_sequences], r.llm.source)
+
+
+def dequantized(model: nn.Module, where: str) -> nn.Module:
+    """A model transformers loaded from a GGUF file, as the plain float model it is.
+
+    transformers dequantizes GGUF weights to float on load but keeps its GGUF quantizer on the model and a
+    ``quantization_config`` in its config: ``save_pretrained`` then refuses ("not serializable"), and a saved
+    config would send ``from_pretrained`` to the GGUF loader. When every module is a plain float layer, both
+    markers are dropped; weights still held in quantized blocks are refused in one line.
+    """
+    q = getattr(model, "hf_quantizer", None)
+    if q is None:
+        return model
+    if getattr(q, "packed_modules", None) or any(not p.is_floating_point() for p in model.parameters()):
+        raise KdforgeError(f"{where}: transformers kept this model's weights in quantized GGUF blocks; compress "
+                           "needs float weights (load it with dequantization, or give a float HF folder)")
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
 
 
 def lm_measure(model: nn.Module, metric: str, rows: Tensor, layers: int) -> float:
