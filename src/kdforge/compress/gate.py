@@ -129,7 +129,8 @@ def check_matches(reference: Tensor, loaded: dict[str, np.ndarray], atol: float 
         diffs[fmt] = float(np.abs(y.astype(np.float64) - ref.astype(np.float64)).max())
     bad = [f for f, d in diffs.items() if d > (0.0 if f == "pt2" else atol)]
     text = ", ".join(f"{f} max |diff| {d:.2e}" for f, d in diffs.items())
-    limits = f"limits: onnx {atol:g}, pt2 exact; {len(ref)} held-out inputs"
+    limits = "limits: " + ", ".join(f"{f} {'exact' if f == 'pt2' else f'{atol:g}'}" for f in loaded) + \
+        f"; {len(ref)} held-out inputs"
     return Check("matches", not bad, f"{text} ({limits})", {"max_abs_diff": diffs, "atol": atol, "n": len(ref)})
 
 
