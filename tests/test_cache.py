@@ -317,6 +317,34 @@ def test_two_gloo_processes_build_the_same_cache_as_one(teacher_ck: Path, tmp_pa
     assert meta["complete"] and meta["build"]["processes"] == 2
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None,
+                    reason="accelerate CLI not installed beside this Python")
+def test_a_launched_build_of_a_cache_in_use_stops_every_rank_in_one_line(teacher_ck: Path, tmp_path: Path) -> None:
+    """Rank 0 locks for all ranks: when the lock is held elsewhere every rank stops (none waits at a barrier)."""
+    import fcntl
+
+    from tests.test_ddp import _free_port
+
+    r = _yaml(tmp_path, recipe(teacher_ck, tmp_path / "c"))
+    build_from_recipe(kd.Recipe.from_dict(recipe(teacher_ck, tmp_path / "c")))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "c" / "t" / "chunks").iterdir()}
+    fd = os.open(tmp_path / "c" / "t" / ".lock", os.O_RDWR)  # another build holds the cache
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        launcher = str(Path(sys.executable).parent / "accelerate")
+        proc = subprocess.run([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+                               str(_free_port()), "-m", "kdforge", "cache", "build", r, "--overwrite"],
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240)
+    finally:
+        os.close(fd)
+    ours = [x for x in proc.stderr.splitlines() if x.startswith("error:")]  # the launcher adds its own report
+    assert proc.returncode != 0 and ours and all("in use by another kdforge run" in x for x in ours), proc.stderr
+    assert "kdforge/cache" not in proc.stderr, proc.stderr  # no traceback from a rank
+    assert {p.name: p.read_bytes() for p in (tmp_path / "c" / "t" / "chunks").iterdir()} == before
+
+
 def test_teacher_cache_config_resolves_storage() -> None:
     c = TeacherCacheConfig(name="x")
     assert c.resolved_store(10) == "full" and c.resolved_store(49152) == "topk"

@@ -7,6 +7,7 @@ resumes with the chunks that are missing, and a finished build marks ``meta.json
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -180,13 +181,32 @@ def build(teacher: nn.Module, views: ReplayViews, ident: dict[str, Any], cfg: Te
     path = cache_path(cfg)
     _check(path, ident, overwrite)
     barrier()  # every rank has read the folder before rank 0 writes to it: the ranks agree on a refusal
-    with open_run(path, "cache", resume="auto", overwrite=overwrite, main=rank == 0,
-                  legacy=lambda p: (p / META).is_file(), resume_cmd=resume_cmd or "kdforge cache build RECIPE"
-                  ) as lease:
+    with contextlib.ExitStack() as held:
+        refused: KdforgeError | None = None
+        try:  # rank 0 locks the folder for every rank (the others write their chunks under its lock)
+            lease = held.enter_context(open_run(path, "cache", resume="auto", overwrite=overwrite, main=rank == 0,
+                                                legacy=lambda p: (p / META).is_file(),
+                                                resume_cmd=resume_cmd or "kdforge cache build RECIPE"))
+        except KdforgeError as e:
+            refused = e
+        why = _from_rank0(str(refused) if refused is not None else None, world)
+        if why is not None:  # e.g. another build holds the lock: every rank stops with rank 0's line
+            raise refused or KdforgeError(why)
         if rank == 0:
             _start(path, ident)
         barrier()
         return _build_chunks(teacher, views, ident, cfg, path, lease, rank, world, barrier, on_chunk, log)
+
+
+def _from_rank0(value: str | None, world: int) -> str | None:
+    """Rank 0's ``value`` on every rank of a launch (itself when not launched)."""
+    if world <= 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _build_chunks(teacher: nn.Module, views: ReplayViews, ident: dict[str, Any], cfg: TeacherCacheConfig,
