@@ -96,3 +96,18 @@ def test_llm_recipes_default_to_the_recommended_criterion() -> None:
     assert explicit.selection.method == "sglp" and explicit.selection.llm_loss == "ce"
     cnn = PruneRecipe.from_dict({"model": {"model": "resnet20"}})
     assert cnn.selection.method == "sglp"
+
+
+@pytest.mark.slow
+def test_quick_sleb_pick_bench(tmp_path) -> None:
+    from kdforge.bench import load_benches
+    from kdforge.bench.sglp import PICK
+
+    res = load_benches().get("sglp-llm-pick")(out=tmp_path, quick=True)
+    for k in res["settings"]["removals"]:
+        rows = {r["label"]: r for r in res["rows"] if r["n_removed"] == k}
+        pick = rows[PICK]
+        chosen = {"sleb": "SLEB (KL to unpruned)", "block_influence": "block influence on the pick rows (KL task)"}
+        assert pick["removed"] == rows[chosen[pick["picked"]]]["removed"]
+        assert pick["picked"] == min(pick["pick_kl"], key=pick["pick_kl"].get)
+    assert "sglp-llm-pick" in (tmp_path / "sglp-llm-pick.md").read_text()
