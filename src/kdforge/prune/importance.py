@@ -519,8 +519,9 @@ def select_baseline(method: str, model: nn.Module, units: Sequence[UnitSpec], n_
         kept = [i for i in range(n) if i not in set(order)]
     elif method == "sleb_pick":
         if len(batches) < 2:
-            raise KdforgeError("sleb_pick needs at least 2 calibration batches: SLEB searches on the first, the "
-                               "choice is scored on the others")
+            raise KdforgeError(f"sleb_pick needs at least 2 calibration batches, got {len(batches)}: SLEB searches "
+                               "on the first, the choice is scored on the others (a prune recipe: "
+                               "calibration.score_batches >= 2)")
         order, scores, evals = sleb_order(model, units, k, batches[:1], task, pinned)
         bi = block_influence(model, units, batches[1:], task)
         cands = {"sleb": [i for i in range(n) if i not in set(order)],

@@ -162,8 +162,9 @@ HEAL_MOVED = {"epochs": "train.epochs", "steps": "train.max_steps", "lr": "optim
 SGLP_QUIRKS = ("backtrack", "hybrid")
 
 
-#: the layer-removal criterion recommended for causal LMs, measured in docs/benchmarks/sglp-llm.md
-LLM_RECOMMENDED_SELECTION: dict[str, Any] = {"method": "sleb", "llm_loss": "kl"}
+#: the layer-removal criterion recommended for causal LMs, measured in docs/benchmarks/sglp-llm-pick.md:
+#: SLEB's set (KL to the unpruned model) or block influence's, whichever keeps more of the model on held-apart rows
+LLM_RECOMMENDED_SELECTION: dict[str, Any] = {"method": "sleb_pick", "llm_loss": "kl"}
 
 
 def default_select(candidate_mode: str) -> str:
