@@ -385,3 +385,48 @@ def test_sample_onto_an_existing_grid_or_file_is_refused_and_overwrite_replaces_
     for extra in ([], ["--overwrite"]):
         _err(capsys, main(["sample", str(run), "-n", "4", "-o", str(mine), *extra]), "is a file, not a folder")
     assert mine.read_bytes() == b"mine"
+
+
+# -- llm-distill -o -----------------------------------------------------------------------------------------
+def test_llm_distill_folder_is_a_run_folder_that_resumes_after_ctrl_c(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from safetensors.torch import load_file
+
+    import kdforge.run
+    from kdforge.engine.callbacks import Callback
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"Q{i}: {i}+{i}=", "response": f"{2 * i}."}) for i in range(20)))
+    args = ["llm-distill", "tiny:4", str(data), "--drop-layers", "1,3", "--steps", "4", "--seq-len", "64",
+            "--batch-size", "2"]
+    full = tmp_path / "full"
+    assert main([*args, "-o", str(full)]) == 0
+    assert run_kind(full) == "llm-distill" and (full / "run" / "report.md").is_file()  # the command adds the report
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "summary.json").write_text("my notes")
+    capsys.readouterr()
+    for extra in ([], ["--overwrite"]):
+        _err(capsys, main([*args, "-o", str(mine), *extra]), "not made by kdforge")
+    assert [p.name for p in mine.iterdir()] == ["summary.json"] and (mine / "summary.json").read_text() == "my notes"
+    _err(capsys, main([*args, "-o", str(full)]), "already exists", "--resume", "--overwrite")
+
+    class CtrlC(Callback):
+        def on_step_end(self, trainer: object, out: object) -> None:
+            if trainer.global_step == 3:  # type: ignore[attr-defined]
+                raise KeyboardInterrupt
+
+    real = kdforge.run.with_report
+    monkeypatch.setattr(kdforge.run, "with_report", lambda cbs=(): real([*cbs, CtrlC()]))
+    cut = tmp_path / "cut"
+    assert main([*args, "-o", str(cut)]) == 130
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("interrupted") and last.endswith("--resume") and "kdforge llm-distill" in last, last
+    monkeypatch.setattr(kdforge.run, "with_report", real)
+    import shlex
+
+    assert main(shlex.split(last.split("resume with: ", 1)[1])[1:]) == 0  # the line's own command
+    want, got = (load_file(str(d / "student" / "model.safetensors")) for d in (full, cut))
+    assert want.keys() == got.keys() and all(want[k].equal(got[k]) for k in want)

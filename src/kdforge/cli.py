@@ -418,7 +418,9 @@ def llm_distill(
     max_new_tokens: Annotated[int, typer.Option(min=1, help="on-policy sample length")] = 64,
     chunk: Annotated[int | None, typer.Option(min=1, help="tokens per loss chunk (default: 64 MB of logits)")] = None,
     seed: int = 0,
-    resume: Annotated[bool, typer.Option(help="continue the run in OUT/run")] = False,
+    resume: Annotated[bool, typer.Option(help="continue the run in OUT (same flags; from its last checkpoint)")
+                      ] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing kdforge folder (of any kind) at -o")] = False,
 ) -> None:
     """Distil a causal LM on a JSONL file (the guide docs/llm-distill.md as one command)."""
     from kdforge.errors import KdforgeError
@@ -430,11 +432,12 @@ def llm_distill(
         raise KdforgeError(f"--drop-layers {drop_layers!r}: give layer indices separated by commas, e.g. 3,7,11"
                            ) from None
     res = distill_command(DistillArgs(teacher, data, out, student, drop, loss or ["lm_fkl"], steps, lr, batch_size,
-                                      seq_len, template, eval_fraction, on_policy, max_new_tokens, chunk, seed, resume))
+                                      seq_len, template, eval_fraction, on_policy, max_new_tokens, chunk, seed, resume,
+                                      overwrite))
     ppl = (f"; val perplexity {res['val_ppl_student']:.2f} (teacher {res['val_ppl_teacher']:.2f})"
            if "val_ppl_student" in res else "")
-    typer.echo(f"llm-distill: {res['steps']} steps, loss {res['first_loss']:.4f} → {res['last_loss']:.4f}{ppl}; "
-               f"student saved to {out / 'student'}")
+    first, last = (f"{res[k]:.4f}" if res.get(k) is not None else "?" for k in ("first_loss", "last_loss"))
+    typer.echo(f"llm-distill: {res['steps']} steps, loss {first} → {last}{ppl}; student saved to {out / 'student'}")
 
 
 @app.command()

@@ -32,7 +32,7 @@ _TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}$")
 _ASIDE = re.compile(r"^\.(?P<name>.+)\.old-(?P<pid>\d+)$")
 _HELD: dict[str, RunDirLease] = {}
 #: kinds whose command continues a folder with ``--resume`` (cil, audio and cache resume by a plain rerun)
-RESUMED_BY_FLAG = frozenset({"train", "prune"})
+RESUMED_BY_FLAG = frozenset({"train", "prune", "llm-distill"})
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,8 @@ KINDS: dict[str, RunKind] = {
     "sample": RunKind("a folder of 'kdforge sample' grids", "open its .png files"),
     "report": RunKind("a 'kdforge report -o' page", "open its index.html"),
     "bench": RunKind("a 'kdforge bench' output folder", "'kdforge report -o SITE {dir}' shows it"),
+    "llm-distill": RunKind("a 'kdforge llm-distill' run", "its student is {dir}/student; continue it with "
+                           "'kdforge llm-distill ... -o {dir} --resume' (the same flags)"),
     "demo": RunKind("a 'kdforge demo' folder", "its runs are read with 'kdforge eval {dir}/kd-seed0'"),
 }
 

@@ -647,6 +647,7 @@ def llm_calibration(calib: Tensor, cfg: CalibrationConfig) -> tuple[list[Tensor]
 
 def _run_llm(r: PruneRecipe, out: Path | None, verbose: bool) -> PruneResult:
     from kdforge.llm import heal_kd
+    from kdforge.run import with_report
 
     assert r.llm is not None
     model, tok = load_llm(r.llm)
@@ -681,7 +682,8 @@ def _run_llm(r: PruneRecipe, out: Path | None, verbose: bool) -> PruneResult:
         heal_dir = out / "heal" if out is not None else None
         resumed = heal_dir is not None and heal_dir.is_dir()
         losses = heal_kd(pruned, model, calib, T=r.heal.T, ce_weight=r.heal.ce_weight,
-                         recipe=r.heal_recipe("llm-kd", 2), run_dir=heal_dir, resume=resumed)
+                         recipe=r.heal_recipe("llm-kd", 2), run_dir=heal_dir, resume=resumed,
+                         callbacks=with_report() if heal_dir is not None else ())
         # a resumed heal saw only the steps after its checkpoint: the first loss is not this process's to report
         info = {"steps": r.train.max_steps or r.train.epochs, "first_loss": None if resumed else losses[0],
                 "last_loss": losses[-1] if losses else None, "train_time_s": time.perf_counter() - t0,
