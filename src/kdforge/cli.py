@@ -422,7 +422,7 @@ def llm_distill(
                       ] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing kdforge folder (of any kind) at -o")] = False,
 ) -> None:
-    """Distil a causal LM on a JSONL file (the guide docs/llm-distill.md as one command)."""
+    """Distil a causal LM on a JSONL file: the LM distillation guide as one command (student, losses, on-policy)."""
     from kdforge.errors import KdforgeError
     from kdforge.llm.cli import DistillArgs, distill_command
 
