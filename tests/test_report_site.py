@@ -129,6 +129,9 @@ def test_page_holds_every_run_and_section(site: Path, sources: Path) -> None:
     # one column per metric, named as a person reads it, with its unit
     assert "<th>test top1 last (%)</th>" in body and "<th>average incremental accuracy (%)</th>" in body
     assert "10 runs, 1 benchmark page from" in page and "(1 folder not readable" in page  # not "1 pages"
+    # every chart opens full size on a tap (a wide chart is shrunk to a phone's width)
+    imgs = re.findall(r'<img src="([^"]+)"', page)
+    assert imgs and all(f'<a href="{src}"><img src="{src}"' in page for src in imgs), imgs
     assert f'data-v="{results["info"]["params"]!r}"' in kd_row
     for heading in ("Who beat whom", "Runs", "Learning curves", "Pruning", "Continual learning", "Audio", "Samples",
                     "Benchmarks", "Not shown"):

@@ -211,7 +211,8 @@ class Site:
 
     def fig(self, url: str, caption: str, width: int | None = None) -> str:
         w = f' style="max-width:min(100%,{width}px)"' if width else ""
-        return (f'<figure><img src="{_e(url)}" alt="{_e(caption)}"{w}>'
+        # the image links to itself: on a phone a wide chart shrinks to the screen, a tap opens it full size
+        return (f'<figure><a href="{_e(url)}"><img src="{_e(url)}" alt="{_e(caption)}"{w}></a>'
                 f"<figcaption>{_e(caption)}</figcaption></figure>")
 
 
@@ -743,7 +744,8 @@ def _bench_section(site: Site, e: Entry) -> str:
         p = (md_path.parent / src)
         if re.match(r"^[a-z]+:", src) or not p.is_file():
             return f"*[image not available: {alt or src}]*"
-        return f"![{alt}]({site.asset(p, f'{e.name}-{p.stem}')})"
+        url = site.asset(p, f"{e.name}-{p.stem}")
+        return f"[![{alt}]({url})]({url})"  # a tap opens the chart full size
 
     def link(m: re.Match[str]) -> str:
         label, href = m.group(1), m.group(2)
