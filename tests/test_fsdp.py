@@ -133,6 +133,21 @@ def test_the_ema_is_kept_sharded_and_deployed(equal_runs: Path) -> None:
     assert _max_diff(trained, deployed) > 10 * ATOL
 
 
+def test_size_wrap_keeps_a_language_models_embeddings_and_head_in_its_top_unit() -> None:
+    """Tied embeddings (one tensor for input and head) and the chunked head must stay in the model's own unit."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kdforge.config import FsdpConfig
+    from kdforge.engine.fsdp import blocks
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    # a decoder layer holds 9,280 parameters, the embedding 16,384: by size alone it would be a unit too
+    units = blocks(model, FsdpConfig(auto_wrap="size", min_params=9_000))
+    assert [id(u) for u in units] == [id(layer) for layer in model.model.layers], [type(u).__name__ for u in units]
+
+
 def _recipe_file(tmp: Path, case: str = "kd_sharded", teacher: Path | None = None) -> Path:
     r = fsdp_cases.recipe(case, reference=False)
     if teacher is not None:
