@@ -334,8 +334,11 @@ def chunked_token_loss(terms: Sequence[tuple[TokenLoss, float]], student: Callab
     """(total, term_1, …, term_K): weighted sum and each term's mean over the positions where ``mask`` holds.
 
     ``student(idx)`` gives the student's logits (n, V) at flat positions ``idx`` and ``teacher(idx)``
-    the teacher's (full logits, or top-k ids and bin log-probabilities); both are called again in the
-    backward pass (activation checkpointing), so only one chunk's vocabulary-sized tensors are alive.
+    the teacher's (full logits, or top-k ids and bin log-probabilities). A :class:`HeadLogits` student is
+    fused (each chunk's gradient taken in the forward pass, nothing recomputed); any other callable is
+    called again in the backward pass (activation checkpointing). Either way only one chunk's
+    vocabulary-sized tensors are alive. ``chunk``: positions per chunk (default: the terms' own, else
+    :func:`auto_chunk` of the head's rows, else 1,024).
     """
     if not terms:
         raise KdforgeError("no loss terms to compute")
