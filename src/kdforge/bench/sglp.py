@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -251,19 +252,43 @@ def _llm_metrics(m: nn.Module, ev: torch.Tensor, s: dict[str, Any]) -> dict[str,
 RECOMMENDED = "SLEB (KL to unpruned)"
 
 
+@dataclass
+class _LLMRows:
+    """The model and the pydoc rows every SmolLM2 depth-pruning bench draws, in one fixed order."""
+
+    model: nn.Module
+    label: str
+    n_sequences: int
+    calib: torch.Tensor
+    ev: torch.Tensor
+    perm: torch.Tensor
+    load_s: float
+
+
+def _llm_rows(s: dict[str, Any], quick: bool, bench: str) -> _LLMRows:
+    """SmolLM2 (or a random tiny Llama for --quick) and its calibration / held-out pydoc rows, permuted by seed 0."""
+    from kdforge.llm import ByteTokenizer, load_smollm2, pydoc_text, split_blocks, tiny_llama, token_blocks
+    from kdforge.llm.loading import SMOLLM2_LABEL
+
+    t0 = time.perf_counter()
+    if quick:
+        model, tok, label = tiny_llama(8, hidden=64), ByteTokenizer(), "random tiny Llama (8 layers)"
+    else:
+        model, tok = load_smollm2(who=f"kdforge bench {bench}")
+        label = SMOLLM2_LABEL
+    load_s = time.perf_counter() - t0
+    blocks = token_blocks(tok, pydoc_text(), s["seq_len"], s["max_tokens"])
+    calib, ev = split_blocks(blocks, 0.2)
+    perm = torch.randperm(len(calib), generator=torch.Generator().manual_seed(0))
+    return _LLMRows(model, label, len(blocks), calib, ev[: s["n_eval"]], perm, load_s)
+
+
 @BENCHES.register("sglp-llm")
 def run_llm(out: Path | None = None, quick: bool = False) -> dict[str, Any]:
     """SmolLM2-135M on pydoc text: layer-removal criteria at 8/30 and 12/30 removed, unhealed and KD-healed."""
     from kdforge.llm import (
-        ByteTokenizer,
         heal_kd,
-        load_smollm2,
-        pydoc_text,
-        split_blocks,
-        tiny_llama,
-        token_blocks,
     )
-    from kdforge.llm.loading import SMOLLM2_LABEL
     from kdforge.prune.importance import (
         allocate_keep,
         causal_lm_kl_task,
@@ -280,24 +305,16 @@ def run_llm(out: Path | None = None, quick: bool = False) -> dict[str, Any]:
     out = bench_dir("sglp-llm", out)
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
-    if quick:
-        model, tok, label = tiny_llama(8, hidden=64), ByteTokenizer(), "random tiny Llama (8 layers)"
-    else:
-        model, tok = load_smollm2(who="kdforge bench sglp-llm")
-        label = SMOLLM2_LABEL
-    load_s = time.perf_counter() - t_all
-    blocks = token_blocks(tok, pydoc_text(), s["seq_len"], s["max_tokens"])
-    calib, ev = split_blocks(blocks, 0.2)
-    ev = ev[: s["n_eval"]]
+    data = _llm_rows(s, quick, "sglp-llm")
+    model, label, calib, ev, perm, load_s = data.model, data.label, data.calib, data.ev, data.perm, data.load_s
     units = find_units(model)
     n = len(units)
-    g = torch.Generator().manual_seed(0)
-    perm = torch.randperm(len(calib), generator=g)
     cka_b = [calib[perm[i * s["cka_bs"]:(i + 1) * s["cka_bs"]]] for i in range(s["cka_batches"])]
     score_b = [calib[perm[-s["score_rows"]:]]]
     ce, kl = causal_lm_task(), causal_lm_kl_task()
     kl_b = with_reference(model, [calib[perm[-s["score_rows"] - s["kl_rows"]: -s["score_rows"]]]])
-    _log(f"{label}: {n} layers, {len(blocks)} sequences of {s['seq_len']} tokens ({len(ev)} held out for perplexity)")
+    _log(f"{label}: {n} layers, {data.n_sequences} sequences of {s['seq_len']} tokens "
+         f"({len(ev)} held out for perplexity)")
     analyses = {rep: analyze(model, units, cka_b, ce, AnalysisConfig(representation=rep))
                 for rep in ("sample", "token")}
     for rep, a in analyses.items():
@@ -416,15 +433,8 @@ def run_llm_pick(out: Path | None = None, quick: bool = False) -> dict[str, Any]
     """SmolLM2-135M: SLEB-KL and block influence at 8/30 and 12/30, and the one of each pair with the lower KL to
     the unpruned model on calibration rows that neither search saw (selection ``sleb_pick``)."""
     from kdforge.llm import (
-        ByteTokenizer,
-        load_smollm2,
         perplexity,
-        pydoc_text,
-        split_blocks,
-        tiny_llama,
-        token_blocks,
     )
-    from kdforge.llm.loading import SMOLLM2_LABEL
     from kdforge.prune.importance import (
         block_influence,
         causal_lm_kl_task,
@@ -439,18 +449,10 @@ def run_llm_pick(out: Path | None = None, quick: bool = False) -> dict[str, Any]
     out = bench_dir("sglp-llm-pick", out)
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
-    if quick:
-        model, tok, label = tiny_llama(8, hidden=64), ByteTokenizer(), "random tiny Llama (8 layers)"
-    else:
-        model, tok = load_smollm2(who="kdforge bench sglp-llm-pick")
-        label = SMOLLM2_LABEL
-    # the calibration rows of `kdforge bench sglp-llm`, drawn the same way
-    blocks = token_blocks(tok, pydoc_text(), s["seq_len"], s["max_tokens"])
-    calib, ev = split_blocks(blocks, 0.2)
-    ev = ev[: s["n_eval"]]
+    data = _llm_rows(s, quick, "sglp-llm-pick")  # the calibration rows of `kdforge bench sglp-llm`, drawn the same way
+    model, label, calib, ev, perm = data.model, data.label, data.calib, data.ev, data.perm
     units = find_units(model)
     n = len(units)
-    perm = torch.randperm(len(calib), generator=torch.Generator().manual_seed(0))
     n_cka = s["cka_batches"] * s["cka_bs"]
     bi_ref = calib[perm[: s["cka_bs"]]]  # sglp-llm's block-influence batch
     sleb_b = with_reference(model, [calib[perm[-s["score_rows"] - s["kl_rows"]: -s["score_rows"]]]])
