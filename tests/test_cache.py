@@ -22,6 +22,7 @@ from kdforge.cli import main as cli_main
 from kdforge.data.replay import NotReplayable, ReplaySpec, ReplayViews, replay_views, view_of
 from kdforge.errors import KdforgeError
 from kdforge.method import DataInfo, build_method
+from tests.test_ddp import NEEDS_ACCELERATE
 
 TERMS = [{"loss": "ce", "weight": 0.1}, {"loss": "kd", "weight": 0.9, "T": 4}]
 
@@ -296,8 +297,7 @@ def test_lm_topk_cache_heals_like_the_live_teacher(tmp_path: Path, one_thread: N
         heal_kd(copy.deepcopy(student), teacher, blocks[:6], steps=1, teacher_cache=top8)
 
 
-@pytest.mark.skipif(shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None,
-                    reason="accelerate CLI not installed beside this Python")
+@NEEDS_ACCELERATE
 def test_two_gloo_processes_build_the_same_cache_as_one(teacher_ck: Path, tmp_path: Path) -> None:
     from tests.test_ddp import _free_port
 
@@ -318,8 +318,7 @@ def test_two_gloo_processes_build_the_same_cache_as_one(teacher_ck: Path, tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None,
-                    reason="accelerate CLI not installed beside this Python")
+@NEEDS_ACCELERATE
 def test_a_launched_build_of_a_cache_in_use_stops_every_rank_in_one_line(teacher_ck: Path, tmp_path: Path) -> None:
     """Rank 0 locks for all ranks: when the lock is held elsewhere every rank stops (none waits at a barrier)."""
     import fcntl
