@@ -161,8 +161,9 @@ def machine_note() -> str:
     cores = os.cpu_count()
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
     pinned = f" ({usable} usable by this process)" if usable != cores else ""
+    n = torch.get_num_threads()
     return (f"{platform.processor() or platform.machine()}, {cores} CPU cores{pinned}, "
-            f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+            f"torch {torch.__version__}, {n} thread{'' if n == 1 else 's'}")
 
 
 def write_json(path: str | Path, data: Any) -> None:
