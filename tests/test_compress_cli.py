@@ -86,14 +86,19 @@ def test_gate_failure_is_one_line_exit_1_and_keeps_the_artifacts(tmp_path, capsy
     code, line = _run(capsys, str(r), "-o", str(out))
     assert code == 1, line
     data = json.loads((out / "compress.json").read_text())
-    cand, q = data["candidates"]
+    cand, q0, q = data["candidates"]
     # the int8 copy of the candidate is a gated row of its own: it loads fresh, equals its session, is smaller
     assert q["name"] == cand["name"] + "+int8" and q["int8"] == "static"
+    # the original's int8 copy keeps every parameter: outside a params budget, so never chosen, whatever its gate
+    assert q0["name"] == "original+int8" and q0["params"] == data["original"]["params"]
+    assert q0["budget"] == {**q0["budget"], "metric": "params", "ratio": 1.0, "fits": False}
+    assert q["budget"]["ratio"] == cand["budget"]["ratio"] <= 0.5 and q["budget"]["fits"]
     assert q["gate"]["loads"]["ok"] and q["gate"]["matches"]["values"]["max_abs_diff"]["onnx"] == 0.0
     assert q["gate"]["smaller"]["ok"] and q["bytes"]["onnx"] < 0.5 * cand["bytes"]["onnx"]
     assert abs(q["top1"] - cand["top1"]) < 5  # int8 of the same weights: close to the float model's accuracy
     assert (out / "candidates" / q["name"] / "model.int8.onnx").is_file()
-    best = max(data["candidates"], key=lambda c: c["top1"])  # the line speaks of the most accurate candidate
+    # the line speaks of the most accurate candidate within the budget
+    best = max((c for c in data["candidates"] if c["budget"]["fits"]), key=lambda c: c["top1"])
     failed = [k for k, v in best["gate"].items() if not v["ok"]]
     assert line.startswith(f"error: gate check '{failed[0]}' failed for every candidate (best by accuracy: "
                            f"{best['name']}:")

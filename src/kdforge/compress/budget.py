@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import Any
 
 import torch
 from torch import nn
@@ -61,3 +62,24 @@ def measure(model: nn.Module, metric: str, shape: tuple[int, ...], layers: int |
     if reference is not None:
         return latency_ratio(model, reference, shape, latency_batch)
     return torch_latency_ms(model, shape, latency_batch)
+
+
+def int8_parent_fraction(fraction: float, gain: float) -> float:
+    """The latency fraction a float parent may have so that its int8 copy is expected to fit ``fraction``.
+
+    ``gain`` is the measured speed-up of the original's own int8 copy over the original (same runtime, same
+    batch); the int8 copy of a parent at ``fraction * gain`` is expected at ``fraction``. Only an estimate for
+    choosing parents: every int8 copy is judged by its own measured latency (:func:`runtime_ratio`).
+    """
+    if gain <= 0:
+        raise ValueError(f"int8 gain must be positive, got {gain}")
+    return min(1.0, fraction * gain)
+
+
+def runtime_ratio(faster_values: dict[str, Any], batch: int) -> float:
+    """A gated model's latency over the original's at ``batch``, from its ``faster`` check (same runtime,
+    interleaved rounds): how a latency budget is judged for a model that only runs in that runtime (int8)."""
+    speed = faster_values.get("speedup", {})
+    if str(batch) not in speed:
+        raise ValueError(f"the gate timed batch sizes {sorted(speed, key=int)}, not the budget's batch {batch}")
+    return 1.0 / float(speed[str(batch)])

@@ -196,13 +196,14 @@ def run_compress(r: CompressRecipe, out: str | Path, overwrite: bool = False, ve
         orig.info["peak_rss_mb"] = facts.get("onnx", {}).get("peak_rss_mb")
         orig.info["budget_value"] = original_value
         rows = [_evaluate_candidate(c, src, r, orig, out, log) for c in cands]
+        for e, c in zip(rows, cands, strict=True):
+            e.info["budget"] = _budget_row(r, c.budget_fraction, "torch eager")
         if r.candidates.int8 != "none":
-            rows += [_log_row(int8_candidate(e, orig, src, r, out / "candidates" / f"{e.name}+int8"), orig, log)
-                     for e in list(rows) if "onnx" in e.files and e.checks and e.checks[0].ok]
+            rows += int8_rows(rows, orig, src, r, out, log)
         fast = next((ch for e in rows for ch in e.checks if ch.name == "faster"), None)
         if fast is not None:
             orig.info["latency_ms"] = {b: v["original"]["median_ms"] for b, v in fast.values["latency"].items()}
-        passed = [e for e in rows if e.passed]
+        passed = [e for e in rows if e.passed and within_budget(e)]
         chosen = max(passed, key=lambda e: (e.top1, -_lat(e, 1))) if passed else None
         if chosen is not None:
             for f, p in chosen.files.items():
@@ -215,7 +216,7 @@ def run_compress(r: CompressRecipe, out: str | Path, overwrite: bool = False, ve
         write_report(res)
         lease.commit()  # the report is written: a gate failure below keeps every artifact for inspection
     if chosen is None:
-        first = max(rows, key=lambda e: e.top1)
+        first = max((e for e in rows if within_budget(e)), key=lambda e: e.top1)
         failed = verdict(first.checks)
         assert failed is not None
         raise GateFailed(f"gate check '{failed.name}' failed for every candidate (best by accuracy: {first.name}: "
@@ -267,6 +268,82 @@ def _log_row(e: Evaluated, orig: Evaluated, log: Any) -> Evaluated:
     return e
 
 
+def within_budget(e: Evaluated) -> bool:
+    """Whether a row is a candidate for the recipe's budget (float candidates are by their search)."""
+    return bool(e.info.get("budget", {}).get("fits", True))
+
+
+def _budget_row(r: CompressRecipe, ratio: float | None, runtime: str | None) -> dict[str, Any]:
+    """How a row measures against the budget: its ratio to the original, where it was measured, and the verdict."""
+    b = r.budget
+    return {"metric": b.metric, "fraction": b.fraction, "ratio": ratio,
+            "runtime": runtime if b.metric == "latency" else None,
+            "batch": b.latency_batch if b.metric == "latency" else None,
+            "fits": ratio is not None and ratio <= b.fraction + 1e-12}
+
+
+def int8_budget(q: Evaluated, r: CompressRecipe, parent_ratio: float) -> dict[str, Any]:
+    """An int8 copy against the budget: a latency budget judged by its own onnxruntime timing in the gate (the
+    only runtime it runs in) at ``budget.latency_batch``; params, FLOPs and layers are its parent's."""
+    from kdforge.compress.budget import runtime_ratio
+
+    if r.budget.metric != "latency":
+        return _budget_row(r, parent_ratio, None)
+    fast = next((c for c in q.checks if c.name == "faster"), None)
+    return _budget_row(r, runtime_ratio(fast.values, r.budget.latency_batch) if fast else None, "onnxruntime")
+
+
+def int8_rows(floats: list[Evaluated], orig: Evaluated, src: Source, r: CompressRecipe, out: Path, log: Any
+              ) -> list[Evaluated]:
+    """int8 copies offered to the budget, each judged by its own measurement (:func:`int8_budget`).
+
+    Copies are made of the original, of every float candidate whose export loads and, with ``int8_parents:
+    scaled`` and a latency budget, of float parents searched at the budget times the original's measured int8
+    speed-up: the largest parents whose int8 copy should fit. Those parents are healed and gated like
+    candidates, and listed as outside the budget.
+    """
+    from kdforge.compress.budget import int8_parent_fraction, runtime_ratio
+
+    cdir = out / "candidates"
+    q0 = _log_row(int8_candidate(orig, orig, src, r, cdir / "original+int8"), orig, log)
+    q0.info["budget"] = int8_budget(q0, r, 1.0)
+    extra: list[Evaluated] = []
+    parents = [e for e in floats if e.checks and e.checks[0].ok]
+    fast = next((c for c in q0.checks if c.name == "faster"), None)
+    if r.candidates.int8_parents == "scaled" and r.budget.metric == "latency" and fast is not None:
+        gain = 1 / runtime_ratio(fast.values, r.budget.latency_batch)
+        pf = int8_parent_fraction(r.budget.fraction, gain)
+        q0.info["int8_gain"], q0.info["int8_parent_fraction"] = gain, pf
+        if r.budget.fraction < pf < 1:
+            log(f"compress: int8 runs the original {gain:.2f}x faster at batch {r.budget.latency_batch}: "
+                f"searching int8 parents at latency <= {pf:.2f}x")
+            rp = CompressRecipe.from_dict(r.model_dump(mode="json"), [f"budget.fraction={pf}"])
+            known = {e.name for e in floats}
+            _, pcands, _ = search_candidates(src, rp, log)
+            for c in pcands:
+                if c.name in known:
+                    continue
+                e = _evaluate_candidate(c, src, rp, orig, out, log)
+                e.info["budget"] = _budget_row(r, c.budget_fraction, "torch eager")
+                e.info["int8_parent_only"] = True
+                extra.append(e)
+                if e.checks[0].ok:
+                    parents.append(e)
+    copies = [q0]
+    for p in parents:
+        if "onnx" not in p.files:
+            continue
+        q = _log_row(int8_candidate(p, orig, src, r, cdir / f"{p.name}+int8"), orig, log)
+        q.info["budget"] = int8_budget(q, r, p.info["budget"]["ratio"])
+        copies.append(q)
+    for q in copies:
+        b = q.info["budget"]
+        if not b["fits"] and b["ratio"] is not None:
+            log(f"compress: {q.name}: outside the budget ({b['metric']} {b['ratio']:.2f}x > {b['fraction']:g}x"
+                + (f", {b['runtime']} at batch {b['batch']})" if b["runtime"] else ")"))
+    return extra + copies
+
+
 def int8_candidate(parent: Evaluated, orig: Evaluated, src: Source, r: CompressRecipe, folder: Path,
                    original_runner: Any = None) -> Evaluated:
     """An int8 copy of ``parent``'s ONNX export (onnxruntime's quantizer), gated against the original.
@@ -295,12 +372,13 @@ def int8_candidate(parent: Evaluated, orig: Evaluated, src: Source, r: CompressR
     runner = onnx_runner(path, g.threads)
     e.checks.append(check_matches(torch.from_numpy(runner(x.numpy())), outs, g.atol))
     e.checks.append(check_smaller((orig.params, e.params), {"onnx": (orig.files["onnx"].stat().st_size,
-                                                                     path.stat().st_size)}))
+                                                                     path.stat().st_size)}, quantized=True))
     e.info["bytes_vs_parent"] = path.stat().st_size / parent.files["onnx"].stat().st_size
+    # the original's own int8 copy: its float parent is the original, already timed in the same rounds
+    also = None if parent is orig else {"float": onnx_runner(parent.files["onnx"], g.threads)}
     e.checks.append(check_faster(original_runner or onnx_runner(orig.files["onnx"], g.threads), runner,
                                  src.input_shape, g.batch_sizes, g.rounds, g.iters,
-                                 f"onnxruntime {g.threads} thread(s)",
-                                 also={"float": onnx_runner(parent.files["onnx"], g.threads)}))
+                                 f"onnxruntime {g.threads} thread(s)", also=also))
     e.checks.append(check_quality(orig.top1, top1, r.budget.max_drop))
     return e
 

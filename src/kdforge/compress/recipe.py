@@ -46,6 +46,10 @@ class CandidateSpec(Strict):
     #: ``int8_calib_samples`` training images; ``dynamic``: activations quantized at run time), gated as candidates
     int8: Literal["none", "static", "dynamic"] = "none"
     int8_calib_samples: int = Field(256, ge=8)
+    #: which float models get an int8 copy: ``candidates`` (the original and every float candidate that passed
+    #: the gate) or ``scaled`` (those, plus parents searched at the latency budget times the original's measured
+    #: int8 speed-up, healed and gated like candidates: the largest parents whose int8 copy should fit the budget)
+    int8_parents: Literal["candidates", "scaled"] = "scaled"
 
 
 class HealSpec(Strict):
@@ -136,6 +140,11 @@ class CompressRecipe(RecipeFile):
         if self.candidates.int8 != "none" and (self.llm is not None or "onnx" not in self.export.formats):
             raise ValueError("candidates.int8 quantizes the ONNX export of a vision model: add onnx to "
                              "export.formats (language models have no int8 candidate; docs/compress.md says why)")
+        if (self.candidates.int8 != "none" and self.budget.metric == "latency"
+                and self.budget.latency_batch not in self.gate.batch_sizes):
+            raise ValueError(f"budget.latency_batch {self.budget.latency_batch} must be one of gate.batch_sizes "
+                             f"{self.gate.batch_sizes}: an int8 candidate's latency budget is judged from the "
+                             "gate's onnxruntime timing at that batch")
         if self.model is not None and self.model.checkpoint is None:
             raise ValueError("model.checkpoint is required: compressing a model with random weights measures "
                              "nothing (give the trained weights, or 'run: RUN_FOLDER')")

@@ -27,7 +27,13 @@ def rows(data: dict[str, Any]) -> list[dict[str, Any]]:
         size = c.get("bytes", {}).get("onnx") or c.get("bytes", {}).get("safetensors")
         failed = next((k for k, v in c.get("gate", {}).items() if not v["ok"]), None)
         gate = "—" if c is orig else ("pass" if c.get("passed") else f"FAIL: {failed}")
-        out.append({"model": c["name"], "family": c["family"], "size_mb": size / 1e6 if size else None,
+        b = c.get("budget", {})
+        if b and not b.get("fits", True):
+            gate += " (outside the budget)"
+        where = {"onnxruntime": " ort", "torch eager": " eager"}.get(b.get("runtime") or "", "")
+        budget = "1.00" if c is orig else ("—" if b.get("ratio") is None else f"{b['ratio']:.2f}{where}")
+        out.append({"model": c["name"], "family": c["family"], "budget": budget,
+                    "size_mb": size / 1e6 if size else None,
                     "params": c["params"], "peak_mb": c.get("peak_rss_mb"), "latency": lat, "speedup": speed,
                     "top1": c["top1"], "drop": orig["top1"] - c["top1"], "gate": gate})
     return out
@@ -36,7 +42,8 @@ def rows(data: dict[str, Any]) -> list[dict[str, Any]]:
 def table(data: dict[str, Any]) -> str:
     """The markdown table."""
     bs = [str(b) for b in data["recipe"]["gate"]["batch_sizes"]]
-    head = (["model", "size MB", "params", "peak RSS MB"] + [f"ms b{b}" for b in bs] + [f"speed-up b{b}" for b in bs]
+    head = (["model", f"{data['budget']['metric']} ratio", "size MB", "params", "peak RSS MB"]
+            + [f"ms b{b}" for b in bs] + [f"speed-up b{b}" for b in bs]
             + ["top-1 %", "drop", "gate"])
 
     def f(v: Any, fmt: str) -> str:
@@ -44,7 +51,7 @@ def table(data: dict[str, Any]) -> str:
 
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows(data):
-        cells = [r["model"], f(r["size_mb"], ".3f"), f"{r['params']:,}", f(r["peak_mb"], ".0f")]
+        cells = [r["model"], r["budget"], f(r["size_mb"], ".3f"), f"{r['params']:,}", f(r["peak_mb"], ".0f")]
         cells += [f(r["latency"][b], ".2f") for b in bs] + [f(r["speedup"][b], ".2f") + "×" for b in bs]
         cells += [f"{r['top1']:.2f}", f"{r['drop']:+.2f}", r["gate"]]
         lines.append("| " + " | ".join(cells) + " |")
@@ -89,13 +96,19 @@ def write_report(res: Any) -> Path:
     b = data["budget"]
     lines = [f"# compress: {data['name']}", "",
              f"Budget: {b['metric']} at most {b['fraction']:g}x the original; top-1 drop at most {b['max_drop']:g} "
-             f"points on the test split (selection and healing never read it).", "",
+             f"points on the test split (selection and healing never read it)."
+             + (" The ratio column is the latency at batch "
+                f"{b['latency_batch']} over the original's, measured interleaved with it in the runtime it names: "
+                "torch eager for float models (the search), onnxruntime for int8 copies (the gate)."
+                if b["metric"] == "latency" else "")
+             + " A model outside the budget is never chosen.", "",
              table(data), "", f"*{caption(data['environment'])}. Latency: median of "
              f"{data['recipe']['gate']['rounds']} interleaved rounds (original and candidate alternating) in the "
              "runtime named by each gate; peak RSS: a fresh process loading the ONNX file and running the largest "
              "batch.*", "", "![pareto](pareto.png)", ""]
     if data["chosen"]:
-        lines += [f"Chosen: **{data['chosen']}** (best top-1 among candidates that passed the gate), written as "
+        lines += [f"Chosen: **{data['chosen']}** (best top-1 among the candidates within the budget that passed "
+                  "the gate), written as "
                   + ", ".join(f"`{Path(p).name}`" for p in next(c for c in data["candidates"]
                                                               if c["name"] == data["chosen"])["files"].values()) + ".",
                   ""]
@@ -104,7 +117,11 @@ def write_report(res: Any) -> Path:
     lines += ["## Gate", ""]
     for c in res.candidates:
         failed = verdict(c.checks)
-        lines.append(f"- **{c.name}**: " + ("passed" if failed is None else f"rejected by `{failed.name}`"))
+        b = c.info.get("budget", {})
+        outside = "" if b.get("fits", True) else (
+            f"; outside the budget ({b['metric']} {b['ratio']:.2f}x > {b['fraction']:g}x)" if b.get("ratio") is not None
+            else "; not measured against the budget")
+        lines.append(f"- **{c.name}**: " + ("passed" if failed is None else f"rejected by `{failed.name}`") + outside)
         lines += [f"  - {ch.line()}" for ch in c.checks]
     if res.skipped:
         lines += ["", "## Families without a candidate", ""]
