@@ -25,9 +25,12 @@ def heal(student: nn.Module, teacher: nn.Module, data: DataBundle, r: CompressRe
     s = r.seed if seed is None else seed
     seed_everything(s)
     terms = [Term(build_loss("ce"), h.ce_weight, name="ce"), Term(build_loss("kd", T=h.T), h.kd_weight, name="kd")]
+    # named in the method section, so the fit's banner shows the student (its own size) and the frozen teacher
+    name = r.model.model if r.model is not None else type(teacher).__name__
     method = Distill(copy.deepcopy(student).train(), copy.deepcopy(teacher).eval(), terms)
-    recipe = Recipe(name=f"{r.name}-heal", seed=s, data=r.data, method=MethodConfig(name="distill"),
-                    optim=r.optim, sched=r.sched, train=r.train)
+    recipe = Recipe(name=f"{r.name}-heal", seed=s, data=r.data, optim=r.optim, sched=r.sched, train=r.train,
+                    method=MethodConfig(name="distill", student={"model": f"{name}, compressed"},
+                                        teacher={"model": name}))
     res = Trainer(method, data, recipe).fit()
     return method.deployable().cpu().eval(), {"mode": "kd", "epochs": res.epochs, "steps": res.steps,
                                               "train_time_s": res.train_time_s, "seed": s}

@@ -41,6 +41,7 @@ def load_source(r: CompressRecipe) -> Source:
             raise KdforgeError(f"run {r.run!r} holds a {spec.get('builder') or 'model without a spec'!s} model; "
                                "compress handles image classifiers built by name (builder 'model')")
         where = str(r.run)
+        model.kdforge_weights = where  # what a healing fit's banner names as the teacher's weights
     else:
         from kdforge.models import create_model
 
