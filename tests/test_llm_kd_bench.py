@@ -32,3 +32,27 @@ def test_quick_llm_kd_step_bench(tmp_path: Path) -> None:
     assert all(len(v) == 4 and min(v) > 0 for v in res["step_s"].values())  # 2 rounds × (3 steps − the first)
     text = (tmp_path / "llm-kd-step.md").read_text()
     assert "KD, live teacher (fused" in text and "≤ 1.05" in text
+
+
+def test_llm_kd_student_is_the_recommended_selections_published_choice() -> None:
+    """llm-kd's student comes from the published row of LLM_RECOMMENDED_SELECTION's method (sleb_pick: the pick
+    row of sglp-llm-pick.json, the one that records what it picked), not from a second copy of the criterion."""
+    import json
+
+    from kdforge.bench.common import PUBLISHED
+    from kdforge.bench.sglp import published_choice
+    from kdforge.prune.sglp import LLM_RECOMMENDED_SELECTION
+
+    assert LLM_RECOMMENDED_SELECTION["method"] == "sleb_pick"
+    f = PUBLISHED / "sglp-llm-pick.json"
+    if not f.is_file():
+        pytest.skip("not run from a kdforge checkout")
+    res = json.loads(f.read_text())
+    picked = [r for r in res["rows"] if "picked" in r and r["n_removed"] == 8]
+    removed, seconds, label = published_choice("sleb_pick", 8, res["n_layers"])
+    assert removed == picked[0]["removed"] and seconds > 0 and label == picked[0]["label"]
+    sleb = next(r for r in json.loads((PUBLISHED / "sglp-llm.json").read_text())["rows"]
+                if r["n_removed"] == 8 and r["label"].startswith("SLEB") and "heal" not in r["label"])
+    assert published_choice("sleb", 8, res["n_layers"])[0] == sleb["removed"]
+    assert published_choice("sleb_pick", 8, res["n_layers"] + 1) is None  # another depth: select afresh
+    assert published_choice("taylor", 8, res["n_layers"]) is None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import re
 import statistics
 import sys
@@ -93,23 +92,6 @@ def _examples(rows: Tensor, prompt_len: int, seq_len: int) -> list[Any]:
     return out
 
 
-def _published_choice(k: int, n: int) -> tuple[list[int] | None, float]:
-    """The recommended criterion's layers at k removed from the published sglp-llm run (None if absent)."""
-    from kdforge.bench.common import PUBLISHED
-    from kdforge.bench.sglp import RECOMMENDED
-
-    f = PUBLISHED / "sglp-llm.json"
-    if not f.is_file():
-        return None, 0.0
-    res = json.loads(f.read_text())
-    if res.get("n_layers") != n:
-        return None, 0.0
-    for r in res.get("rows", []):
-        if r["label"] == RECOMMENDED and r["n_removed"] == k:
-            return list(r["removed"]), float(r["select_s"])
-    return None, 0.0
-
-
 def _paired(a: list[float], b: list[float]) -> str:
     """Mean of b − a over seeds with its 95 % t-interval."""
     from scipy import stats
@@ -125,7 +107,7 @@ def _paired(a: list[float], b: list[float]) -> str:
 @BENCHES.register("llm-kd")
 def run(out: Path | None = None, quick: bool = False) -> dict[str, Any]:
     """SmolLM2-135M → itself pruned to 22 layers: SFT and six KD variants at equal budgets, plus step cost."""
-    from kdforge.bench.sglp import RECOMMENDED
+    from kdforge.bench.sglp import PUBLISHED_SELECTIONS, published_choice
     from kdforge.llm import (
         ByteTokenizer,
         greedy_agreement,
@@ -141,6 +123,7 @@ def run(out: Path | None = None, quick: bool = False) -> dict[str, Any]:
     from kdforge.llm.loading import SMOLLM2_LABEL
     from kdforge.llm.text import austen_text, pack
     from kdforge.prune.importance import causal_lm_kl_task, select_baseline, with_reference
+    from kdforge.prune.sglp import LLM_RECOMMENDED_SELECTION
     from kdforge.prune.surgery import find_units, prune_model
 
     s = _settings(quick)
@@ -162,12 +145,16 @@ def run(out: Path | None = None, quick: bool = False) -> dict[str, Any]:
     perm = torch.randperm(len(calib), generator=torch.Generator().manual_seed(0))
     units = find_units(teacher)
     n = len(units)
-    removed, select_s = _published_choice(s["remove"], n) if not quick else (None, 0.0)
-    if removed is None:
-        kl_b = with_reference(teacher, [calib[perm[-4 - s["kl_rows"]: -4]]])
+    sel_method = LLM_RECOMMENDED_SELECTION["method"]
+    published = None if quick else published_choice(sel_method, s["remove"], n)
+    if published is not None:
+        removed, select_s, criterion = published
+        criterion_page = PUBLISHED_SELECTIONS[sel_method][0]
+    else:  # no published run to read: select here, on calibration rows the training pool does not use
+        kl_b = with_reference(teacher, [calib[perm[-4 - s["kl_rows"]: -4]], calib[perm[-4:]]])
         t0 = time.perf_counter()
-        sel = select_baseline("sleb", teacher, units, n - s["remove"], kl_b, causal_lm_kl_task(), set())
-        removed, select_s = sel.removed, time.perf_counter() - t0
+        sel = select_baseline(sel_method, teacher, units, n - s["remove"], kl_b, causal_lm_kl_task(), set())
+        removed, select_s, criterion, criterion_page = sel.removed, time.perf_counter() - t0, sel_method, None
     base_student = prune_model(teacher, units, [i for i in range(n) if i not in set(removed)])
     _log(f"{label}: student keeps {n - len(removed)}/{n} layers, removed {removed} ({select_s:.0f}s)")
     # training pool (prompt/response continuations of calibration text), held-out text and prompts
@@ -205,7 +192,8 @@ def run(out: Path | None = None, quick: bool = False) -> dict[str, Any]:
             runs.append(r)
             _log(f"{name} seed {seed}: ppl {r['ppl']:.2f}, agreement {r['agree']:.3f}, {train_s:.0f}s")
     res = {"settings": s, "model": label, "held_out": held_name, "pool": len(pool), "student_removed": removed,
-           "criterion": RECOMMENDED, "select_s": select_s, "base": base, "runs": runs,
+           "criterion": criterion, "criterion_method": sel_method, "criterion_page": criterion_page,
+           "select_s": select_s, "base": base, "runs": runs,
            "total_s": time.perf_counter() - t_all, "machine": machine_note()}
     write_json(out / "llm-kd.json", res)
     _write_md(out / "llm-kd.md", res, quick)
@@ -237,8 +225,11 @@ def _write_md(path: Path, res: dict[str, Any], quick: bool) -> None:
     text = [f"# Benchmark: llm-kd{' (quick smoke run)' if quick else ''}", "",
             f"Teacher: **{res['model']}**. Student: the teacher with layers "
             f"{', '.join(map(str, res['student_removed']))} "
-            f"removed by the recommended criterion ({res['criterion']}, {res['select_s']:.0f} s; see "
-            "[sglp-llm](sglp-llm.md)). Every row trains the same student for the same budget: "
+            f"removed by the recommended criterion (selection `{res['criterion_method']}`: {res['criterion']}, "
+            f"{res['select_s']:.0f} s"
+            + (f"; its published choice, see [{page}]({page}.md)). " if (page := res.get("criterion_page")) else
+               ", selected in this run). ")
+            + "Every row trains the same student for the same budget: "
             f"{s['steps']} AdamW steps (lr {s['lr']}, constant, clip 1.0) of {s['batch']} sequences × "
             f"{s['seq_len']} tokens, the first {s['prompt_len']} of each a prompt that is not trained on. "
             f"Training text: {res['pool']} continuation "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -426,6 +427,31 @@ def _write_llm_md(path: Path, res: dict[str, Any], quick: bool) -> None:
 # -- LLM: choosing between SLEB's and block influence's removal sets on calibration text -----------
 #: the choice between candidate removal sets (docs/benchmarks/sglp-llm.md, "sglp-llm-pick")
 PICK = "SLEB-KL or block influence, lower calibration KL"
+#: where each selection method's choice on SmolLM2 is published: its bench and row label (llm-kd reads the
+#: recommended method's, LLM_RECOMMENDED_SELECTION in prune/sglp.py)
+PUBLISHED_SELECTIONS: dict[str, tuple[str, str]] = {"sleb": ("sglp-llm", RECOMMENDED),
+                                                     "sleb_pick": ("sglp-llm-pick", PICK)}
+
+
+def published_choice(method: str, k: int, n: int) -> tuple[list[int], float, str] | None:
+    """A selection method's layers at k of n removed, its selection seconds and row label, from its published
+    bench run (None if the method has no published row, or the run is absent or of another model depth)."""
+    from kdforge.bench.common import PUBLISHED
+
+    if method not in PUBLISHED_SELECTIONS:
+        return None
+    bench, label = PUBLISHED_SELECTIONS[method]
+    f = PUBLISHED / f"{bench}.json"
+    if not f.is_file():
+        return None
+    res = json.loads(f.read_text())
+    if res.get("n_layers") != n:
+        return None
+    for r in res.get("rows", []):
+        if r["label"] == label and r["n_removed"] == k:
+            seconds = r["select_s"] if "select_s" in r else res["sleb_s"] + res["bi_s"] + r["pick_s"]
+            return list(r["removed"]), float(seconds), label
+    return None
 
 
 @BENCHES.register("sglp-llm-pick")
