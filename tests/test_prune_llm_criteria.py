@@ -110,4 +110,10 @@ def test_quick_sleb_pick_bench(tmp_path) -> None:
         chosen = {"sleb": "SLEB (KL to unpruned)", "block_influence": "block influence on the pick rows (KL task)"}
         assert pick["removed"] == rows[chosen[pick["picked"]]]["removed"]
         assert pick["picked"] == min(pick["pick_kl"], key=pick["pick_kl"].get)
-    assert "sglp-llm-pick" in (tmp_path / "sglp-llm-pick.md").read_text()
+    for k in res["settings"]["heal_at"]:  # the healed row heals the pick's own set, and the heal moved the weights
+        rows = {r["label"]: r for r in res["rows"] if r["n_removed"] == k}
+        healed = rows[f"{PICK} + KD heal"]
+        assert healed["removed"] == rows[PICK]["removed"] and healed["ppl"] != rows[PICK]["ppl"]
+        assert res["heal"][str(k)]["seconds"] > 0
+    text = (tmp_path / "sglp-llm-pick.md").read_text()
+    assert "sglp-llm-pick" in text and "+ KD heal" in text

@@ -459,6 +459,7 @@ def run_llm_pick(out: Path | None = None, quick: bool = False) -> dict[str, Any]
     """SmolLM2-135M: SLEB-KL and block influence at 8/30 and 12/30, and the one of each pair with the lower KL to
     the unpruned model on calibration rows that neither search saw (selection ``sleb_pick``)."""
     from kdforge.llm import (
+        heal_kd,
         perplexity,
     )
     from kdforge.prune.importance import (
@@ -469,9 +470,10 @@ def run_llm_pick(out: Path | None = None, quick: bool = False) -> dict[str, Any]
         sleb_order,
         with_reference,
     )
-    from kdforge.prune.surgery import find_units, removed
+    from kdforge.prune.surgery import find_units, prune_model, removed
 
-    s = {**_llm_settings(quick), "pick_rows": 4 if quick else 16}
+    # the pick's set is healed as sglp-llm heals SLEB-KL's (same calibration rows, steps, lr, batch, T)
+    s = {**_llm_settings(quick), "pick_rows": 4 if quick else 16, "heal_at": [2, 3] if quick else [8, 12]}
     out = bench_dir("sglp-llm-pick", out)
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
@@ -515,7 +517,19 @@ def run_llm_pick(out: Path | None = None, quick: bool = False) -> dict[str, Any]
             rows.append({"label": name, "n_removed": k, "removed": rem, "ppl": ppl(rem)})
             _log(f"{name} @{k}: removed {rem} ppl {rows[-1]['ppl']:.2f}")
         rows[-1].update({"picked": pick, "pick_kl": losses, "pick_s": pick_s})
-    res = {"settings": s, "model": label, "n_layers": n, "base_ppl": base_ppl, "rows": rows, "sleb_order": order,
+    heals: dict[str, Any] = {}
+    for k in s["heal_at"]:
+        r = next(r for r in rows if "picked" in r and r["n_removed"] == k)
+        student = prune_model(model, units, [i for i in range(n) if i not in set(r["removed"])])
+        t0 = time.perf_counter()
+        losses = heal_kd(student, model, calib, s["heal_steps"], s["heal_lr"], s["heal_bs"], T=1.0)
+        heal_s = time.perf_counter() - t0
+        rows.append({"label": f"{PICK} + KD heal", "n_removed": k, "removed": r["removed"],
+                     "ppl": perplexity(student, ev)})
+        heals[str(k)] = {"seconds": heal_s, "first_loss": losses[0], "last_loss": losses[-1]}
+        _log(f"KD heal of the pick @{k} ({s['heal_steps']} steps, {heal_s:.0f}s): ppl {rows[-1]['ppl']:.2f}")
+    res = {"settings": s, "heal": heals, "model": label, "n_layers": n, "base_ppl": base_ppl, "rows": rows,
+           "sleb_order": order,
            "sleb_s": sleb_s, "sleb_evals": sleb_evals, "bi_s": bi_s, "total_s": time.perf_counter() - t_all,
            "machine": machine_note()}
     write_json(out / "sglp-llm-pick.json", res)
@@ -545,6 +559,11 @@ def _write_pick_md(path: Path, res: dict[str, Any], quick: bool) -> None:
             "neither SLEB's search nor sglp-llm's block-influence batch uses (selection `sleb_pick`). The ShortGPT "
             "row recomputes sglp-llm's (block influence of the next-token CE task on its 16-sequence batch).", "",
             markdown_table(table), "",
+            *([f"KD heal of the pick's set (rows \"+ KD heal\"), as sglp-llm heals SLEB-KL's: {s['heal_steps']} "
+               f"AdamW steps (lr {s['heal_lr']}, batch {s['heal_bs']} × {s['seq_len']} tokens, clip 1.0, seed 0) of "
+               "logit KD (T = 1) from the unpruned model on the calibration rows ("
+               + "; ".join(f"{k}/{n}: {h['seconds']:.0f} s, KD loss {h['first_loss']:.3f} → {h['last_loss']:.3f}"
+                           for k, h in res["heal"].items()) + ").", ""] if res.get("heal") else []),
             f"Command: `kdforge bench sglp-llm-pick{' --quick' if quick else ''}`. Machine: {res['machine']}. "
             f"Total wall time {res['total_s'] / 60:.1f} min.", ""]
     path.write_text("\n".join(text))
