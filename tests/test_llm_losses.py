@@ -189,7 +189,9 @@ FUSED_MIXES = [
     [("lm_ce", {}, 0.3), ("lm_fkl", {"T": 1.0}, 0.7)],  # one log-softmax shared by CE and the KD term
     [("lm_ce", {}, 0.5), ("lm_fkl", {"T": 1.0}, 1.0), ("lm_fkl", {"T": 3.0}, 0.25)],
     [("lm_rkl", {"T": 1.5}, 1.0), ("lm_ce", {}, 0.2)],  # autograd fallback mixed with a closed form
-    [("lm_jsd", {"beta": 0.3}, 1.0)], [("lm_tvd", {}, 1.0)]]
+    [("lm_jsd", {"beta": 0.3}, 1.0)], [("lm_tvd", {}, 1.0)],
+    [("lm_fkl", {"T": 1.0}, 0.0), ("lm_ce", {}, 1.0)],  # a first term of weight 0 (the chunk's gradient scale)
+    [("lm_ce", {}, 1.0), ("lm_fkl", {"T": 1.0}, 0.0)]]
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -282,3 +284,25 @@ def test_fused_topk_forward_kl_when_the_students_rest_underflows() -> None:
     assert torch.isfinite(out[0]) and float(out[0]) == pytest.approx(float(ref), rel=1e-6)
     for a, b in zip(got, want, strict=True):
         assert torch.isfinite(a).all() and torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_fused_forward_kl_with_teacher_probabilities_of_zero() -> None:
+    """A live teacher with −inf logits (probability exactly 0): those tokens add nothing to KL(p ‖ q), as in the
+    plain graph, and values and gradients stay finite."""
+    torch.manual_seed(11)
+    B, L, H = 2, 6, 5
+    hidden = torch.randn(B, L, H, dtype=torch.float64, requires_grad=True)
+    head = torch.nn.Linear(H, V, bias=False).double()
+    t = torch.randn(B * L, V, dtype=torch.float64) * 2
+    t[::2, :4] = float("-inf")
+    mask = torch.ones(B, L, dtype=torch.bool)
+    term = build_loss("lm_fkl")
+    out = chunked_token_loss([(term, 1.0)], head_logits(hidden, head), lambda i: t[i], mask, chunk=4)
+    got = torch.autograd.grad(out[0], (hidden, head.weight))
+    p = softmax(t.numpy(), -1)
+    q = softmax(head(hidden).detach().reshape(-1, V).numpy(), -1)
+    assert float(out[0]) == pytest.approx(np.mean([entropy(a, b) for a, b in zip(p, q, strict=True)]), rel=1e-10)
+    ref = _direct([(term, 1.0)], head(hidden), t, mask, torch.zeros(B, L, dtype=torch.long))
+    want = torch.autograd.grad(ref, (hidden, head.weight))
+    for a, b in zip(got, want, strict=True):
+        assert torch.isfinite(a).all() and torch.allclose(a, b, atol=1e-10, rtol=1e-8)

@@ -53,6 +53,11 @@ def _mix(log_a: Tensor, log_b: Tensor, w: float) -> Tensor:
     return torch.logaddexp(log_a + math.log(w), log_b + math.log(1.0 - w))
 
 
+def _row_dot(a: Tensor, b: Tensor) -> Tensor:
+    """Σ_v a_v·b_v per row of two (n, V) tensors, as a batched matrix product (no (n, V) product tensor)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).flatten()
+
+
 def forward_kl(log_q: Tensor, log_p: Tensor) -> Tensor:
     """KL(p ‖ q) = Σ p (log p − log q) per position (p teacher, q student)."""
     return _kl(log_p, log_q)
@@ -195,11 +200,14 @@ class ForwardKL(Divergence):
                 g[lost] = g_lost
             g.scatter_(-1, ids, top.exp() - log_p[:, :-1].exp())
             return values, g if self.T == 1.0 else g.mul_(self.T)
-        log_p = (_up(teacher) / self.T).log_softmax(-1)
+        t = _up(teacher)
+        log_p = (t if self.T == 1.0 else t / self.T).log_softmax(-1)
         p = log_p.exp()
-        values = (log_p - log_q).mul_(p).sum(-1)
-        if not bool(torch.isfinite(values).all()):  # a teacher probability of exactly 0 (a -inf logit)
-            values = torch.where(log_p > NEG_INF, p * (log_p - log_q), 0.0).sum(-1)
+        # Σ p·(log p − log q) as one dot product per row, the difference made in log p's own buffer: no further
+        # (n, V) tensor (a live step's only vocabulary-sized work beyond the teacher's forward is here)
+        values = _row_dot(p, log_p.sub_(log_q))
+        if not bool(torch.isfinite(values).all()):  # a teacher probability of exactly 0 (a -inf logit): 0·inf
+            values = torch.where(p > 0, p * log_p, 0.0).sum(-1)
         g = log_q.exp_().sub_(p)
         return values * T2, g if self.T == 1.0 else g.mul_(self.T)
 
@@ -443,24 +451,30 @@ class _FusedHeadLoss(torch.autograd.Function):
             t = teacher(idx) if teacher is not None else None
             tg = None if targets is None else targets[idx]
             shared = _ChunkLogits(z, [term for term, _ in terms])
+            # the chunk's gradient is g_total · scale; the scale goes into the (n, H) and (V, H) products, not
+            # into a pass over the (n, V) gradient
             g_total: Tensor | None = None
+            scale = 1.0
             for k, (term, w) in enumerate(terms):
                 v, g = term.values_and_grad(shared, None if term.uses_targets else t, tg)
                 v = v.sum()
                 sums[0] += w * v
                 sums[1 + k] += v
                 if g_total is None:
-                    g_total = g.mul_(w / n)
+                    g_total, scale = g, w / n
+                    if scale == 0.0:
+                        g_total.zero_()
+                        scale = 1.0
                 else:
-                    g_total.add_(g, alpha=w / n)
+                    g_total.add_(g, alpha=w / n / scale)
             assert g_total is not None
             g_total = g_total.to(weight.dtype)
             if grad_h is not None:
-                grad_h.index_copy_(0, idx, g_total @ weight)
+                grad_h.index_copy_(0, idx, (g_total @ weight).mul_(scale))
             if grad_w is not None:
-                grad_w.addmm_(g_total.T, hc)
+                grad_w.addmm_(g_total.T, hc, alpha=scale)
             if grad_b is not None:
-                grad_b += g_total.sum(0)
+                grad_b.add_(g_total.sum(0), alpha=scale)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         return sums / n
 
