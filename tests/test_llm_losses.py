@@ -306,3 +306,21 @@ def test_fused_forward_kl_with_teacher_probabilities_of_zero() -> None:
     want = torch.autograd.grad(ref, (hidden, head.weight))
     for a, b in zip(got, want, strict=True):
         assert torch.isfinite(a).all() and torch.allclose(a, b, atol=1e-10, rtol=1e-8)
+
+
+def test_fused_head_loss_under_autocast() -> None:
+    """Under autocast (mixed-precision training) the head's chunk logits are autocast's, not written into float32
+    buffers: the fused loss runs and stays within bfloat16 rounding of the float32 value."""
+    torch.manual_seed(12)
+    hidden = torch.randn(2, 8, 16, requires_grad=True)
+    head = torch.nn.Linear(16, 40, bias=True)
+    t = torch.randn(16, 40)
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    terms = [(build_loss("lm_fkl"), 1.0)]
+    want = chunked_token_loss(terms, head_logits(hidden, head), lambda i: t[i], mask, chunk=5)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = chunked_token_loss(terms, head_logits(hidden, head), lambda i: t[i], mask, chunk=5)[0]
+    (g,) = torch.autograd.grad(got, hidden)
+    (g_want,) = torch.autograd.grad(want, hidden)
+    assert g.dtype == hidden.dtype and float(got) == pytest.approx(float(want), rel=3e-2)
+    assert float((g - g_want).abs().max()) < 3e-2 * float(g_want.abs().max())

@@ -201,8 +201,10 @@ class ForwardKL(Divergence):
             g.scatter_(-1, ids, top.exp() - log_p[:, :-1].exp())
             return values, g if self.T == 1.0 else g.mul_(self.T)
         t = _up(teacher)
-        log_p = (t if self.T == 1.0 else t / self.T).log_softmax(-1)
-        p = log_p.exp()
+        if self.T != 1.0:
+            t = torch.div(t, self.T, out=chunk.scratch("t/T", t))
+        log_p = torch.log_softmax(t, -1, out=chunk.scratch("log_p", t))
+        p = torch.exp(log_p, out=chunk.scratch("p", t))
         # Σ p·(log p − log q) as one dot product per row, the difference made in log p's own buffer: no further
         # (n, V) tensor (a live step's only vocabulary-sized work beyond the teacher's forward is here)
         values = _row_dot(p, log_p.sub_(log_q))
@@ -392,8 +394,40 @@ class HeadLogits:
         """Whether any input of the logits takes a gradient."""
         return any(t is not None and t.requires_grad for t in (self.h, self.weight, self.bias))
 
-    def __call__(self, idx: Tensor) -> Tensor:
-        return F.linear(self.h[idx], self.weight, self.bias)
+    def __call__(self, idx: Tensor, out: Tensor | None = None) -> Tensor:
+        """The logits at ``idx`` (n, V), written into ``out`` (n, V) when given."""
+        if out is None:
+            return F.linear(self.h[idx], self.weight, self.bias)
+        return _linear_into(out, self.h[idx], self.weight, self.bias)
+
+
+def _linear_into(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x·Wᵀ (+ b) written into ``out``; under autocast or mixed dtypes, F.linear's own result (``out`` unused)."""
+    if torch.is_autocast_enabled(x.device.type) or x.dtype != weight.dtype or x.dtype != out.dtype:
+        return F.linear(x, weight, bias)
+    if bias is None:
+        return torch.mm(x, weight.T, out=out)
+    return torch.addmm(bias, x, weight.T, out=out)
+
+
+class _Scratch:
+    """Reusable (n, V) buffers of one fused loss call, by name: every chunk writes its vocabulary-sized tensors
+    into the same memory. (A fresh tensor per chunk is mapped and page-faulted anew each time, which on the CPU
+    costs about as much as a pass over it.)"""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, Tensor] = {}
+
+    def get(self, name: str, n: int, v: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """An (n, v) buffer, contents undefined: the first n rows of the largest one asked for under ``name``."""
+        b = self._bufs.get(name)
+        if b is None or b.shape[0] < n or b.shape[1] != v or b.dtype != dtype or b.device != device:
+            b = self._bufs[name] = torch.empty(n, v, dtype=dtype, device=device)
+        return b[:n]
+
+    def __call__(self, name: str, like: Tensor) -> Tensor:
+        """A buffer of ``like``'s shape (n, V), dtype and device."""
+        return self.get(name, like.shape[0], like.shape[1], like.dtype, like.device)
 
 
 def head_logits(hidden: Tensor, head: nn.Module, vocab: int | None = None) -> HeadLogits:
@@ -409,8 +443,9 @@ def head_logits(hidden: Tensor, head: nn.Module, vocab: int | None = None) -> He
 class _ChunkLogits:
     """One chunk's student logits and their log-softmax per temperature, shared by the terms that read them."""
 
-    def __init__(self, z: Tensor, terms: Sequence[TokenLoss]) -> None:
+    def __init__(self, z: Tensor, terms: Sequence[TokenLoss], scratch: _Scratch | None = None) -> None:
         self.z = z
+        self.scratch = scratch or _Scratch()
         self._users: dict[float, int] = {}
         for t in terms:
             if type(t).values_and_grad is not TokenLoss.values_and_grad:  # a closed form reads log_q
@@ -422,7 +457,10 @@ class _ChunkLogits:
         """log softmax(z / T) (n, V); with ``own``, a buffer the caller may overwrite (the last user gets the shared
         one, earlier users a copy)."""
         if T not in self._log_q:
-            self._log_q[T] = (_up(self.z) / T if T != 1.0 else _up(self.z)).log_softmax(-1)
+            z = _up(self.z)
+            if T != 1.0:
+                z = torch.div(z, T, out=self.scratch("z/T", z))
+            self._log_q[T] = torch.log_softmax(z, -1, out=self.scratch(f"log_q/{T}", z))
         self._users[T] = self._users.get(T, 1) - 1
         if not own:
             return self._log_q[T]
@@ -444,13 +482,18 @@ class _FusedHeadLoss(torch.autograd.Function):
         grad_b = torch.zeros_like(bias) if need_b and bias is not None else None
         out_dtype = _up(torch.empty((), dtype=h.dtype)).dtype
         sums = torch.zeros(1 + len(terms), dtype=out_dtype, device=h.device)
+        scratch = _Scratch()
         for i in range(0, n, chunk):
             idx = pos[i: i + chunk]
             hc = h[idx]
-            z = F.linear(hc, weight, bias)
-            t = teacher(idx) if teacher is not None else None
+            z = _linear_into(scratch.get("z", len(idx), weight.shape[0], h.dtype, h.device), hc, weight, bias)
+            if isinstance(teacher, HeadLogits):
+                t = teacher(idx, out=scratch.get("t", len(idx), teacher.weight.shape[0], teacher.h.dtype,
+                                                   teacher.h.device))
+            else:
+                t = teacher(idx) if teacher is not None else None
             tg = None if targets is None else targets[idx]
-            shared = _ChunkLogits(z, [term for term, _ in terms])
+            shared = _ChunkLogits(z, [term for term, _ in terms], scratch)
             # the chunk's gradient is g_total · scale; the scale goes into the (n, H) and (V, H) products, not
             # into a pass over the (n, V) gradient
             g_total: Tensor | None = None
@@ -469,12 +512,13 @@ class _FusedHeadLoss(torch.autograd.Function):
                     g_total.add_(g, alpha=w / n / scale)
             assert g_total is not None
             g_total = g_total.to(weight.dtype)
-            if grad_h is not None:
-                grad_h.index_copy_(0, idx, (g_total @ weight).mul_(scale))
-            if grad_w is not None:
-                grad_w.addmm_(g_total.T, hc, alpha=scale)
-            if grad_b is not None:
-                grad_b.add_(g_total.sum(0), alpha=scale)
+            with torch.autocast(h.device.type, enabled=False):  # the gradients in the parameters' own dtype
+                if grad_h is not None:
+                    grad_h.index_copy_(0, idx, (g_total @ weight).mul_(scale).to(grad_h.dtype))
+                if grad_w is not None:
+                    grad_w.addmm_(g_total.T, hc.to(grad_w.dtype), alpha=scale)
+                if grad_b is not None:
+                    grad_b.add_(g_total.sum(0), alpha=scale)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         return sums / n
 
