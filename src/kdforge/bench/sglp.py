@@ -248,9 +248,10 @@ def _llm_metrics(m: nn.Module, ev: torch.Tensor, s: dict[str, Any]) -> dict[str,
             "prefill_tok_s": tokens_per_second(m, ev, 1, repeats=2)}
 
 
-#: the recommended LLM layer-removal criterion (docs/benchmarks/sglp-llm.md): greedy removal by KL to the
-#: unpruned model (SLEB's search with the KL of the pruned model to the original as its score)
-RECOMMENDED = "SLEB (KL to unpruned)"
+#: SLEB's greedy removal scored by the KL to the unpruned model (selection ``sleb``, ``llm_loss: kl``); kdforge's
+#: LLM default before ``sleb_pick`` (prune/sglp.py's LLM_RECOMMENDED_SELECTION), which picks between its set and
+#: block influence's
+SLEB_KL = "SLEB (KL to unpruned)"
 
 
 @dataclass
@@ -343,7 +344,7 @@ def run_llm(out: Path | None = None, quick: bool = False) -> dict[str, Any]:
     for k in s["removals"]:
         drop = set(sleb.details["order"][:k])
         part = type(sleb)("sleb", [i for i in range(n) if i not in drop], n, {}, sum(n - j for j in range(k)))
-        add(RECOMMENDED, k, part, sleb_s * part.n_evals / max(sleb.n_evals, 1))
+        add(SLEB_KL, k, part, sleb_s * part.n_evals / max(sleb.n_evals, 1))
         add("block influence (ShortGPT)", k, select_baseline("block_influence", model, units, n - k, cka_b[:1], ce,
                                                              set()))
         variants = [("SGLP as published (CKA per sample, GradNorm of CE)", "sample", ce, score_b, "gradnorm",
@@ -360,12 +361,12 @@ def run_llm(out: Path | None = None, quick: bool = False) -> dict[str, Any]:
             add(name, k, sel)
     heals: dict[str, Any] = {}
     for k in s["removals"]:
-        student = copy.deepcopy(pruned_models[(RECOMMENDED, k)])
+        student = copy.deepcopy(pruned_models[(SLEB_KL, k)])
         t0 = time.perf_counter()
         losses = heal_kd(student, model, calib, s["heal_steps"], s["heal_lr"], s["heal_bs"], T=1.0)
         heal_s = time.perf_counter() - t0
-        r = next(r for r in rows if r["label"] == RECOMMENDED and r["n_removed"] == k)
-        rows.append({**r, "label": f"{RECOMMENDED} + KD heal", **_llm_metrics(student, ev, s)})
+        r = next(r for r in rows if r["label"] == SLEB_KL and r["n_removed"] == k)
+        rows.append({**r, "label": f"{SLEB_KL} + KD heal", **_llm_metrics(student, ev, s)})
         heals[str(k)] = {"seconds": heal_s, "first_loss": losses[0], "last_loss": losses[-1]}
         _log(f"KD heal @{k} ({s['heal_steps']} steps, {heal_s:.0f}s): ppl {rows[-1]['ppl']:.2f}")
     total = time.perf_counter() - t_all
@@ -400,7 +401,8 @@ def _write_llm_md(path: Path, res: dict[str, Any], quick: bool) -> None:
             f"{s['n_eval']} of those sequences; every selection uses the first 80% only.", "",
             markdown_table(table), "",
             "Criteria:", "",
-            f"- **{RECOMMENDED}** (the recommended default): remove one layer at a time, each time the one whose "
+            f"- **{SLEB_KL}** (the default before `sleb_pick`, [sglp-llm-pick](sglp-llm-pick.md)): remove one "
+            "layer at a time, each time the one whose "
             "removal leaves the smallest KL(unpruned ‖ pruned) of the next-token distributions on "
             f"{s['kl_rows']} calibration sequences (SLEB's greedy search, scored by KL to the original instead of "
             "perplexity). One search to the largest budget; its first k removals are its choice at k.",
@@ -429,7 +431,7 @@ def _write_llm_md(path: Path, res: dict[str, Any], quick: bool) -> None:
 PICK = "SLEB-KL or block influence, lower calibration KL"
 #: where each selection method's choice on SmolLM2 is published: its bench and row label (llm-kd reads the
 #: recommended method's, LLM_RECOMMENDED_SELECTION in prune/sglp.py)
-PUBLISHED_SELECTIONS: dict[str, tuple[str, str]] = {"sleb": ("sglp-llm", RECOMMENDED),
+PUBLISHED_SELECTIONS: dict[str, tuple[str, str]] = {"sleb": ("sglp-llm", SLEB_KL),
                                                      "sleb_pick": ("sglp-llm-pick", PICK)}
 
 
