@@ -184,6 +184,13 @@ def _direct(terms: list, logits: torch.Tensor, teacher: object, mask: torch.Tens
     return total
 
 
+@pytest.fixture(params=["one block", "blocks of 3 rows"])
+def blocks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused loss with each chunk's terms in one block, and in blocks of 3 rows (for any vocabulary here)."""
+    if request.param != "one block":
+        monkeypatch.setattr("kdforge.llm.losses.block_rows", lambda vocab: 3)
+
+
 FUSED_MIXES = [
     [("lm_fkl", {"T": 1.0}, 1.0)], [("lm_fkl", {"T": 2.0}, 0.5)], [("lm_ce", {}, 1.0)],
     [("lm_ce", {}, 0.3), ("lm_fkl", {"T": 1.0}, 0.7)],  # one log-softmax shared by CE and the KD term
@@ -196,7 +203,7 @@ FUSED_MIXES = [
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("mix", FUSED_MIXES)
-def test_fused_head_loss_equals_direct_autograd(mix: list, bias: bool) -> None:
+def test_fused_head_loss_equals_direct_autograd(mix: list, bias: bool, blocks: None) -> None:
     """The fused path (gradient taken in forward, per chunk) against one autograd graph over the full logits."""
     torch.manual_seed(7)
     B, L, H, Vp = 2, 9, 6, V + 3  # a head with 3 padded rows beyond the vocabulary, cropped
@@ -220,7 +227,7 @@ def test_fused_head_loss_equals_direct_autograd(mix: list, bias: bool) -> None:
 
 @pytest.mark.parametrize("T", [1.0, 2.0])
 @pytest.mark.parametrize("k", [3, V])  # k = V: an empty bucket
-def test_fused_topk_forward_kl_equals_direct_autograd(T: float, k: int) -> None:
+def test_fused_topk_forward_kl_equals_direct_autograd(T: float, k: int, blocks: None) -> None:
     """Forward KL over the k + 1 bins of a cached teacher: the closed-form gradient against autograd."""
     torch.manual_seed(8)
     B, L, H = 2, 7, 5
@@ -245,7 +252,7 @@ def test_fused_topk_forward_kl_equals_direct_autograd(T: float, k: int) -> None:
         assert torch.allclose(a, b, atol=1e-10, rtol=1e-8)
 
 
-def test_fused_fp32_within_1e6_of_direct() -> None:
+def test_fused_fp32_within_1e6_of_direct(blocks: None) -> None:
     """In float32 (the training dtype), fused values and gradients stay within 1e-6 of the plain graph."""
     torch.manual_seed(9)
     hidden = torch.randn(2, 64, 16, requires_grad=True)
@@ -263,7 +270,7 @@ def test_fused_fp32_within_1e6_of_direct() -> None:
     assert all(float((a - b).abs().max()) < 1e-6 for a, b in zip(ga, gb, strict=True))
 
 
-def test_fused_topk_forward_kl_when_the_students_rest_underflows() -> None:
+def test_fused_topk_forward_kl_when_the_students_rest_underflows(blocks: None) -> None:
     """A student so sure of the teacher's top-k that its rest mass underflows in float32: still the plain values."""
     torch.manual_seed(10)
     H, k = 4, 3
@@ -286,7 +293,7 @@ def test_fused_topk_forward_kl_when_the_students_rest_underflows() -> None:
         assert torch.isfinite(a).all() and torch.allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
-def test_fused_forward_kl_with_teacher_probabilities_of_zero() -> None:
+def test_fused_forward_kl_with_teacher_probabilities_of_zero(blocks: None) -> None:
     """A live teacher with −inf logits (probability exactly 0): those tokens add nothing to KL(p ‖ q), as in the
     plain graph, and values and gradients stay finite."""
     torch.manual_seed(11)

@@ -467,6 +467,38 @@ class _ChunkLogits:
         return self._log_q.pop(T) if self._users[T] <= 0 else self._log_q[T].clone()
 
 
+#: the terms of a chunk run on blocks of rows whose float32 (rows × vocabulary) tensor takes about this many bytes
+BLOCK_BYTES = 2 * 2**20
+
+
+def block_rows(vocab: int) -> int:
+    """Rows per block of the terms' vocabulary-sized work (:data:`BLOCK_BYTES` of float32 logits, at least 1)."""
+    return max(1, BLOCK_BYTES // (4 * max(vocab, 1)))
+
+
+def _block_values_and_grad(terms: Sequence[tuple[TokenLoss, float]], shared: _ChunkLogits, teacher: Any,
+                           targets: Tensor | None, sums: Tensor, n: int) -> tuple[Tensor, float]:
+    """Every term on one block of rows: adds their values into ``sums`` and returns (g, scale), the block's
+    gradient with respect to its logits divided by ``scale`` (the scale goes into the head products, not into
+    a pass over g)."""
+    g_total: Tensor | None = None
+    scale = 1.0
+    for k, (term, w) in enumerate(terms):
+        v, g = term.values_and_grad(shared, None if term.uses_targets else teacher, targets)
+        v = v.sum()
+        sums[0] += w * v
+        sums[1 + k] += v
+        if g_total is None:
+            g_total, scale = g, w / n
+            if scale == 0.0:
+                g_total.zero_()
+                scale = 1.0
+        else:
+            g_total.add_(g, alpha=w / n / scale)
+    assert g_total is not None
+    return g_total, scale
+
+
 class _FusedHeadLoss(torch.autograd.Function):
     """(total, term_1, …, term_K) from hidden states and head weights, the gradient taken chunk by chunk in forward."""
 
@@ -482,7 +514,9 @@ class _FusedHeadLoss(torch.autograd.Function):
         grad_b = torch.zeros_like(bias) if need_b and bias is not None else None
         out_dtype = _up(torch.empty((), dtype=h.dtype)).dtype
         sums = torch.zeros(1 + len(terms), dtype=out_dtype, device=h.device)
-        scratch = _Scratch()
+        scratch, block_scratch = _Scratch(), _Scratch()
+        term_list = [term for term, _ in terms]
+        scale = 1.0
         for i in range(0, n, chunk):
             idx = pos[i: i + chunk]
             hc = h[idx]
@@ -493,23 +527,20 @@ class _FusedHeadLoss(torch.autograd.Function):
             else:
                 t = teacher(idx) if teacher is not None else None
             tg = None if targets is None else targets[idx]
-            shared = _ChunkLogits(z, [term for term, _ in terms], scratch)
-            # the chunk's gradient is g_total · scale; the scale goes into the (n, H) and (V, H) products, not
-            # into a pass over the (n, V) gradient
-            g_total: Tensor | None = None
-            scale = 1.0
-            for k, (term, w) in enumerate(terms):
-                v, g = term.values_and_grad(shared, None if term.uses_targets else t, tg)
-                v = v.sum()
-                sums[0] += w * v
-                sums[1 + k] += v
+            m, step = len(idx), block_rows(z.shape[1])
+            # the terms run on blocks of rows small enough to stay in the processor's cache: their several
+            # passes over a block's vocabulary-sized tensors read the cache, not memory; each block's gradient
+            # goes into the chunk's, which the head products read
+            g_total = None if step >= m else scratch.get("g", m, z.shape[1], weight.dtype, z.device)
+            for j in range(0, m, step):
+                rows = slice(j, j + step)
+                t_rows = t[rows] if isinstance(t, Tensor) else None if t is None else (t[0][rows], t[1][rows])
+                g_rows, scale = _block_values_and_grad(terms, _ChunkLogits(z[rows], term_list, block_scratch),
+                                                       t_rows, None if tg is None else tg[rows], sums, n)
                 if g_total is None:
-                    g_total, scale = g, w / n
-                    if scale == 0.0:
-                        g_total.zero_()
-                        scale = 1.0
+                    g_total = g_rows
                 else:
-                    g_total.add_(g, alpha=w / n / scale)
+                    g_total[rows] = g_rows
             assert g_total is not None
             g_total = g_total.to(weight.dtype)
             with torch.autocast(h.device.type, enabled=False):  # the gradients in the parameters' own dtype
