@@ -130,8 +130,12 @@ class DepthSearch:
             return Skipped(family, "every prunable unit is pinned (shape-changing)")
         best = _largest_within(n_min, n_max, lambda n: probe(n)[1] <= target)
         if best is None:
-            return Skipped(family, f"even keeping only the {n_min} pinned units gives {probe(n_min)[1] / original:.2f}"
-                                   f" of the original's {b.metric}", probe(n_min)[1] / original)
+            kept, value = probe(n_min)
+            # SGLP keeps at least one unit per segment, so its smallest selection may hold more than the pinned ones
+            why = "at least one per SGLP segment, " if family == "sglp" and len(kept) > n_min else ""
+            return Skipped(family, f"its smallest selection keeps {len(kept)} of {len(self.units)} units ({why}"
+                                   f"{n_min} pinned) and gives {value / original:.2f} of the original's {b.metric}",
+                           value / original)
         kept, value = probe(best)
         from kdforge.prune.surgery import pruned_record
 
