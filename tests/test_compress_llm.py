@@ -93,3 +93,85 @@ def test_compress_tiny_llama_end_to_end(tmp_path, capsys):
         assert (out / "model" / "config.json").is_file() and data["chosen"]
     else:
         assert err[-1].startswith("error: gate check '") and data["chosen"] is None
+
+
+def _lm_recipe(families, fraction, **text):
+    from kdforge.compress.recipe import CompressRecipe
+
+    return CompressRecipe.from_dict({"llm": {"source": "tiny:6"}, "candidates": {"families": families},
+                                     "budget": {"metric": "layers", "fraction": fraction},
+                                     "text": {"seq_len": 16, **text}, "train": {"max_steps": 2}})
+
+
+def test_sleb_pick_family_keeps_what_prune_selection_keeps_and_reuses_the_greedy_order():
+    from kdforge.compress.llm import PICK_ROWS, SLEB_ROWS, LMSource, search_lm
+    from kdforge.prune.importance import causal_lm_kl_task, select_baseline, with_reference
+    from kdforge.prune.surgery import find_units
+
+    model = tiny_llama(6)
+    calib = torch.randint(0, 256, (24, 16), generator=torch.Generator().manual_seed(1))
+    src = LMSource(model, ByteTokenizer(), calib, calib[:2], "tiny")
+    units = find_units(model)
+    rest = calib[SLEB_ROWS: SLEB_ROWS + PICK_ROWS]
+    batches = with_reference(model, [calib[:SLEB_ROWS], *(rest[i: i + 4] for i in range(0, len(rest), 4))])
+    memo: dict = {}
+    for fraction, n_keep in ((2 / 6, 2), (4 / 6, 4)):  # the longer search first, its prefix reused by the second
+        _, cands, _ = search_lm(src, _lm_recipe(["sleb_pick"], fraction), log=lambda _m: None, memo=memo)
+        # kdforge prune's own sleb_pick on the same rows: SLEB on the first batch, the pick on the rest
+        want = select_baseline("sleb_pick", model, units, n_keep, batches, causal_lm_kl_task())
+        (c,) = cands
+        assert c.info["kept_layers"] == want.kept and c.family == "sleb_pick"
+        assert c.info["pick"]["picked"] == want.details["picked"]
+        assert c.info["pick"]["pick_kl"] == pytest.approx(want.details["pick_losses"])
+    (order,) = memo.values()
+    assert len(order) == 4  # one greedy search of 4 removals served both budgets
+
+
+def test_llm_recipes_default_to_the_depth_families_led_by_sleb_pick():
+    from kdforge.compress.recipe import CompressRecipe
+
+    r = CompressRecipe.from_dict({"llm": {"source": "tiny:6"}})
+    assert r.candidates.families[0] == "sleb_pick" and "width" not in r.candidates.families
+
+
+@pytest.mark.parametrize(("text", "shared"), [
+    ({"eval": "austen", "heal": "austen:emma,persuasion"}, "austen:persuasion"),
+    ({"eval": "austen:persuasion", "calib": "austen"}, "austen:persuasion"),
+    ({"eval": "held.txt", "heal": "held.txt"}, "held.txt"),
+])
+def test_heal_or_calibration_text_that_reads_the_held_out_book_is_refused(text, shared):
+    from kdforge.errors import KdforgeError
+
+    with pytest.raises(KdforgeError, match=f"share {shared}: the held-out text"):
+        _lm_recipe(["uniform"], 0.5, **text)
+
+
+def test_heal_text_other_than_the_held_out_one_is_accepted():
+    r = _lm_recipe(["uniform"], 0.5, eval="austen", heal="austen:emma,mansfieldpark", calib="pydoc")
+    assert r.text.heal == "austen:emma,mansfieldpark"
+    r = _lm_recipe(["uniform"], 0.5, eval="pydoc", calib="pydoc", heal="pydoc")  # heals on the calibration split
+    assert r.text.heal == "pydoc"
+
+
+def test_heal_rows_come_from_the_heal_text_spread_over_all_of_it(tmp_path):
+    from kdforge.compress.llm import heal_lm, load_lm_source
+
+    (tmp_path / "calib.txt").write_text("c" * 16 * 6)
+    (tmp_path / "eval.txt").write_text("e" * 16 * 4)
+    # ten blocks of 16 bytes, block i all letter A+i: rows 0, 3, 6 and 9 are the evenly spread four
+    (tmp_path / "heal.txt").write_text("".join(chr(65 + i) * 16 for i in range(10)))
+    text = {"calib": str(tmp_path / "calib.txt"), "eval": str(tmp_path / "eval.txt"), "calib_sequences": 6}
+    src = load_lm_source(_lm_recipe(["uniform"], 0.5, **text, heal=str(tmp_path / "heal.txt"), heal_sequences=4))
+    assert [chr(int(row[0])) for row in src.heal] == ["A", "D", "G", "J"]
+    assert all(len(set(row.tolist())) == 1 for row in src.heal)
+    plain = load_lm_source(_lm_recipe(["uniform"], 0.5, **text))
+    assert plain.heal is None and set(plain.calib.flatten().tolist()) == {ord("c")}
+    # healing reads the heal rows: the same seed on the calibration rows gives other weights
+    r = _lm_recipe(["uniform"], 0.5, **text)
+    a, info = heal_lm(tiny_llama(3), src, r)
+    b, _ = heal_lm(tiny_llama(3), plain, r)
+    assert info["rows"] == 4 and info["text"] == str(tmp_path / "heal.txt")
+    assert not torch.equal(a.model.layers[0].mlp.up_proj.weight, b.model.layers[0].mlp.up_proj.weight)
+    src.heal = plain.calib  # the same rows through the heal field: the same weights (a deterministic heal)
+    c, _ = heal_lm(tiny_llama(3), src, r)
+    assert torch.equal(b.model.layers[0].mlp.up_proj.weight, c.model.layers[0].mlp.up_proj.weight)

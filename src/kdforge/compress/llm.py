@@ -31,13 +31,15 @@ from kdforge.errors import KdforgeError
 
 @dataclass
 class LMSource:
-    """The original LM, its tokenizer, calibration rows and held-out evaluation rows."""
+    """The original LM, its tokenizer, calibration rows, held-out evaluation rows and the rows healing reads."""
 
     model: nn.Module
     tokenizer: Any
     calib: Tensor
     eval: Tensor
     where: str
+    heal: Tensor | None = None  # None: heal on ``calib``
+    heal_text: str | None = None  # where ``heal`` was read
 
 
 def load_lm_source(r: CompressRecipe) -> LMSource:
@@ -54,7 +56,18 @@ def load_lm_source(r: CompressRecipe) -> LMSource:
         calib, ev = split_blocks(calib, t.eval_fraction)
     else:
         ev = token_blocks(tok, read_text(t.eval), t.seq_len, t.max_tokens)
-    return LMSource(model.eval(), tok, calib[: t.calib_sequences], ev[: t.eval_sequences], r.llm.source)
+    heal = None
+    if t.heal is not None and t.heal != t.calib:
+        heal = spread_rows(token_blocks(tok, read_text(t.heal), t.seq_len, t.max_tokens), t.heal_sequences)
+    return LMSource(model.eval(), tok, calib[: t.calib_sequences], ev[: t.eval_sequences], r.llm.source, heal,
+                    t.heal if heal is not None else None)
+
+
+def spread_rows(blocks: Tensor, n: int) -> Tensor:
+    """At most ``n`` rows spread evenly from first to last (so several books in one text all take part)."""
+    if len(blocks) <= n:
+        return blocks
+    return blocks[torch.linspace(0, len(blocks) - 1, n).round().long()]
 
 
 def dequantized(model: nn.Module, where: str) -> nn.Module:
@@ -96,8 +109,57 @@ def lm_measure(model: nn.Module, metric: str, rows: Tensor, layers: int) -> floa
     return 1000 * rows.shape[1] / tokens_per_second(model, rows, 1, repeats=5)
 
 
-def search_lm(src: LMSource, r: CompressRecipe, log: Any = print) -> tuple[float, list[Candidate], list[Skipped]]:
-    """Depth candidates of every requested family: the most decoder layers kept within the budget."""
+#: rows of the calibration text that ``sleb_pick`` reads: SLEB's greedy search on the first, the pick between its
+#: set and block influence's on the next (as docs/benchmarks/sglp-llm-pick.md measured it)
+SLEB_ROWS, PICK_ROWS = 2, 16
+
+
+def sleb_pick_kept(model: nn.Module, units: Any, n_keep: int, calib: Tensor, memo: dict[Any, list[int]]
+                   ) -> tuple[list[int], dict[str, Any]]:
+    """``sleb_pick`` (selection of kdforge.prune): of SLEB's set (greedy, KL to the original) and block influence's,
+    the one with the lower KL to the original on rows SLEB never read; (kept units, details).
+
+    SLEB's greedy order is a prefix of any longer one, so ``memo`` keeps the longest order computed on these
+    rows and a smaller budget reuses it (one search for every fraction of a bench).
+    """
+    import hashlib
+
+    from kdforge.prune.importance import (
+        block_influence,
+        causal_lm_kl_task,
+        pick_lowest_loss,
+        sleb_order,
+        with_reference,
+    )
+
+    if len(calib) < SLEB_ROWS + 1:
+        raise KdforgeError(f"candidates.families sleb_pick needs at least {SLEB_ROWS + 1} calibration sequences, "
+                           f"got {len(calib)} (raise text.calib_sequences)")
+    n, k = len(units), len(units) - n_keep
+    task = causal_lm_kl_task()
+    sleb_b = with_reference(model, [calib[:SLEB_ROWS]])
+    rest = calib[SLEB_ROWS: SLEB_ROWS + PICK_ROWS]
+    pick_b = with_reference(model, [rest[i: i + 4] for i in range(0, len(rest), 4)])
+    key = ("sleb", id(model), hashlib.sha1(calib[:SLEB_ROWS].numpy().tobytes()).hexdigest())
+    order = memo.get(key, [])
+    if len(order) < k:
+        order, _, _ = sleb_order(model, units, k, sleb_b, task, set())
+        memo[key] = order
+    bi = block_influence(model, units, pick_b, task)
+    cands = {"sleb": sorted(set(range(n)) - set(order[:k])),
+             "block_influence": sorted(set(range(n)) - set(sorted(bi, key=lambda i: (bi[i], i))[:k]))}
+    pick, losses = pick_lowest_loss(model, units, cands, pick_b, task)
+    return cands[pick], {"picked": pick, "pick_kl": losses, "sleb_order": order[:k],
+                         "removed": {c: sorted(set(range(n)) - set(kept)) for c, kept in cands.items()}}
+
+
+def search_lm(src: LMSource, r: CompressRecipe, log: Any = print, memo: dict[Any, Any] | None = None
+              ) -> tuple[float, list[Candidate], list[Skipped]]:
+    """Depth candidates of every requested family: the most decoder layers kept within the budget.
+
+    ``memo``: shared between calls on the same model and text (SLEB's greedy order is reused, see
+    :func:`sleb_pick_kept`).
+    """
     from kdforge.prune.importance import allocate_keep, causal_lm_task, select_baseline, sglp_select
     from kdforge.prune.sglp import AnalysisConfig, analyze
     from kdforge.prune.surgery import find_units, prune_model, pruned_record
@@ -111,6 +173,8 @@ def search_lm(src: LMSource, r: CompressRecipe, log: Any = print) -> tuple[float
     original = lm_measure(src.model, b.metric, src.calib, len(units))
     target = b.fraction * original
     analysis = None
+    memo = {} if memo is None else memo
+    picks: dict[int, dict[str, Any]] = {}
     cands: list[Candidate] = []
     skipped: list[Skipped] = []
     for fam in c.families:
@@ -127,6 +191,8 @@ def search_lm(src: LMSource, r: CompressRecipe, log: Any = print) -> tuple[float
                     per = allocate_keep(analysis.segmentation.sizes(), n / len(units))
                     kept = sglp_select(src.model, units, analysis.segmentation.segments, per, score, task, set(),
                                        "subnet", "min", "global", c.max_candidates, c.seed).kept
+                elif fam == "sleb_pick":
+                    kept, picks[n] = sleb_pick_kept(src.model, units, n, src.calib, memo)
                 else:
                     kept = select_baseline(DEPTH_FAMILIES[fam], src.model, units, n, cka[:1], task, set(),
                                            c.seed).kept
@@ -146,10 +212,13 @@ def search_lm(src: LMSource, r: CompressRecipe, log: Any = print) -> tuple[float
         kept, value = probe(best)
         plan = {"depth": pruned_record(units, kept, {})}
         plan["depth"].pop("base")
+        info = {"kept": len(kept), "units": len(units), "kept_layers": kept}
+        if fam == "sleb_pick":
+            info["pick"] = picks[best]
         cands.append(Candidate(f"{fam}-{len(kept)}of{len(units)}", fam, prune_model(src.model, units, kept), plan,
-                               value, value / original, time.perf_counter() - t0,
-                               {"kept": len(kept), "units": len(units), "kept_layers": kept}))
-        log(f"compress: {fam}: {cands[-1].name}, {b.metric} {value / original:.2f}x the original")
+                               value, value / original, time.perf_counter() - t0, info))
+        log(f"compress: {fam}: {cands[-1].name}, {b.metric} {value / original:.2f}x the original"
+            + (f" (picked {picks[best]['picked']}'s set)" if fam == "sleb_pick" else ""))
     if not cands:
         s = min(skipped, key=lambda s: s.smallest_fraction or 1.0)
         raise KdforgeError(f"budget {b.metric} <= {b.fraction:g}x the original is unreachable: the smallest "
@@ -159,7 +228,7 @@ def search_lm(src: LMSource, r: CompressRecipe, log: Any = print) -> tuple[float
 
 def heal_lm(student: nn.Module, src: LMSource, r: CompressRecipe, seed: int | None = None
             ) -> tuple[nn.Module, dict[str, Any]]:
-    """Logit KD from the original on the calibration rows (an engine fit through kdforge.llm)."""
+    """Logit KD from the original on the heal rows (the calibration rows unless ``text.heal``; an engine fit)."""
     import copy
 
     from kdforge.llm.heal import heal_kd, heal_recipe
@@ -172,9 +241,12 @@ def heal_lm(student: nn.Module, src: LMSource, r: CompressRecipe, seed: int | No
     if "optim" in r.model_fields_set:
         recipe = recipe.model_copy(update={"optim": r.optim})
     t0 = time.perf_counter()
-    losses = heal_kd(m, src.model, src.calib, recipe=recipe, T=r.heal.T)
+    rows = src.calib if src.heal is None else src.heal
+    losses = heal_kd(m, src.model, rows, recipe=recipe, T=r.heal.T)
     return m.eval(), {"mode": "kd", "steps": len(losses), "first_loss": losses[0], "last_loss": losses[-1],
-                      "train_time_s": time.perf_counter() - t0, "seed": s}
+                      "train_time_s": time.perf_counter() - t0, "seed": s,
+                      "text": src.heal_text if src.heal is not None else r.text.calib,
+                      "rows": len(rows), "lr": recipe.optim.lr}
 
 
 def export_hf(model: nn.Module, tokenizer: Any, folder: Path) -> Path:
@@ -280,8 +352,14 @@ def check_quality_lm(ppl_original: float, ppl_compressed: float, max_ratio: floa
                   "max_ratio": max_ratio})
 
 
-def run_compress_lm(r: CompressRecipe, out: Path, log: Any = print) -> dict[str, Any]:
-    """The language-model path of ``run_compress``: search, heal, export HF folders, gate, write the report."""
+def run_compress_lm(r: CompressRecipe, out: Path, log: Any = print, src: LMSource | None = None,
+                    memo: dict[Any, Any] | None = None) -> dict[str, Any]:
+    """The language-model path of ``run_compress``: search, heal, export HF folders, gate, write the report.
+
+    ``src`` (the recipe's model and text, already loaded) and ``memo`` (:func:`search_lm`) let several budgets
+    on one model share the loading and the search. Candidates of different families that keep the same
+    layers are healed once (the heal is deterministic in its seed), each still exported and gated.
+    """
     import shutil
 
     from kdforge.compress.gate import check_matches, check_smaller, checks_json, verdict
@@ -291,10 +369,10 @@ def run_compress_lm(r: CompressRecipe, out: Path, log: Any = print) -> dict[str,
     from kdforge.profile import count_params
 
     t_start = time.perf_counter()
-    src = load_lm_source(r)
+    src = load_lm_source(r) if src is None else src
     log(f"compress: {type(src.model).__name__} from {src.where}, {count_params(src.model):,} params, "
         f"{len(src.calib)} calibration and {len(src.eval)} held-out rows of {r.text.seq_len} tokens")
-    original_value, cands, skipped = search_lm(src, r, log)
+    original_value, cands, skipped = search_lm(src, r, log, memo)
     orig_dir = export_hf(src.model, src.tokenizer, out / "original")
     ppl0 = perplexity(src.model, src.eval)
     from transformers import AutoModelForCausalLM
@@ -305,8 +383,15 @@ def run_compress_lm(r: CompressRecipe, out: Path, log: Any = print) -> dict[str,
                 "budget_value": original_value}
     rows = []
     held = src.eval[: min(4, len(src.eval))]
+    healed_by_layers: dict[tuple[int, ...], tuple[nn.Module, dict[str, Any], str]] = {}
     for c in cands:
-        healed, heal_info = heal_lm(c.model, src, r)
+        same = healed_by_layers.get(tuple(c.info["kept_layers"]))
+        if same is None:
+            healed, heal_info = heal_lm(c.model, src, r)
+            healed_by_layers[tuple(c.info["kept_layers"])] = healed, heal_info, c.name
+        else:
+            healed, heal_info = same[0], {**same[1], "same_layers_as": same[2]}
+            log(f"compress: {c.name} keeps the layers of {same[2]}: its healed model is reused")
         folder = export_hf(healed, src.tokenizer, out / "candidates" / c.name)
         ppl = perplexity(healed, src.eval)
         checks: list[Check] = []
@@ -327,6 +412,7 @@ def run_compress_lm(r: CompressRecipe, out: Path, log: Any = print) -> dict[str,
         rows.append({"name": c.name, "family": c.family, "params": count_params(healed), "ppl": ppl,
                      "bytes": folder_bytes(folder), "layers": c.info["kept"], "kept_layers": c.info["kept_layers"],
                      "budget_fraction": c.budget_fraction, "heal": heal_info, "passed": failed is None,
+                     **({"pick": c.info["pick"]} if "pick" in c.info else {}),
                      "gate": checks_json(checks), "folder": str(folder)})
         log(f"compress: {c.name}: perplexity {ppl:.2f} (original {ppl0:.2f}), "
             + ("gate passed" if failed is None else f"gate FAILED {failed.line()}"))

@@ -9,8 +9,12 @@ from pydantic import Field, model_validator
 from kdforge.config import DataConfig, ModelSpec, OptimConfig, RecipeFile, SchedConfig, Strict, TrainConfig
 
 #: candidate families: depth pruning by a unit-selection criterion, width pruning by Torch-Pruning
-DEPTH_FAMILIES = {"sglp": "sglp", "block_influence": "block_influence", "uniform": "every_other", "random": "random"}
+DEPTH_FAMILIES = {"sglp": "sglp", "block_influence": "block_influence", "uniform": "every_other", "random": "random",
+                  "sleb_pick": "sleb_pick"}
 FAMILIES = (*DEPTH_FAMILIES, "width")
+#: the families a language-model recipe searches when it names none (``sleb_pick``: kdforge's recommended LLM
+#: criterion, docs/benchmarks/sglp-llm-pick.md)
+LLM_FAMILIES = ["sleb_pick", "sglp", "block_influence", "uniform", "random"]
 
 
 class BudgetSpec(Strict):
@@ -33,7 +37,7 @@ class BudgetSpec(Strict):
 class CandidateSpec(Strict):
     """Which candidate families to search, and their knobs."""
 
-    families: list[Literal["sglp", "block_influence", "uniform", "random", "width"]] = Field(
+    families: list[Literal["sglp", "block_influence", "uniform", "random", "sleb_pick", "width"]] = Field(
         default_factory=lambda: ["sglp", "block_influence", "uniform", "random", "width"], min_length=1)
     seed: int = Field(0, ge=0)
     calib_samples: int = Field(512, ge=8)
@@ -87,18 +91,45 @@ class LLMSource(Strict):
 
 
 class TextSpec(Strict):
-    """Text for a language model: ``calib`` for selection and healing, ``eval`` (another corpus) for the gate.
+    """Text for a language model: ``calib`` for selection, ``heal`` for healing, ``eval`` (another corpus) for the gate.
 
-    ``eval`` equal to ``calib`` holds out the last ``eval_fraction`` of it instead. Sources: ``pydoc`` or a file.
+    ``eval`` equal to ``calib`` holds out the last ``eval_fraction`` of it instead. ``heal`` left out (or equal
+    to ``calib``) heals on the ``calib_sequences`` calibration rows; another text gives ``heal_sequences`` rows
+    spread evenly over it. Sources:
+    ``pydoc``, ``austen:<book>,<book>`` (``austen`` alone: persuasion) or a file; neither ``calib`` nor ``heal``
+    may share a book or file with ``eval``.
     """
 
     calib: str = "pydoc"
     eval: str = "pydoc"
+    heal: str | None = None
     seq_len: int = Field(128, ge=8)
     max_tokens: int | None = Field(None, ge=16)
     eval_fraction: float = Field(0.2, gt=0, lt=1)
     eval_sequences: int = Field(16, ge=1)
     calib_sequences: int = Field(48, ge=2)
+    heal_sequences: int = Field(512, ge=2)
+
+    @model_validator(mode="after")
+    def _held_out(self) -> TextSpec:
+        ev, split = text_parts(self.eval), self.calib == self.eval
+        for key, src in (("calib", self.calib), ("heal", self.heal)):
+            if src is None or (split and src == self.eval):
+                continue  # calib == eval: its last eval_fraction is held out, selection and healing read the rest
+            shared = sorted(text_parts(src) & ev)
+            if shared:
+                raise ValueError(f"text.{key} ({src!r}) and text.eval ({self.eval!r}) share {', '.join(shared)}: "
+                                 "the held-out text must be one that selection and healing never read")
+        return self
+
+
+def text_parts(source: str) -> set[str]:
+    """What a text source reads: its Austen books (``austen`` alone is persuasion), or the source itself."""
+    if source == "austen":
+        return {"austen:persuasion"}
+    if source.startswith("austen:"):
+        return {f"austen:{b}" for b in source.partition(":")[2].split(",") if b}
+    return {source}
 
 
 class LLMGateSpec(Strict):
@@ -134,9 +165,14 @@ class CompressRecipe(RecipeFile):
         if sum(x is not None for x in (self.model, self.run, self.llm)) != 1:
             raise ValueError("give exactly one of 'model' ({model: NAME, checkpoint: WEIGHTS}), 'run' "
                              "(a kdforge run folder) or 'llm' ({source: smollm2 | HF folder | .gguf})")
+        if self.llm is not None and "families" not in self.candidates.model_fields_set:
+            self.candidates.families = list(LLM_FAMILIES)  # type: ignore[assignment]
         if self.llm is not None and "width" in self.candidates.families:
             raise ValueError("candidates.families: width pruning is for vision models; language models take the "
-                             "depth families (sglp, block_influence, uniform, random)")
+                             f"depth families ({', '.join(LLM_FAMILIES)})")
+        if self.llm is None and "sleb_pick" in self.candidates.families:
+            raise ValueError("candidates.families: sleb_pick (SLEB's search by KL to the original) is for language "
+                             "models; vision models take sglp, block_influence, uniform, random, width")
         if self.candidates.int8 != "none" and (self.llm is not None or "onnx" not in self.export.formats):
             raise ValueError("candidates.int8 quantizes the ONNX export of a vision model: add onnx to "
                              "export.formats (language models have no int8 candidate; docs/compress.md says why)")
