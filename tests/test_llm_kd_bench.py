@@ -23,6 +23,18 @@ def test_quick_llm_kd_bench(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_quick_llm_kd_austen_bench_trains_its_rows_on_other_rows_than_it_measures(tmp_path: Path) -> None:
+    from kdforge.bench import load_benches
+
+    res = load_benches().get("llm-kd-austen")(out=tmp_path, quick=True)
+    assert [r["kind"] for r in res["runs"]][::2] == ["sft", "fkl", "rkl", "jsd", "cached"]  # 2 seeds a row
+    assert res["settings"]["domain"] == "austen" and res["pool"] == 2 * res["settings"]["pool_rows"]
+    text = (tmp_path / "llm-kd-austen.md").read_text()
+    assert text.startswith("# Benchmark: llm-kd-austen") and "skew KL" not in text and "(llm-kd.md)" in text
+    assert not (tmp_path / "llm-kd.md").exists()
+
+
+@pytest.mark.slow
 def test_quick_llm_kd_step_bench(tmp_path: Path) -> None:
     from kdforge.bench import load_benches
 

@@ -1,4 +1,8 @@
-"""LLM distillation benchmark: SmolLM2-135M teaches itself pruned to 22 layers, by each divergence and text source."""
+"""LLM distillation benchmarks: SmolLM2-135M teaches itself pruned to 22 layers, by each divergence and text source.
+
+``llm-kd`` trains on Python's documentation and measures perplexity on Austen (another domain, 8 steps);
+``llm-kd-austen`` trains on Austen's other five novels and measures on *Persuasion* (the same domain, 32 steps).
+"""
 
 from __future__ import annotations
 
@@ -19,20 +23,29 @@ from kdforge.engine.callbacks import Callback
 
 ROWS = [("SFT", "sft"), ("forward KL", "fkl"), ("reverse KL", "rkl"), ("JSD(0.5)", "jsd"), ("skew KL (α 0.1)", "skl"),
         ("on-policy GKD (λ 0.5, JSD 0.5)", "gkd"), ("forward KL from top-32 cache", "cached")]
+PYDOC_TRAIN = "the calibration part of Python's `pydoc_data.topics`"
+#: the rows of the in-domain bench (five objectives, so that 32 steps × 3 seeds fit about 45 core-minutes)
+AUSTEN_ROWS = ("sft", "fkl", "rkl", "jsd", "cached")
 
 
 def _log(msg: str) -> None:
     print(f"[llm-kd] {msg}", file=sys.stderr, flush=True)
 
 
-def _settings(quick: bool) -> dict[str, Any]:
+def _settings(quick: bool, domain: str = "pydoc") -> dict[str, Any]:
+    """``domain``: ``pydoc`` (train on pydoc, measure on Austen) or ``austen`` (train and measure on Austen)."""
+    rows = [k for _, k in ROWS if domain == "pydoc" or k in AUSTEN_ROWS]
     if quick:
         return {"model": "tiny", "calib_len": 64, "seq_len": 32, "prompt_len": 16, "pool_rows": 16, "seeds": [0, 1],
                 "steps": 3, "batch": 2, "lr": 3e-3, "remove": 2, "kl_rows": 2, "n_eval": 4, "agree_prompts": 3,
-                "agree_tokens": 4, "k": 8}
+                "agree_tokens": 4, "k": 8, "domain": domain, "rows": rows}
+    if domain == "austen":  # fixed before the run: 4x the steps of llm-kd, the heal lr of sglp-llm
+        return {"model": "smollm2", "calib_len": 128, "seq_len": 64, "prompt_len": 32, "pool_rows": 128,
+                "seeds": [0, 1, 2], "steps": 32, "batch": 4, "lr": 2e-4, "remove": 8, "kl_rows": 2, "n_eval": 12,
+                "agree_prompts": 6, "agree_tokens": 16, "k": 32, "domain": domain, "rows": rows}
     return {"model": "smollm2", "calib_len": 128, "seq_len": 64, "prompt_len": 32, "pool_rows": 48, "seeds": [0, 1, 2],
             "steps": 8, "batch": 4, "lr": 3e-4, "remove": 8, "kl_rows": 2, "n_eval": 12, "agree_prompts": 6,
-            "agree_tokens": 16, "k": 32}
+            "agree_tokens": 16, "k": 32, "domain": domain, "rows": rows}
 
 
 def _terms(kind: str) -> list[tuple[Any, float]]:
@@ -106,7 +119,19 @@ def _paired(a: list[float], b: list[float]) -> str:
 
 @BENCHES.register("llm-kd")
 def run(out: Path | None = None, quick: bool = False) -> dict[str, Any]:
-    """SmolLM2-135M → itself pruned to 22 layers: SFT and six KD variants at equal budgets, plus step cost."""
+    """SmolLM2-135M → itself pruned to 22 layers: SFT and six KD variants at equal budgets, trained on pydoc."""
+    return _run("llm-kd", out, quick, "pydoc")
+
+
+@BENCHES.register("llm-kd-austen")
+def run_austen(out: Path | None = None, quick: bool = False) -> dict[str, Any]:
+    """The same student and objectives trained on Austen's other novels and measured on *Persuasion*."""
+    return _run("llm-kd-austen", out, quick, "austen")
+
+
+def _run(name: str, out: Path | None, quick: bool, domain: str) -> dict[str, Any]:
+    """One llm-kd bench: select the student, train every row for every seed, measure, write NAME.md/json."""
+    from kdforge.bench.compress_llm import HEAL_BOOKS
     from kdforge.bench.sglp import PUBLISHED_SELECTIONS, published_choice
     from kdforge.llm import (
         ByteTokenizer,
@@ -126,8 +151,8 @@ def run(out: Path | None = None, quick: bool = False) -> dict[str, Any]:
     from kdforge.prune.sglp import LLM_RECOMMENDED_SELECTION
     from kdforge.prune.surgery import find_units, prune_model
 
-    s = _settings(quick)
-    out = bench_dir("llm-kd", out)
+    s = _settings(quick, domain)
+    out = bench_dir(name, out)
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
     if quick:
@@ -157,18 +182,31 @@ def run(out: Path | None = None, quick: bool = False) -> dict[str, Any]:
         removed, select_s, criterion, criterion_page = sel.removed, time.perf_counter() - t0, sel_method, None
     base_student = prune_model(teacher, units, [i for i in range(n) if i not in set(removed)])
     _log(f"{label}: student keeps {n - len(removed)}/{n} layers, removed {removed} ({select_s:.0f}s)")
-    # training pool (prompt/response continuations of calibration text), held-out text and prompts
-    pool = _examples(calib[perm[: s["pool_rows"]]], s["prompt_len"], s["seq_len"])
+    # training pool (prompt/response continuations), held-out text and prompts
+    held_rows = token_blocks(tok, held_text, s["calib_len"])
+    held = held_rows[: s["n_eval"]]
+    if domain == "pydoc":
+        pool_rows, train_name = calib[perm[: s["pool_rows"]]], PYDOC_TRAIN
+        prompts = ev_pydoc[: s["agree_prompts"], : s["prompt_len"]]
+        prompt_name = "held-out pydoc prompts"
+    else:  # rows spread evenly over the other five novels; prompts from Persuasion after the perplexity rows
+        books = HEAL_BOOKS.split(":", 1)[1].split(",")
+        train_rows = (calib if quick else token_blocks(tok, austen_text(books), s["calib_len"]))
+        pick = torch.linspace(0, len(train_rows) - 1, s["pool_rows"]).round().long()
+        pool_rows = train_rows[pick]
+        train_name = ("the calibration part of pydoc (quick run)" if quick else
+                      f"{len(train_rows)} rows of Jane Austen's other five novels ({', '.join(books)})")
+        prompts = held_rows[s["n_eval"]: s["n_eval"] + s["agree_prompts"], : s["prompt_len"]]
+        prompt_name = f"held-out prompts (from {held_name}, after the perplexity rows)"
+    pool = _examples(pool_rows, s["prompt_len"], s["seq_len"])
     packed = pack(pool, s["seq_len"], one_per_row=True)
-    held = token_blocks(tok, held_text, s["calib_len"])[: s["n_eval"]]
-    prompts = ev_pydoc[: s["agree_prompts"], : s["prompt_len"]]
     cache = LMTopKCache.build(teacher, packed, out / "teacher-cache", k=s["k"], overwrite=True)
     base = {"teacher": {"ppl": perplexity(teacher, held)},
             "student": {"ppl": perplexity(base_student, held),
                         "agree": greedy_agreement(base_student, teacher, prompts, s["agree_tokens"])}}
     _log(f"held-out ppl: teacher {base['teacher']['ppl']:.2f}, unhealed student {base['student']['ppl']:.2f}")
     runs: list[dict[str, Any]] = []
-    for name, kind in ROWS:
+    for label_, kind in ((lb, k) for lb, k in ROWS if k in s["rows"]):
         for seed in s["seeds"]:
             student = copy.deepcopy(base_student)
             recipe = distill_recipe(s["steps"], s["lr"], s["batch"], seed)
@@ -184,19 +222,20 @@ def run(out: Path | None = None, quick: bool = False) -> dict[str, Any]:
             t0 = time.perf_counter()
             logs = distill_lm(method, source, recipe, callbacks=[timer])
             train_s = time.perf_counter() - t0
-            r = {"label": name, "kind": kind, "seed": seed, "train_s": train_s,
+            r = {"label": label_, "kind": kind, "seed": seed, "train_s": train_s,
                  "train_tok_s": s["steps"] * s["batch"] * s["seq_len"] / train_s,
                  "peak_mb": max(timer.peak_mb[1:] or timer.peak_mb), "first_loss": logs[0]["loss"],
                  "last_loss": logs[-1]["loss"], "ppl": perplexity(student, held),
                  "agree": greedy_agreement(student, teacher, prompts, s["agree_tokens"])}
             runs.append(r)
-            _log(f"{name} seed {seed}: ppl {r['ppl']:.2f}, agreement {r['agree']:.3f}, {train_s:.0f}s")
-    res = {"settings": s, "model": label, "held_out": held_name, "pool": len(pool), "student_removed": removed,
+            _log(f"{label_} seed {seed}: ppl {r['ppl']:.2f}, agreement {r['agree']:.3f}, {train_s:.0f}s")
+    res = {"settings": s, "model": label, "held_out": held_name, "pool": len(pool), "train_text": train_name,
+           "prompts": prompt_name, "bench": name, "n_layers": n, "student_removed": removed,
            "criterion": criterion, "criterion_method": sel_method, "criterion_page": criterion_page,
            "select_s": select_s, "base": base, "runs": runs,
            "total_s": time.perf_counter() - t_all, "machine": machine_note()}
-    write_json(out / "llm-kd.json", res)
-    _write_md(out / "llm-kd.md", res, quick)
+    write_json(out / f"{name}.json", res)
+    _write_md(out / f"{name}.md", res, quick)
     return res
 
 
@@ -204,16 +243,18 @@ def run(out: Path | None = None, quick: bool = False) -> dict[str, Any]:
 def _write_md(path: Path, res: dict[str, Any], quick: bool) -> None:
     s, base, runs = res["settings"], res["base"], res["runs"]
     sft = {r["seed"]: r for r in runs if r["kind"] == "sft"}
-    table = [{"method": "teacher (30 layers)", "held-out ppl": f"{base['teacher']['ppl']:.2f}", "greedy agreement": "",
+    table = [{"method": f"teacher ({res.get('n_layers', 30)} layers)", "held-out ppl": f"{base['teacher']['ppl']:.2f}",
+              "greedy agreement": "",
               "ppl gain over SFT [95% CI]": "", "agreement gain over SFT [95% CI]": "", "train tok/s": "",
               "peak step MB": ""},
              {"method": "student before training", "held-out ppl": f"{base['student']['ppl']:.2f}",
               "greedy agreement": f"{base['student']['agree']:.3f}", "ppl gain over SFT [95% CI]": "",
               "agreement gain over SFT [95% CI]": "", "train tok/s": "", "peak step MB": ""}]
-    for name, kind in ROWS:
+    name = res.get("bench", "llm-kd")
+    for label_, kind in ((lb, k) for lb, k in ROWS if k in s.get("rows", [k for _, k in ROWS])):
         rs = [r for r in runs if r["kind"] == kind]
         seeds = [r["seed"] for r in rs]
-        table.append({"method": name, "held-out ppl": fmt_mean_std([r["ppl"] for r in rs]),
+        table.append({"method": label_, "held-out ppl": fmt_mean_std([r["ppl"] for r in rs]),
                       "greedy agreement": fmt_mean_std([r["agree"] for r in rs], 3),
                       "ppl gain over SFT [95% CI]": "" if kind == "sft" else
                       _paired([r["ppl"] for r in rs], [sft[i]["ppl"] for i in seeds]),
@@ -222,7 +263,7 @@ def _write_md(path: Path, res: dict[str, Any], quick: bool) -> None:
                       "train tok/s": f"{statistics.fmean(r['train_tok_s'] for r in rs):.0f}",
                       "peak step MB": f"{statistics.fmean(r['peak_mb'] for r in rs):.0f}"})
     n_seeds = len(s["seeds"])
-    text = [f"# Benchmark: llm-kd{' (quick smoke run)' if quick else ''}", "",
+    text = [f"# Benchmark: {name}{' (quick smoke run)' if quick else ''}", "",
             f"Teacher: **{res['model']}**. Student: the teacher with layers "
             f"{', '.join(map(str, res['student_removed']))} "
             f"removed by the recommended criterion (selection `{res['criterion_method']}`: {res['criterion']}, "
@@ -233,13 +274,14 @@ def _write_md(path: Path, res: dict[str, Any], quick: bool) -> None:
             f"{s['steps']} AdamW steps (lr {s['lr']}, constant, clip 1.0) of {s['batch']} sequences × "
             f"{s['seq_len']} tokens, the first {s['prompt_len']} of each a prompt that is not trained on. "
             f"Training text: {res['pool']} continuation "
-            "examples cut from the calibration part of Python's `pydoc_data.topics`. "
+            f"examples cut from {res.get('train_text', PYDOC_TRAIN)}. "
             f"{n_seeds} seeds (0–{n_seeds - 1}); mean ± std over seeds.", "",
             markdown_table(table), "",
             f"- **held-out ppl**: perplexity on {s['n_eval']} sequences of {s['calib_len']} tokens of "
             f"{res['held_out']}, "
             "text that neither the layer selection nor training saw.",
-            f"- **greedy agreement**: on {s['agree_prompts']} held-out pydoc prompts of {s['prompt_len']} tokens the "
+            f"- **greedy agreement**: on {s['agree_prompts']} {res.get('prompts', 'held-out pydoc prompts')} of "
+            f"{s['prompt_len']} tokens the "
             f"teacher continues greedily for {s['agree_tokens']} tokens; the share of those tokens the student's "
             "argmax predicts from the same prefix.",
             "- **gain over SFT**: paired by seed (same data order), SFT − method for perplexity and method − SFT for "
@@ -252,8 +294,10 @@ def _write_md(path: Path, res: dict[str, Any], quick: bool) -> None:
             "the answer. The cached row reads the teacher's top-32 logits per token plus the rest's mass (a "
             "bucket), built once before training.", "",
             "Step cost and peak memory of a KD step against an SFT step: [llm-kd-step](llm-kd-step.md).", "",
-            f"Command: `kdforge bench llm-kd{' --quick' if quick else ''}`. Machine: {res['machine']}. Total wall "
-            f"time {res['total_s'] / 60:.1f} min. Sized for about 25 core-minutes on one CPU core: short sequences, "
-            f"{s['steps']} steps, {n_seeds} seeds: a comparison of objectives at a small budget, not a trained model.",
+            ("Other pages: [llm-kd](llm-kd.md) (trained on pydoc, measured on Austen) and [llm-kd-austen]"
+             "(llm-kd-austen.md) (trained on Austen's other novels, measured on *Persuasion*)."), "",
+            f"Command: `kdforge bench {name}{' --quick' if quick else ''}`. Machine: {res['machine']}. Total wall "
+            f"time {res['total_s'] / 60:.1f} min. Short sequences, {s['steps']} steps, {n_seeds} seeds: a "
+            "comparison of objectives at a small budget, not a trained model.",
             ""]
     path.write_text("\n".join(text))
