@@ -220,3 +220,20 @@ def test_austen_corpus_fetch_failures_are_one_line(tmp_path, monkeypatch) -> Non
                                            r"package r-cran-janeaustenr; run 'apt-get update' first\?\)") as e:
         austen_text(root=tmp_path / "austen")
     assert "\n" not in str(e.value) and not (tmp_path / "austen").exists()
+
+
+def test_a_jsonl_text_source_reads_every_row_form_as_plain_text(tmp_path) -> None:
+    """compress and prune read `text.calib/heal/eval` through read_text: a .jsonl file is its rows as plain text."""
+    from kdforge.llm.text import read_text
+
+    f = tmp_path / "mine.jsonl"
+    f.write_text(json.dumps({"prompt": "Q1", "response": "A1"}) + "\n"
+                 + json.dumps({"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q2"},
+                                            {"role": "assistant", "content": "A2"}]}) + "\n"
+                 + json.dumps({"text": "plain words"}) + "\n" + json.dumps({"prompt": "Q3", "completion": "A3"}))
+    assert read_text(str(f)) == "Q1\nA1\n\nS\nQ2\nA2\n\nplain words\n\nQ3\nA3"
+    t = tmp_path / "mine.txt"
+    t.write_text('{"prompt": "kept as written"}')
+    assert read_text(str(t)) == '{"prompt": "kept as written"}'  # only .jsonl files are parsed
+    with pytest.raises(KdforgeError, match="line 1: 'prompt' without"):
+        read_text(str(t.rename(tmp_path / "bad.jsonl")))

@@ -107,7 +107,11 @@ def austen_text(books: Sequence[str] = ("persuasion",), root: str | Path | None 
 
 
 def read_text(source: str) -> str:
-    """Text by name: ``pydoc``, ``austen`` or ``austen:<book>,<book>``, or a path to a text file."""
+    """Text by name: ``pydoc``, ``austen`` or ``austen:<book>,<book>``, or a path to a text or ``.jsonl`` file.
+
+    A JSONL file's rows (:func:`read_jsonl`) become plain text: each row's turns and answer on their own lines,
+    rows separated by a blank line (no chat template: the text is cut into rows of tokens, not trained as turns).
+    """
     if source == "pydoc":
         return pydoc_text()
     if source == "austen" or source.startswith("austen:"):
@@ -115,7 +119,17 @@ def read_text(source: str) -> str:
         return austen_text(tuple(books.split(",")) if books else ("persuasion",))
     p = Path(source)
     if not p.is_file():
-        raise KdforgeError(f"text source {source!r} is neither 'pydoc' nor a readable file")
+        raise KdforgeError(f"text source {source!r} is neither 'pydoc', 'austen[:book,...]' nor a readable file")
+    if p.suffix == ".jsonl":
+        docs = []
+        for row in read_jsonl(p):
+            if "messages" in row:
+                parts = [str(m.get("content", "")) for m in row["messages"]]
+            else:
+                turns, answer = prompt_response(row)
+                parts = [*(t["content"] for t in turns), answer]
+            docs.append("\n".join(parts))
+        return "\n\n".join(docs)
     return p.read_text(encoding="utf-8", errors="replace")
 
 
