@@ -82,10 +82,10 @@ class ModelSpec(Strict):
 class DataConfig(Strict):
     """Which data set, how it is split, augmented and batched."""
 
-    #: data set: fashion_mnist_subset (embedded), digits, fashion_mnist, cifar10, cifar100, imagefolder, ...
+    #: data set: fashion_mnist_subset (embedded), digits, fashion_mnist, cifar10, cifar100, imagefolder, npz, ...
     #: ('kdforge list datasets')
     name: str = "fashion_mnist_subset"
-    #: folder of the data (imagefolder: the folder holding train/ and val/, optionally test/)
+    #: folder of the data (imagefolder: the folder holding train/ and val/, optionally test/; npz: the .npz file)
     root: str | None = None
     #: let torchvision download a named data set into root
     download: bool = False

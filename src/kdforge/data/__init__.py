@@ -101,14 +101,10 @@ def make_loader(ds: Dataset, batch_size: int, train: bool, seed: int = 0, rank: 
 def _bundle(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray, cfg: DataConfig,
             mean: tuple[float, ...], std: tuple[float, ...], names: list[str], flip: bool = True,
             crop_pad: int = 2) -> DataBundle:
-    def to_t(x: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(x))
-        return t.unsqueeze(1) if t.ndim == 3 else t.permute(0, 3, 1, 2)
-
     common = dict(mean=mean, std=std, pad_to=cfg.pad_to, resize=cfg.resize)
-    train = TensorImages(to_t(xtr), torch.from_numpy(ytr.astype(np.int64)), augment=cfg.augment,
+    train = TensorImages(_to_nchw(xtr), torch.from_numpy(ytr.astype(np.int64)), augment=cfg.augment,
                          flip=flip, crop_pad=crop_pad, **common)
-    test = TensorImages(to_t(xte), torch.from_numpy(yte.astype(np.int64)), **common)
+    test = TensorImages(_to_nchw(xte), torch.from_numpy(yte.astype(np.int64)), **common)
     c, h, _ = train.image_shape
     return DataBundle(train, None, test, len(names), c, h, names)
 
@@ -123,6 +119,83 @@ def fashion_mnist_subset(cfg: DataConfig) -> DataBundle:
         d = np.load(p)
         arrays = d["x_train"], d["y_train"], d["x_test"], d["y_test"]
     return _bundle(*arrays, cfg, FASHION_MEAN, FASHION_STD, FASHION_CLASSES)
+
+
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+@DATASETS.register("npz")
+def npz(cfg: DataConfig) -> DataBundle:
+    """Your own arrays: ``data.root`` is an ``.npz`` file with ``x_train``, ``y_train``, ``x_test``, ``y_test``.
+
+    Optional: ``x_val``/``y_val`` (the validation split; otherwise carved from train by ``data.val_fraction``) and
+    ``class_names``. Images (N, H, W), (N, H, W, C) or (N, C, H, W) with C ≤ 4, uint8 0–255 or float in [0, 1];
+    labels integers 0..K−1. Normalised by the training images' per-channel mean and std. ``data.augment``:
+    random crops (±1 pixel per 14 of side) and horizontal flips; turn it off for images a flip changes (digits,
+    text).
+    """
+    path = Path(cfg.root or "")
+    if path.suffix != ".npz" or not path.is_file():
+        raise KdforgeError(f"data.root must be an existing .npz file for data.name: npz (got {str(path)!r})")
+    try:
+        with np.load(path, allow_pickle=False) as d:
+            arrays = {k: d[k] for k in d.files}
+    except (OSError, ValueError) as e:
+        raise KdforgeError(f"{str(path)!r} is not a readable .npz file ({_first(e)})") from None
+    missing = [k for k in NPZ_KEYS if k not in arrays]
+    if missing or (("x_val" in arrays) != ("y_val" in arrays)):
+        raise KdforgeError(f"{path.name} lacks {', '.join(missing) or 'x_val or y_val (give both or neither)'}; "
+                           f"an npz data set holds {', '.join(NPZ_KEYS)} (optionally x_val, y_val, class_names); "
+                           f"found {', '.join(sorted(arrays)) or 'no arrays'}")
+    splits = [s for s in ("train", "val", "test") if f"x_{s}" in arrays]
+    xs = {s: _npz_images(arrays[f"x_{s}"], f"x_{s}", path.name) for s in splits}
+    ys = {s: _npz_labels(arrays[f"y_{s}"], f"y_{s}", len(xs[s]), path.name) for s in splits}
+    shapes = {xs[s].shape[1:] for s in splits}
+    if len(shapes) > 1:
+        raise KdforgeError(f"{path.name}: the splits' images differ in shape ({', '.join(map(str, shapes))})")
+    k = int(max(int(y.max()) for y in ys.values())) + 1
+    names = [str(n) for n in arrays["class_names"]] if "class_names" in arrays else [str(i) for i in range(k)]
+    if len(names) < k:
+        raise KdforgeError(f"{path.name}: class_names has {len(names)} names but the labels go up to {k - 1}")
+    x01 = xs["train"].astype(np.float64) / (255.0 if xs["train"].dtype == np.uint8 else 1.0)
+    ch = x01 if x01.ndim == 4 else x01[..., None]
+    mean = tuple(float(m) for m in ch.mean(axis=(0, 1, 2)))
+    std = tuple(max(float(v), 1e-6) for v in ch.std(axis=(0, 1, 2)))
+    # crops of ±1 pixel per 14 of side: Fashion-MNIST's ±2 at 28, ±1 on 8x8 digits
+    pad = max(1, round(xs["train"].shape[1] / 14))
+    bundle = _bundle(xs["train"], ys["train"], xs["test"], ys["test"], cfg, mean, std, names, crop_pad=pad)
+    if "val" in xs:  # load_data carves a validation split from train only when the bundle has none
+        bundle.val = TensorImages(_to_nchw(xs["val"]), torch.from_numpy(ys["val"]), mean=mean, std=std,
+                                  pad_to=cfg.pad_to, resize=cfg.resize)
+    return bundle
+
+
+def _npz_images(x: np.ndarray, key: str, name: str) -> np.ndarray:
+    """(N, H, W) or (N, H, W, C) images of one split, checked."""
+    if x.ndim == 4 and x.shape[1] <= 4 < x.shape[-1]:
+        x = x.transpose(0, 2, 3, 1)  # (N, C, H, W) -> (N, H, W, C)
+    if x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[-1] > 4) or len(x) == 0:
+        raise KdforgeError(f"{name}: {key} has shape {tuple(x.shape)}; expected (N, H, W), (N, H, W, C) or "
+                           "(N, C, H, W) with N > 0 and C at most 4")
+    if x.dtype != np.uint8 and not np.issubdtype(x.dtype, np.floating):
+        raise KdforgeError(f"{name}: {key} is {x.dtype}; expected uint8 (0-255) or float (0-1)")
+    return x
+
+
+def _npz_labels(y: np.ndarray, key: str, n: int, name: str) -> np.ndarray:
+    """Integer labels 0..K−1 of one split, one per image."""
+    if y.ndim != 1 or len(y) != n:
+        raise KdforgeError(f"{name}: {key} has shape {tuple(y.shape)}; expected ({n},), one label per image")
+    if not np.issubdtype(y.dtype, np.integer) or (len(y) and int(y.min()) < 0):
+        raise KdforgeError(f"{name}: {key} must hold integer class indices from 0 (got {y.dtype}, "
+                           f"min {y.min() if len(y) else 'none'})")
+    return y.astype(np.int64)
+
+
+def _to_nchw(x: np.ndarray) -> torch.Tensor:
+    """(N, H, W) or (N, H, W, C) arrays as an (N, C, H, W) tensor."""
+    t = torch.from_numpy(np.ascontiguousarray(x))
+    return t.unsqueeze(1) if t.ndim == 3 else t.permute(0, 3, 1, 2)
 
 
 def read_idx(path: Path) -> np.ndarray:
