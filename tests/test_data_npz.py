@@ -75,7 +75,7 @@ def test_bad_npz_files_are_refused_in_one_line(tmp_path: Path, arrays: dict, mat
     np.savez(tmp_path / "bad.npz", **arrays)
     with pytest.raises(KdforgeError, match=match):
         load_data(name="npz", root=str(tmp_path / "bad.npz"))
-    with pytest.raises(KdforgeError, match="existing .npz file"):
+    with pytest.raises(KdforgeError, match=r"existing \.npz file"):
         load_data(name="npz", root=str(tmp_path / "missing.npz"))
 
 
