@@ -61,6 +61,7 @@ class LLMSpec(Strict):
 class TextConfig(Strict):
     """Text for calibration, healing and perplexity; the last ``eval_fraction`` is held out for evaluation."""
 
+    #: ``pydoc``, ``austen[:book,...]``, a text file or a ``.jsonl`` file (its rows read as plain text)
     source: str = "pydoc"
     seq_len: int = Field(128, ge=8)
     max_tokens: int | None = Field(None, ge=16)
