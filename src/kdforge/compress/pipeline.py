@@ -195,6 +195,10 @@ def run_compress(r: CompressRecipe, out: str | Path, overwrite: bool = False, ve
             raise KdforgeError(f"the original model's own export fails to load: {loads.detail}")
         orig.info["peak_rss_mb"] = facts.get("onnx", {}).get("peak_rss_mb")
         orig.info["budget_value"] = original_value
+        from kdforge.compress.heal import build_heal_cache
+
+        if build_heal_cache(src.model, src.spec, src.data, r, out) is not None:
+            log(f"compress: the original's logits on the training views cached in {out / 'teacher-cache'}")
         rows = [_evaluate_candidate(c, src, r, orig, out, log) for c in cands]
         for e, c in zip(rows, cands, strict=True):
             e.info["budget"] = _budget_row(r, c.budget_fraction, "torch eager")
@@ -248,7 +252,7 @@ def _run_lm(r: CompressRecipe, out: Path, overwrite: bool, log: Any) -> dict[str
 def _evaluate_candidate(c: Candidate, src: Source, r: CompressRecipe, orig: Evaluated, out: Path,
                         log: Any) -> Evaluated:
     """Heal, measure, export and gate one candidate."""
-    healed, heal_info = heal_candidate(c, src, r)
+    healed, heal_info = heal_candidate(c, src, r, out)
     top1 = accuracy(healed, src)
     e = Evaluated(c.name, c.family, count_params(healed), count_flops(healed, src.input_shape), top1,
                   info={"budget_value": c.budget_value, "budget_fraction": c.budget_fraction,
@@ -383,10 +387,13 @@ def int8_candidate(parent: Evaluated, orig: Evaluated, src: Source, r: CompressR
     return e
 
 
-def heal_candidate(c: Candidate, src: Source, r: CompressRecipe) -> tuple[nn.Module, dict[str, Any]]:
-    """The candidate healed by KD from the original (or as cut, with heal.mode none)."""
-    from kdforge.compress.heal import heal
+def heal_candidate(c: Candidate, src: Source, r: CompressRecipe, out: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The candidate healed by KD from the original (live, or its logits cached in ``out``; or as cut, with
+    heal.mode none)."""
+    from kdforge.compress.heal import cache_config, heal
 
+    if r.heal.mode == "kd" and r.heal.teacher == "cache":
+        return heal(c.model, src.model, src.data, r, cache=cache_config(out), teacher_spec=src.spec)
     return heal(c.model, src.model, src.data, r)
 
 

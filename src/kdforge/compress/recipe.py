@@ -57,9 +57,15 @@ class CandidateSpec(Strict):
 
 
 class HealSpec(Strict):
-    """Healing of each candidate by KD from the original model (an engine fit); ``none`` skips it."""
+    """Healing of each candidate by KD from the original model (an engine fit); ``none`` skips it.
+
+    ``teacher``: ``live`` runs the original on every batch; with ``cache``, the original's logits on the training
+    set's recorded views are computed once into ``OUT/teacher-cache`` and every candidate and heal seed reads them
+    (needs replayable training data: ``data.views: K`` or ``data.augment: false``; vision models only).
+    """
 
     mode: Literal["kd", "none"] = "kd"
+    teacher: Literal["live", "cache"] = "live"
     T: float = Field(4.0, gt=0)
     kd_weight: float = Field(0.9, ge=0)
     ce_weight: float = Field(0.1, ge=0)
@@ -181,6 +187,12 @@ class CompressRecipe(RecipeFile):
             raise ValueError(f"budget.latency_batch {self.budget.latency_batch} must be one of gate.batch_sizes "
                              f"{self.gate.batch_sizes}: an int8 candidate's latency budget is judged from the "
                              "gate's onnxruntime timing at that batch")
+        if self.heal.teacher == "cache" and self.llm is not None:
+            raise ValueError("heal.teacher: cache is for vision models; a language model heals from the live "
+                             "original (remove heal.teacher)")
+        if self.heal.teacher == "cache" and self.data.augment and self.data.views is None:
+            raise ValueError("heal.teacher: cache needs replayable training data: set data.views: K (K recorded "
+                             "crop and flip views per sample) or data.augment: false")
         if self.model is not None and self.model.checkpoint is None:
             raise ValueError("model.checkpoint is required: compressing a model with random weights measures "
                              "nothing (give the trained weights, or 'run: RUN_FOLDER')")

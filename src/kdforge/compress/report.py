@@ -101,7 +101,7 @@ def write_report(res: Any) -> Path:
                 f"{b['latency_batch']} over the original's, measured interleaved with it in the runtime it names: "
                 "torch eager for float models (the search), onnxruntime for int8 copies (the gate)."
                 if b["metric"] == "latency" else "")
-             + " A model outside the budget is never chosen.", "",
+             + " A model outside the budget is never chosen.", "", *_healing(data["recipe"]["heal"]),
              table(data), "", f"*{caption(data['environment'])}. Latency: median of "
              f"{data['recipe']['gate']['rounds']} interleaved rounds (original and candidate alternating) in the "
              "runtime named by each gate; peak RSS: a fresh process loading the ONNX file and running the largest "
@@ -128,3 +128,12 @@ def write_report(res: Any) -> Path:
         lines += [f"- {s.family}: {s.reason}" for s in res.skipped]
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     return out / "report.md"
+
+
+def _healing(h: dict[str, Any]) -> list[str]:
+    """The report's line on how candidates were healed (none without healing)."""
+    if h["mode"] == "none":
+        return []
+    if h.get("teacher") == "cache":
+        return ["Healing: KD from the original's logits, computed once into the teacher cache `teacher-cache/`.", ""]
+    return ["Healing: KD from the original, run live on every batch.", ""]
