@@ -286,8 +286,9 @@ def _write_md(path: Path, res: dict[str, Any], quick: bool) -> None:
             "argmax predicts from the same prefix.",
             "- **gain over SFT**: paired by seed (same data order), SFT − method for perplexity and method − SFT for "
             f"agreement (positive = better than SFT), with a 95 % t-interval over {n_seeds} seeds (wide at this n).",
-            "- **train tok/s**: trained-over tokens per second of the whole fit, including on-policy sampling (the "
-            "student samples the continuation of the batch's prompts on half the steps, at temperature 1).",
+            "- **train tok/s**: trained-over tokens per second of the whole fit"
+            + (", including on-policy sampling (the student samples the continuation of the batch's prompts on half "
+               "the steps, at temperature 1)." if "gkd" in s.get("rows", ["gkd"]) else "."),
             "- **peak step MB**: the largest rise of resident memory within a step over its start (Linux VmHWM, "
             "reset every step); approximate on the CPU, where freed heap memory is kept.",
             "- SFT: next-token CE on the data. KD rows: the divergence alone, teacher temperature 1, every token of "
