@@ -175,3 +175,29 @@ def test_heal_rows_come_from_the_heal_text_spread_over_all_of_it(tmp_path):
     src.heal = plain.calib  # the same rows through the heal field: the same weights (a deterministic heal)
     c, _ = heal_lm(tiny_llama(3), src, r)
     assert torch.equal(b.model.layers[0].mlp.up_proj.weight, c.model.layers[0].mlp.up_proj.weight)
+
+
+def test_an_encoder_folder_is_refused_naming_its_architecture(tmp_path, capsys):
+    """A BERT folder would load through AutoModelForCausalLM as a decoder with a fresh head; compress refuses it."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=32)).save_pretrained(tmp_path / "bert")
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"name": "b", "llm": {"source": str(tmp_path / "bert")},
+                                                     "budget": {"metric": "layers", "fraction": 0.5}}))
+    capsys.readouterr()
+    assert main(["compress", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "BertForMaskedLM (model_type bert), not a causal LM" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_the_surgery_cannot_cut_is_refused_naming_its_module_types():
+    from kdforge.errors import KdforgeError
+    from kdforge.prune.surgery import find_units
+
+    model = torch.nn.Sequential()
+    model.add_module("embed", torch.nn.Embedding(8, 4))
+    model.add_module("mixer", torch.nn.GRU(4, 4))
+    with pytest.raises(KdforgeError, match=r"its modules: embed \(Embedding\), mixer \(GRU\)"):
+        find_units(model)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -63,12 +64,30 @@ def load_causal_lm(source: str, gguf_file: str | None = None, dtype: torch.dtype
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kw = {"gguf_file": gguf_file} if gguf_file else {}
+    if not gguf_file:
+        _refuse_non_causal(source)
     try:
         tok = AutoTokenizer.from_pretrained(source, **kw)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw)
     except (OSError, ValueError) as e:
         raise KdforgeError(f"cannot load causal LM {source!r}: {str(e).splitlines()[0]}") from None
     return model.eval(), tok
+
+
+def _refuse_non_causal(source: str) -> None:
+    """One line for a folder whose saved architecture is not a causal LM (an encoder such as BERT would otherwise
+    load as a decoder with a fresh head)."""
+    cfg = Path(source) / "config.json"
+    if not cfg.is_file():
+        return
+    try:
+        conf = json.loads(cfg.read_text())
+    except (OSError, ValueError):
+        return  # transformers' own loader names what is wrong with the file
+    arch, kind = conf.get("architectures") or [], conf.get("model_type", "?")
+    if arch and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in arch):
+        raise KdforgeError(f"{source!r} holds {', '.join(arch)} (model_type {kind}), not a causal LM: kdforge's "
+                           "language-model commands take decoder-only models saved as ...ForCausalLM")
 
 
 def save_causal_lm(model: nn.Module, tokenizer: Any, out_dir: str | Path) -> Path:

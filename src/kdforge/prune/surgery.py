@@ -66,8 +66,10 @@ def find_units(model: nn.Module, names: Sequence[str] | None = None, example: Te
             return [UnitSpec(f"{path}.{i}", path, i, True) for i in range(len(layers))]
         stages = _resnet_stages(model)
         if not stages:
-            raise KdforgeError(f"cannot find prunable units in {type(model).__name__}: give 'units' "
-                               "(module names of residual blocks inside an nn.Sequential or nn.ModuleList)")
+            kids = ", ".join(f"{n} ({type(m).__name__})" for n, m in list(model.named_children())[:6])
+            raise KdforgeError(f"cannot find prunable units in {type(model).__name__} (its modules: {kids or 'none'}):"
+                               " the surgery handles decoder layers of causal LMs and ResNet-style stages; give "
+                               "'units' (module names of residual blocks inside an nn.Sequential or nn.ModuleList)")
         stem = "stem" if hasattr(model, "stem") else "maxpool" if hasattr(model, "maxpool") else None
         units = [UnitSpec(stem, None, -1, False, "stem")] if stem else []
         for st in stages:
