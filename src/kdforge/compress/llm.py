@@ -116,41 +116,29 @@ SLEB_ROWS, PICK_ROWS = 2, 16
 
 def sleb_pick_kept(model: nn.Module, units: Any, n_keep: int, calib: Tensor, memo: dict[Any, list[int]]
                    ) -> tuple[list[int], dict[str, Any]]:
-    """``sleb_pick`` (selection of kdforge.prune): of SLEB's set (greedy, KL to the original) and block influence's,
-    the one with the lower KL to the original on rows SLEB never read; (kept units, details).
+    """``sleb_pick`` (kdforge.prune's selection) on the calibration rows: SLEB on the first ``SLEB_ROWS``, the
+    pick on the next ``PICK_ROWS``; (kept units, details).
 
     SLEB's greedy order is a prefix of any longer one, so ``memo`` keeps the longest order computed on these
     rows and a smaller budget reuses it (one search for every fraction of a bench).
     """
     import hashlib
 
-    from kdforge.prune.importance import (
-        block_influence,
-        causal_lm_kl_task,
-        pick_lowest_loss,
-        sleb_order,
-        with_reference,
-    )
+    from kdforge.prune.importance import causal_lm_kl_task, select_baseline, with_reference
 
     if len(calib) < SLEB_ROWS + 1:
         raise KdforgeError(f"candidates.families sleb_pick needs at least {SLEB_ROWS + 1} calibration sequences, "
                            f"got {len(calib)} (raise text.calib_sequences)")
-    n, k = len(units), len(units) - n_keep
-    task = causal_lm_kl_task()
-    sleb_b = with_reference(model, [calib[:SLEB_ROWS]])
     rest = calib[SLEB_ROWS: SLEB_ROWS + PICK_ROWS]
-    pick_b = with_reference(model, [rest[i: i + 4] for i in range(0, len(rest), 4)])
+    batches = with_reference(model, [calib[:SLEB_ROWS], *(rest[i: i + 4] for i in range(0, len(rest), 4))])
     key = ("sleb", id(model), hashlib.sha1(calib[:SLEB_ROWS].numpy().tobytes()).hexdigest())
-    order = memo.get(key, [])
-    if len(order) < k:
-        order, _, _ = sleb_order(model, units, k, sleb_b, task, set())
-        memo[key] = order
-    bi = block_influence(model, units, pick_b, task)
-    cands = {"sleb": sorted(set(range(n)) - set(order[:k])),
-             "block_influence": sorted(set(range(n)) - set(sorted(bi, key=lambda i: (bi[i], i))[:k]))}
-    pick, losses = pick_lowest_loss(model, units, cands, pick_b, task)
-    return cands[pick], {"picked": pick, "pick_kl": losses, "sleb_order": order[:k],
-                         "removed": {c: sorted(set(range(n)) - set(kept)) for c, kept in cands.items()}}
+    sel = select_baseline("sleb_pick", model, units, n_keep, batches, causal_lm_kl_task(),
+                          sleb_prefix=memo.get(key, []))
+    d = sel.details
+    if len(d["order"]) > len(memo.get(key, [])):
+        memo[key] = d["order"]
+    return sel.kept, {"picked": d["picked"], "pick_kl": d["pick_losses"], "sleb_order": d["order"],
+                      "removed": d["candidates"]}
 
 
 def search_lm(src: LMSource, r: CompressRecipe, log: Any = print, memo: dict[Any, Any] | None = None

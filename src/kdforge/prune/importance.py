@@ -454,6 +454,14 @@ def sleb_order(model: nn.Module, units: Sequence[UnitSpec], k: int, batches: Seq
     return order, scores, evals
 
 
+def _sleb_order(model: nn.Module, units: Sequence[UnitSpec], k: int, batches: Sequence[Any], task: Task,
+                pinned: set[int], prefix: Sequence[int]) -> tuple[list[int], dict[int, float], int]:
+    """:func:`sleb_order`, or the first ``k`` of a ``prefix`` order already searched (no evaluation, no scores)."""
+    if len(prefix) >= k:
+        return list(prefix[:k]), {}, 0
+    return sleb_order(model, units, k, batches, task, pinned)
+
+
 def pick_lowest_loss(model: nn.Module, units: Sequence[UnitSpec], candidates: dict[str, list[int]],
                      batches: Sequence[Any], task: Task) -> tuple[str, dict[str, float]]:
     """The candidate (name → kept units) whose pruned model has the lowest calibration loss, and every loss
@@ -466,8 +474,13 @@ def pick_lowest_loss(model: nn.Module, units: Sequence[UnitSpec], candidates: di
 
 
 def select_baseline(method: str, model: nn.Module, units: Sequence[UnitSpec], n_keep: int,
-                    batches: Sequence[Any], task: Task, pinned: set[int] | None = None, seed: int = 0) -> Selection:
-    """Keep ``n_keep`` units by a baseline criterion (pinned units always kept)."""
+                    batches: Sequence[Any], task: Task, pinned: set[int] | None = None, seed: int = 0,
+                    sleb_prefix: Sequence[int] = ()) -> Selection:
+    """Keep ``n_keep`` units by a baseline criterion (pinned units always kept).
+
+    ``sleb_prefix`` (``sleb``, ``sleb_pick``): a SLEB removal order already searched on the same model and first
+    batch; a greedy order is a prefix of any longer one, so when it is long enough its prefix is the search.
+    """
     pinned = set(pinned or ()) | {i for i, u in enumerate(units) if not u.removable}
     n = len(units)
     t0 = time.perf_counter()
@@ -514,7 +527,7 @@ def select_baseline(method: str, model: nn.Module, units: Sequence[UnitSpec], n_
             evals += 1
         kept = _keep_lowest_removed(n, scores, n_keep, pinned)
     elif method == "sleb":
-        order, scores, evals = sleb_order(model, units, k, batches, task, pinned)
+        order, scores, evals = _sleb_order(model, units, k, batches, task, pinned, sleb_prefix)
         details["order"] = order
         kept = [i for i in range(n) if i not in set(order)]
     elif method == "sleb_pick":
@@ -522,7 +535,7 @@ def select_baseline(method: str, model: nn.Module, units: Sequence[UnitSpec], n_
             raise KdforgeError(f"sleb_pick needs at least 2 calibration batches, got {len(batches)}: SLEB searches "
                                "on the first, the choice is scored on the others (a prune recipe: "
                                "calibration.score_batches >= 2)")
-        order, scores, evals = sleb_order(model, units, k, batches[:1], task, pinned)
+        order, scores, evals = _sleb_order(model, units, k, batches[:1], task, pinned, sleb_prefix)
         bi = block_influence(model, units, batches[1:], task)
         cands = {"sleb": [i for i in range(n) if i not in set(order)],
                  "block_influence": _keep_lowest_removed(n, bi, n_keep, pinned)}
