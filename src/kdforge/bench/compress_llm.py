@@ -9,6 +9,7 @@ from typing import Any
 
 from kdforge.bench import BENCHES
 from kdforge.bench.common import bench_dir, machine_note, write_json
+from kdforge.llm.text import AUSTEN_OTHER_NOVELS
 
 
 def _log(msg: str) -> None:
@@ -17,7 +18,7 @@ def _log(msg: str) -> None:
 
 #: the held-out book and the five others, which healing reads (same author: said on the page)
 HELD_OUT = "austen:persuasion"
-HEAL_BOOKS = "austen:emma,mansfieldpark,northangerabbey,prideprejudice,sensesensibility"
+HEAL_BOOKS = "austen:" + ",".join(AUSTEN_OTHER_NOVELS)
 
 
 def _settings(quick: bool) -> dict[str, Any]:

@@ -131,7 +131,6 @@ def run_austen(out: Path | None = None, quick: bool = False) -> dict[str, Any]:
 
 def _run(name: str, out: Path | None, quick: bool, domain: str) -> dict[str, Any]:
     """One llm-kd bench: select the student, train every row for every seed, measure, write NAME.md/json."""
-    from kdforge.bench.compress_llm import HEAL_BOOKS
     from kdforge.bench.sglp import PUBLISHED_SELECTIONS, published_choice
     from kdforge.llm import (
         ByteTokenizer,
@@ -146,7 +145,7 @@ def _run(name: str, out: Path | None, quick: bool, domain: str) -> dict[str, Any
     from kdforge.llm.cache import LMTopKCache
     from kdforge.llm.distill import LMDistill, OnPolicy, PackedRows, check_vocab, distill_lm, distill_recipe
     from kdforge.llm.loading import SMOLLM2_LABEL
-    from kdforge.llm.text import austen_text, pack
+    from kdforge.llm.text import AUSTEN_OTHER_NOVELS, austen_text, pack
     from kdforge.prune.importance import causal_lm_kl_task, select_baseline, with_reference
     from kdforge.prune.sglp import LLM_RECOMMENDED_SELECTION
     from kdforge.prune.surgery import find_units, prune_model
@@ -190,7 +189,7 @@ def _run(name: str, out: Path | None, quick: bool, domain: str) -> dict[str, Any
         prompts = ev_pydoc[: s["agree_prompts"], : s["prompt_len"]]
         prompt_name = "held-out pydoc prompts"
     else:  # rows spread evenly over the other five novels; prompts from Persuasion after the perplexity rows
-        books = HEAL_BOOKS.split(":", 1)[1].split(",")
+        books = AUSTEN_OTHER_NOVELS
         train_rows = (calib if quick else token_blocks(tok, austen_text(books), s["calib_len"]))
         pick = torch.linspace(0, len(train_rows) - 1, s["pool_rows"]).round().long()
         pool_rows = train_rows[pick]
