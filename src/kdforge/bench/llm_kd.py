@@ -39,13 +39,18 @@ def _settings(quick: bool, domain: str = "pydoc") -> dict[str, Any]:
         return {"model": "tiny", "calib_len": 64, "seq_len": 32, "prompt_len": 16, "pool_rows": 16, "seeds": [0, 1],
                 "steps": 3, "batch": 2, "lr": 3e-3, "remove": 2, "kl_rows": 2, "n_eval": 4, "agree_prompts": 3,
                 "agree_tokens": 4, "k": 8, "domain": domain, "rows": rows}
+    s = {"model": "smollm2", "calib_len": 128, "seq_len": 64, "prompt_len": 32, "pool_rows": 48, "seeds": [0, 1, 2],
+         "steps": 8, "batch": 4, "lr": 3e-4, "remove": 8, "kl_rows": 2, "n_eval": 12, "agree_prompts": 6,
+         "agree_tokens": 16, "k": 32, "domain": domain, "rows": rows}
     if domain == "austen":  # fixed before the run: 4x the steps of llm-kd, the heal lr of sglp-llm
-        return {"model": "smollm2", "calib_len": 128, "seq_len": 64, "prompt_len": 32, "pool_rows": 128,
-                "seeds": [0, 1, 2], "steps": 32, "batch": 4, "lr": 2e-4, "remove": 8, "kl_rows": 2, "n_eval": 12,
-                "agree_prompts": 6, "agree_tokens": 16, "k": 32, "domain": domain, "rows": rows}
-    return {"model": "smollm2", "calib_len": 128, "seq_len": 64, "prompt_len": 32, "pool_rows": 48, "seeds": [0, 1, 2],
-            "steps": 8, "batch": 4, "lr": 3e-4, "remove": 8, "kl_rows": 2, "n_eval": 12, "agree_prompts": 6,
-            "agree_tokens": 16, "k": 32, "domain": domain, "rows": rows}
+        s.update(pool_rows=128, steps=32, lr=2e-4)
+    return s
+
+
+def _rows(s: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, kind) of the rows a run trains (a page written before ``rows`` was recorded: all of them)."""
+    kinds = s.get("rows", [k for _, k in ROWS])
+    return [(label, k) for label, k in ROWS if k in kinds]
 
 
 def _terms(kind: str) -> list[tuple[Any, float]]:
@@ -145,7 +150,7 @@ def _run(name: str, out: Path | None, quick: bool, domain: str) -> dict[str, Any
     from kdforge.llm.cache import LMTopKCache
     from kdforge.llm.distill import LMDistill, OnPolicy, PackedRows, check_vocab, distill_lm, distill_recipe
     from kdforge.llm.loading import SMOLLM2_LABEL
-    from kdforge.llm.text import AUSTEN_OTHER_NOVELS, austen_text, pack
+    from kdforge.llm.text import AUSTEN_OTHER_NOVELS, austen_text, pack, spread_rows
     from kdforge.prune.importance import causal_lm_kl_task, select_baseline, with_reference
     from kdforge.prune.sglp import LLM_RECOMMENDED_SELECTION
     from kdforge.prune.surgery import find_units, prune_model
@@ -191,8 +196,7 @@ def _run(name: str, out: Path | None, quick: bool, domain: str) -> dict[str, Any
     else:  # rows spread evenly over the other five novels; prompts from Persuasion after the perplexity rows
         books = AUSTEN_OTHER_NOVELS
         train_rows = (calib if quick else token_blocks(tok, austen_text(books), s["calib_len"]))
-        pick = torch.linspace(0, len(train_rows) - 1, s["pool_rows"]).round().long()
-        pool_rows = train_rows[pick]
+        pool_rows = spread_rows(train_rows, s["pool_rows"])
         train_name = ("the calibration part of pydoc (quick run)" if quick else
                       f"{len(train_rows)} rows of Jane Austen's other five novels ({', '.join(books)})")
         prompts = held_rows[s["n_eval"]: s["n_eval"] + s["agree_prompts"], : s["prompt_len"]]
@@ -205,7 +209,7 @@ def _run(name: str, out: Path | None, quick: bool, domain: str) -> dict[str, Any
                         "agree": greedy_agreement(base_student, teacher, prompts, s["agree_tokens"])}}
     _log(f"held-out ppl: teacher {base['teacher']['ppl']:.2f}, unhealed student {base['student']['ppl']:.2f}")
     runs: list[dict[str, Any]] = []
-    for label_, kind in ((lb, k) for lb, k in ROWS if k in s["rows"]):
+    for label_, kind in _rows(s):
         for seed in s["seeds"]:
             student = copy.deepcopy(base_student)
             recipe = distill_recipe(s["steps"], s["lr"], s["batch"], seed)
@@ -250,7 +254,7 @@ def _write_md(path: Path, res: dict[str, Any], quick: bool) -> None:
               "greedy agreement": f"{base['student']['agree']:.3f}", "ppl gain over SFT [95% CI]": "",
               "agreement gain over SFT [95% CI]": "", "train tok/s": "", "peak step MB": ""}]
     name = res.get("bench", "llm-kd")
-    for label_, kind in ((lb, k) for lb, k in ROWS if k in s.get("rows", [k for _, k in ROWS])):
+    for label_, kind in _rows(s):
         rs = [r for r in runs if r["kind"] == kind]
         seeds = [r["seed"] for r in rs]
         table.append({"method": label_, "held-out ppl": fmt_mean_std([r["ppl"] for r in rs]),

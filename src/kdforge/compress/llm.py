@@ -45,7 +45,7 @@ class LMSource:
 def load_lm_source(r: CompressRecipe) -> LMSource:
     """Load the recipe's causal LM and cut its calibration and evaluation text into token rows."""
     from kdforge.llm.loading import load_causal_lm
-    from kdforge.llm.text import read_text, split_blocks, token_blocks
+    from kdforge.llm.text import read_text, split_blocks, spread_rows, token_blocks
 
     assert r.llm is not None
     model, tok = load_causal_lm(r.llm.source, r.llm.gguf_file, torch.float32)
@@ -61,13 +61,6 @@ def load_lm_source(r: CompressRecipe) -> LMSource:
         heal = spread_rows(token_blocks(tok, read_text(t.heal), t.seq_len, t.max_tokens), t.heal_sequences)
     return LMSource(model.eval(), tok, calib[: t.calib_sequences], ev[: t.eval_sequences], r.llm.source, heal,
                     t.heal if heal is not None else None)
-
-
-def spread_rows(blocks: Tensor, n: int) -> Tensor:
-    """At most ``n`` rows spread evenly from first to last (so several books in one text all take part)."""
-    if len(blocks) <= n:
-        return blocks
-    return blocks[torch.linspace(0, len(blocks) - 1, n).round().long()]
 
 
 def dequantized(model: nn.Module, where: str) -> nn.Module:

@@ -150,6 +150,13 @@ def token_blocks(tokenizer: Any, text: str, seq_len: int, max_tokens: int | None
     return ids[: n * seq_len].view(n, seq_len).long()
 
 
+def spread_rows(blocks: Tensor, n: int) -> Tensor:
+    """At most ``n`` rows spread evenly from first to last (so several books in one text all take part)."""
+    if len(blocks) <= n:
+        return blocks
+    return blocks[torch.linspace(0, len(blocks) - 1, n).round().long()]
+
+
 def split_blocks(blocks: Tensor, eval_fraction: float = 0.2) -> tuple[Tensor, Tensor]:
     """(calibration/heal rows, held-out evaluation rows): the evaluation rows are the text's last part."""
     n_eval = max(1, round(len(blocks) * eval_fraction))
